@@ -1,0 +1,342 @@
+"""The one typed configuration of mrcnn-pipeline.
+
+Frozen dataclasses grouped by concern, two named presets (`coco`, `shapes`), YAML load/save,
+`section.field=value` overrides and the shard fingerprint. Every other module takes plain keyword
+arguments; only the `build_*` factories and the pipeline stages read a `Config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class ImageConfig:
+    """Geometry of the network input (DESIGN.md, "Geometry").
+
+    Each image is resized keeping its aspect ratio (short side towards `min_dim`, long side at most
+    `max_dim`) and zero-padded at the bottom/right to `max_dim x max_dim`.
+    """
+
+    min_dim: int = 800
+    max_dim: int = 1024
+    resize_mode: str = "square"
+    encoding: str = "jpeg"  # how the resized image is stored in the shards: "jpeg" or "png"
+    jpeg_quality: int = 95
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0..255
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    depth: int = 50  # ResNet 18 / 34 / 50 / 101
+    fpn_channels: int = 256
+    frozen_bn: bool = True
+    trainable_layers: int = 5  # ResNet stages trained, counted from the top (5 = all, 0 = none)
+
+
+@dataclass(frozen=True)
+class RPNConfig:
+    """Anchors, RPN targets and the proposal layer."""
+
+    anchor_scales: tuple[int, ...] = (32, 64, 128, 256, 512)  # one per FPN level, pixels
+    feature_strides: tuple[int, ...] = (4, 8, 16, 32, 64)  # P2..P6
+    anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # width / height
+    anchor_stride: int = 2  # anchors at every anchor_stride-th feature cell
+    positive_iou: float = 0.7
+    negative_iou: float = 0.3
+    crowd_iou: float = 0.001
+    anchors_per_image: int = 256  # the per-step sample
+    positive_fraction: float = 0.5
+    pre_nms_topk: int = 6000
+    nms_threshold: float = 0.7
+    post_nms_train: int = 2000
+    post_nms_test: int = 1000
+    bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+    head_channels: int = 0  # 0: same as fpn_channels
+
+
+@dataclass(frozen=True)
+class RoIConfig:
+    """Detection-target layer and the box/mask heads."""
+
+    rois_per_image: int = 200
+    positive_fraction: float = 0.33
+    positive_iou: float = 0.5
+    pool_size: int = 7
+    mask_pool_size: int = 14
+    fc_dim: int = 1024
+    mask_conv_dim: int = 256
+    mask_conv_layers: int = 4
+    canonical_level: int = 4  # k0 in the FPN paper's eq. 1
+    canonical_size: int = 224
+    bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
+    max_gt_instances: int = 100
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    mini_mask_size: int = 56
+    mask_size: int = 28  # mask-head output and target size
+
+
+@dataclass(frozen=True)
+class DetectionConfig:
+    min_confidence: float = 0.7
+    nms_threshold: float = 0.3
+    max_detections: int = 100
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    lr: float = 0.02
+    lr_reference_batch: int = 16  # lr is given per this many images, scaled linearly with the global batch
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    grad_clip: float = 5.0
+    batch_size: int = 2  # per worker
+    epochs: int = 12
+    steps: int = 0  # > 0 overrides epochs
+    warmup_steps: int = 500
+    schedule: str = "step"  # "step" or "cosine"
+    decay_at: tuple[float, ...] = (0.67, 0.89)  # fractions of the run, for "step"
+    decay_factor: float = 0.1
+    checkpoint_every: int = 500
+    log_every: int = 20
+    num_to_keep: int = 3
+    max_failures: int = 2
+    max_nonfinite_in_a_row: int = 10
+    layers: str = "all"  # "heads", "4+", "all"
+    seed: int = 0
+    flip: bool = True
+    loss_rpn_cls: float = 1.0
+    loss_rpn_box: float = 1.0
+    loss_cls: float = 1.0
+    loss_box: float = 1.0
+    loss_mask: float = 1.0
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    drop_empty_train: bool = True  # images without annotations are dropped from training splits
+    rows_per_shard: int = 512
+    rows_per_row_group: int = 16
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    min_confidence: float = 0.0  # COCO evaluation wants every detection
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "coco"
+    image: ImageConfig = field(default_factory=ImageConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    rpn: RPNConfig = field(default_factory=RPNConfig)
+    roi: RoIConfig = field(default_factory=RoIConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    # ----------------------------------------------------------------- serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_yaml())
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        return _build(cls, data, prefix="")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        text = Path(path).read_text()
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+    # ----------------------------------------------------------------- overrides
+    def override(self, assignments: list[str] | tuple[str, ...]) -> Config:
+        """Apply `section.field=value` strings (value parsed as YAML), e.g. `train.lr=0.01`."""
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r}: expected section.field=value")
+            parts = key.strip().split(".")
+            if len(parts) == 1 and parts[0] == "name":
+                data["name"] = raw
+                continue
+            if len(parts) != 2:
+                raise ConfigError(f"override {item!r}: expected section.field=value")
+            section, name = parts
+            if section not in data or not isinstance(data[section], dict):
+                raise ConfigError(f"unknown config section {section!r} (in {item!r})")
+            if name not in data[section]:
+                raise ConfigError(f"unknown config key {key!r}")
+            data[section][name] = yaml.safe_load(raw)
+        return Config.from_dict(data)
+
+    # ----------------------------------------------------------------- fingerprint
+    def shard_fields(self) -> dict[str, Any]:
+        """Every field that changes preprocessed shard content (DESIGN.md, "The manifest")."""
+        img, rpn, mask = self.image, self.rpn, self.mask
+        return {
+            "image.min_dim": img.min_dim,
+            "image.max_dim": img.max_dim,
+            "image.resize_mode": img.resize_mode,
+            "image.encoding": img.encoding,
+            "image.jpeg_quality": img.jpeg_quality,
+            "rpn.anchor_scales": list(rpn.anchor_scales),
+            "rpn.feature_strides": list(rpn.feature_strides),
+            "rpn.anchor_ratios": list(rpn.anchor_ratios),
+            "rpn.anchor_stride": rpn.anchor_stride,
+            "rpn.positive_iou": rpn.positive_iou,
+            "rpn.negative_iou": rpn.negative_iou,
+            "rpn.crowd_iou": rpn.crowd_iou,
+            "rpn.bbox_std": list(rpn.bbox_std),
+            "mask.mini_mask_size": mask.mini_mask_size,
+            "roi.max_gt_instances": self.roi.max_gt_instances,
+            "preprocess.drop_empty_train": self.preprocess.drop_empty_train,
+        }
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.shard_fields(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def fingerprint_diff(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
+    """Names of the shard fields whose values differ, e.g. ['image.max_dim: 1024 != 256']."""
+    keys = sorted(set(expected) | set(actual))
+    return [f"{k}: {expected.get(k)!r} != {actual.get(k)!r}" for k in keys if expected.get(k) != actual.get(k)]
+
+
+# --------------------------------------------------------------------- presets
+def coco() -> Config:
+    """The seed design for MS-COCO: 1024 px, ResNet-50-FPN, 65,472 anchors per image."""
+    return Config(name="coco")
+
+
+def shapes() -> Config:
+    """Small and fast, for the synthetic dataset and the tests: 128 px, ResNet-18, 64-channel FPN."""
+    return Config(
+        name="shapes",
+        image=ImageConfig(min_dim=128, max_dim=128, jpeg_quality=95),
+        backbone=BackboneConfig(depth=18, fpn_channels=64, frozen_bn=False),
+        rpn=RPNConfig(
+            anchor_scales=(8, 16, 32, 64, 128),
+            anchor_stride=1,
+            pre_nms_topk=1000,
+            post_nms_train=300,
+            post_nms_test=200,
+        ),
+        roi=RoIConfig(rois_per_image=64, fc_dim=256, mask_conv_dim=64, max_gt_instances=20),
+        mask=MaskConfig(mini_mask_size=56, mask_size=28),
+        detection=DetectionConfig(min_confidence=0.5, nms_threshold=0.3, max_detections=20),
+        train=TrainConfig(
+            lr=0.08,
+            batch_size=4,
+            epochs=0,
+            steps=800,
+            warmup_steps=50,
+            schedule="cosine",
+            checkpoint_every=200,
+            log_every=10,
+        ),
+        preprocess=PreprocessConfig(rows_per_shard=256, rows_per_row_group=16),
+        evaluate=EvalConfig(batch_size=8),
+    )
+
+
+PRESETS = {"coco": coco, "shapes": shapes}
+
+
+def load_config(preset_or_file: str = "coco", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """`--config PRESET_OR_FILE` plus repeatable `--set section.field=value`."""
+    if preset_or_file in PRESETS:
+        config = PRESETS[preset_or_file]()
+    else:
+        path = Path(preset_or_file)
+        if not path.is_file():
+            raise ConfigError(f"--config {preset_or_file!r}: neither a preset ({', '.join(PRESETS)}) nor a file")
+        config = Config.load(path)
+    return config.override(list(overrides)) if overrides else config
+
+
+# --------------------------------------------------------------------- helpers
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for f in fields(cls):
+        if f.name not in data:
+            continue
+        kwargs[f.name] = _coerce(hints[f.name], data[f.name], prefix + f.name)
+    default = cls()
+    return replace(default, **kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, prefix=key + ".")
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        args = typing.get_args(hint)
+        item = args[0]
+        if len(args) > 1 and args[1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"config key {key!r}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(item, v, key) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    return value
