@@ -1,0 +1,327 @@
+"""The per-worker training loop of `mrcnn-cli train` and its parts.
+
+`train_loop_per_worker` runs in every Ray Train worker: it reads its dataset shard, steps the model and
+calls `ray.train.report` every `checkpoint_every` steps and at each epoch end (a barrier, so never every
+step). Rank 0 alone writes checkpoints, logs to MLflow and prints progress. The parts (`StepRunner`,
+`validation_losses`, `restore`) are plain functions and classes tested without Ray Train.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from mrcnn.flip import flip_batch
+from torch import nn
+
+from mrcnn.config import Config
+from pipelines.checkpoints import load_checkpoint, load_model_state, save_checkpoint, unwrap
+from pipelines.loader import to_device
+from pipelines.optim import build_optimizer, build_scheduler, scaled_lr, set_trainable_layers
+
+LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row produced a NaN/inf loss."""
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    total: float
+    finite: bool
+    lr: float
+
+
+@dataclass
+class StepRunner:
+    """One optimisation step: flip augmentation, forward under autocast, non-finite guard, clip, step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    grad_clip: float
+    flip: bool = True
+    flip_perm: torch.Tensor | None = None
+    seed: int = 0
+    rank: int = 0
+    max_nonfinite_in_a_row: int = 10
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    autocast: bool = field(default=False)
+
+    def flip_choice(self, step: int, n: int) -> torch.Tensor:
+        """Which images of the batch are flipped at `step`: a pure function of (seed, step, rank), so a
+        resumed run flips exactly as an uninterrupted one."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
+        return torch.rand(n, generator=gen) < 0.5
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int) -> StepResult:
+        batch = to_device(batch, self.device)
+        if self.flip and self.flip_perm is not None:
+            which = self.flip_choice(step, batch["images"].shape[0]).to(self.device)
+            batch = flip_batch(batch, flip_perm=self.flip_perm.to(self.device), which=which)
+        self.model.train()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with amp:
+            loss_dict = self.model(batch)
+        total = sum(loss_dict.values())
+        lr = self.optimizer.param_groups[0]["lr"]
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        if not torch.isfinite(total):
+            # skip the step: no update from a NaN/inf gradient; give up after too many in a row
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} steps in a row gave a non-finite loss (last: {values}); "
+                    "lower train.lr or check the data"
+                )
+            self.scheduler.step()
+            return StepResult(values, float("nan"), False, lr)
+        self.nonfinite_in_a_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return StepResult(values, float(total.detach()), True, lr)
+
+
+def validation_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict:
+    """Mean loss terms over `batches` with no update: the model in training mode (losses need targets) but
+    BatchNorm in eval mode so running statistics stay as they are, and the global RNG left untouched (the
+    samplers draw from it) so validation never changes the course of training."""
+    was_training = model.training
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    sums: dict[str, float] = {}
+    count = 0
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for batch in batches:
+            losses = model(to_device(batch, device))
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+    model.train(was_training)
+    if count == 0:
+        return {}
+    mean = {f"val_{k}": v / count for k, v in sums.items()}
+    mean["val_loss"] = sum(v / count for v in sums.values())
+    return mean
+
+
+def total_steps_for(config: Config, *, train_images: int, global_batch: int) -> tuple[int, int]:
+    """(total steps, steps per epoch): `train.steps` when set, else `train.epochs` full epochs."""
+    per_epoch = max(train_images // global_batch, 1)
+    total = config.train.steps if config.train.steps > 0 else config.train.epochs * per_epoch
+    return total, per_epoch
+
+
+def restore(state_dir: str, model: nn.Module, optimizer, scheduler) -> tuple[int, int, int]:
+    """Load a training checkpoint into model/optimizer/scheduler/RNG; returns (step, epoch, batch_in_epoch)."""
+    state = load_checkpoint(state_dir)
+    load_model_state(unwrap(model), state.model)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    if state.scheduler is not None:
+        scheduler.load_state_dict(state.scheduler)
+    if state.rng is not None:
+        torch.set_rng_state(state.rng)
+    return state.step, state.epoch, state.batch_in_epoch
+
+
+def epoch_batches(shard, *, batch_size: int, seed: int, epoch: int, skip: int = 0) -> Iterator[dict]:
+    """One epoch of this worker's batches, shuffled locally with a seed that changes every epoch, skipping
+    the first `skip` batches (already consumed before a resume)."""
+    it = shard.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=batch_size * 8,
+        local_shuffle_seed=seed * 1000 + epoch,
+        device="cpu",
+    )
+    for i, batch in enumerate(it):
+        if i >= skip:
+            yield batch
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; `loop_config` is built by pipelines/train.py (`TrainPlan.loop_config`)."""
+    import ray.train
+    import ray.train.torch
+    from mrcnn.model import build_model
+
+    config = Config.from_dict(loop_config["config"])
+    tc = config.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+
+    model = build_model(config, num_classes=loop_config["num_classes"])
+    init_messages = initialise(model, loop_config)
+    frozen = set_trainable_layers(model, loop_config.get("layers", tc.layers))
+    flip_perm = model.flip_perm.clone()
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": bool(frozen)})
+
+    global_batch = tc.batch_size * world
+    lr = scaled_lr(tc.lr, global_batch=global_batch, reference_batch=tc.lr_reference_batch)
+    optimizer = build_optimizer(model, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    total_steps = loop_config["total_steps"]
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=total_steps,
+        warmup_steps=tc.warmup_steps,
+        schedule=tc.schedule,
+        decay_at=tc.decay_at,
+        decay_factor=tc.decay_factor,
+    )
+    step, epoch, skip = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            step, epoch, skip = restore(d, model, optimizer, scheduler)
+        if rank == 0:
+            print(f"[train] restored from checkpoint at step {step} (epoch {epoch}, batch {skip})", flush=True)
+    elif rank == 0:
+        for message in init_messages:
+            print(f"[train] {message}", flush=True)
+
+    runner = StepRunner(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        device=device,
+        grad_clip=tc.grad_clip,
+        flip=tc.flip,
+        flip_perm=flip_perm,
+        seed=tc.seed,
+        rank=rank,
+        max_nonfinite_in_a_row=tc.max_nonfinite_in_a_row,
+        autocast=device.type == "cuda",
+    )
+    logger = _RankZeroLogger(loop_config, rank, total_steps) if rank == 0 else None
+    meta = {k: loop_config[k] for k in ("config", "categories", "fingerprint", "num_classes")}
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
+    last_val: dict[str, float] = {}
+
+    def report(batch_in_epoch: int, extra: dict[str, float]) -> None:
+        metrics = {"step": step, "epoch": epoch, **last_val, **extra}
+        metrics.setdefault("val_loss", float("inf"))  # the score attribute must exist in every report
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(
+                tmp, model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=epoch,
+                batch_in_epoch=batch_in_epoch, meta={**meta, **last_val},
+            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    while step < total_steps:
+        batch_in_epoch, exhausted = skip, True
+        for batch in epoch_batches(train_shard, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch, skip=skip):
+            t0 = time.perf_counter()
+            result = runner(batch, step)
+            step += 1
+            batch_in_epoch += 1
+            if logger:
+                logger.step(step, epoch, result, global_batch / max(time.perf_counter() - t0, 1e-9), runner)
+            if step % tc.checkpoint_every == 0 and step < total_steps:
+                report(batch_in_epoch, {"loss": result.total})
+            if step >= total_steps:
+                exhausted = False
+                break
+        if exhausted and batch_in_epoch == skip == 0:
+            raise RuntimeError(f"an epoch gave this worker no batch of {tc.batch_size}: fewer images than the batch")
+        skip = 0
+        if val_shard is not None:
+            val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=False, device="cpu")
+            last_val = validation_losses(model, val_batches, device)
+            if logger:
+                logger.validation(step, epoch, last_val)
+        if exhausted:
+            epoch, batch_in_epoch = epoch + 1, 0
+        report(batch_in_epoch, {"nonfinite_steps": runner.nonfinite_total})
+    if logger:
+        logger.close()
+
+
+def initialise(model: nn.Module, loop_config: dict[str, Any]) -> list[str]:
+    """`--model-path` (our checkpoint, fine-tuning) and `--backbone-weights` (torchvision ResNet state dict)."""
+    messages = []
+    if loop_config.get("model_path"):
+        state = load_checkpoint(loop_config["model_path"])
+        reinit = load_model_state(model, state.model, reinit_class_layers=True)
+        messages.append(f"initialised from {loop_config['model_path']} (step {state.step})")
+        if reinit:
+            messages.append(
+                f"different number of classes: re-initialised the class-specific layers {', '.join(reinit)}"
+            )
+    if loop_config.get("backbone_weights"):
+        from mrcnn.backbone import load_backbone_weights
+
+        load_backbone_weights(model, loop_config["backbone_weights"])
+        messages.append(f"backbone weights from {loop_config['backbone_weights']}")
+    return messages
+
+
+class _RankZeroLogger:
+    """Console progress and MLflow metrics, from rank 0 only."""
+
+    def __init__(self, loop_config: dict[str, Any], rank: int, total_steps: int):
+        self.every = Config.from_dict(loop_config["config"]).train.log_every
+        self.tracking_uri = loop_config.get("tracking_uri")
+        self.run_id = loop_config.get("mlflow_run_id")
+        self.total = total_steps
+        self.start = time.perf_counter()
+        self.first_step: int | None = None
+
+    def step(self, step: int, epoch: int, result: StepResult, images_per_s: float, runner: StepRunner) -> None:
+        from pipelines import tracking
+
+        if self.first_step is None:
+            self.first_step = step - 1
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        done = step - self.first_step
+        eta = elapsed / max(done, 1) * (self.total - step)
+        losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in result.losses.items())
+        print(
+            f"[train] step {step}/{self.total} epoch {epoch} loss={result.total:.4f} {losses} lr={result.lr:.5f} "
+            f"{images_per_s:.1f} img/s eta {eta:.0f}s",
+            flush=True,
+        )
+        if self.run_id:
+            metrics = {**result.losses, "lr": result.lr, "images_per_s": images_per_s, "epoch": epoch}
+            metrics["nonfinite_steps"] = runner.nonfinite_total
+            if math.isfinite(result.total):
+                metrics["loss"] = result.total
+            tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=step)
+
+    def validation(self, step: int, epoch: int, val: dict[str, float]) -> None:
+        from pipelines import tracking
+
+        if not val:
+            return
+        print(f"[train] validation after epoch {epoch}: val_loss={val['val_loss']:.4f}", flush=True)
+        if self.run_id:
+            tracking.log_metrics(self.tracking_uri, self.run_id, val, step=step)
+
+    def close(self) -> None:
+        print(f"[train] done in {time.perf_counter() - self.start:.0f}s", flush=True)

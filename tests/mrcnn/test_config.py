@@ -1,0 +1,89 @@
+import pytest
+
+from mrcnn.config import Config, ConfigError, coco, fingerprint_diff, load_config, shapes
+
+
+@pytest.mark.parametrize("preset", [coco, shapes])
+def test_yaml_round_trip(tmp_path, preset):
+    config = preset()
+    path = tmp_path / "c.yaml"
+    config.save(path)
+    assert Config.load(path) == config
+    assert load_config(str(path)) == config
+
+
+def test_coco_preset_is_the_seed_design():
+    c = coco()
+    assert (c.image.min_dim, c.image.max_dim) == (800, 1024)
+    assert c.backbone.depth == 50 and c.backbone.fpn_channels == 256
+    assert c.rpn.anchor_scales == (32, 64, 128, 256, 512) and c.rpn.feature_strides == (4, 8, 16, 32, 64)
+    assert c.rpn.anchor_ratios == (0.5, 1.0, 2.0) and c.rpn.anchor_stride == 2
+    assert (c.rpn.anchors_per_image, c.rpn.pre_nms_topk, c.rpn.nms_threshold) == (256, 6000, 0.7)
+    assert (c.rpn.post_nms_train, c.rpn.post_nms_test) == (2000, 1000)
+    assert (c.roi.rois_per_image, c.roi.positive_fraction) == (200, 0.33)
+    assert (c.mask.mini_mask_size, c.mask.mask_size) == (56, 28)
+    assert c.roi.max_gt_instances == 100 and c.detection.max_detections == 100
+    assert (c.detection.min_confidence, c.detection.nms_threshold) == (0.7, 0.3)
+    t = c.train
+    assert (t.lr, t.lr_reference_batch, t.momentum, t.weight_decay, t.grad_clip) == (0.02, 16, 0.9, 1e-4, 5.0)
+
+
+def test_overrides_apply_and_parse_types():
+    c = load_config("shapes", ["train.lr=0.5", "backbone.depth=34", "rpn.anchor_ratios=[1.0]", "train.flip=false"])
+    assert c.train.lr == 0.5 and c.backbone.depth == 34 and c.rpn.anchor_ratios == (1.0,) and c.train.flip is False
+    assert c.image == shapes().image  # untouched sections stay
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "train.lrr"),
+        ("trian.lr=1", "trian"),
+        ("train.lr=abc", "train.lr"),
+        ("backbone.depth=1.5", "backbone.depth"),
+        ("train.flip=3", "train.flip"),
+        ("rpn.bbox_std=[1, 2]", "rpn.bbox_std"),
+        ("nodot", "section.field=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        shapes().override([override])
+
+
+def test_unknown_key_in_yaml_file_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nimage:\n  max_dimm: 3\n")
+    with pytest.raises(ConfigError, match=r"image\.max_dimm"):
+        Config.load(path)
+
+
+def test_unknown_preset_or_missing_file():
+    with pytest.raises(ConfigError, match="neither a preset"):
+        load_config("no-such-preset")
+
+
+def test_fingerprint_changes_only_with_shard_fields():
+    base = shapes()
+    fp = base.fingerprint()
+    # training, model-width and evaluation settings do not change shard content
+    for o in ["train.lr=0.3", "backbone.depth=50", "roi.fc_dim=512", "detection.min_confidence=0.1", "name=other"]:
+        assert base.override([o]).fingerprint() == fp, o
+    # geometry, anchors, thresholds, mini-masks and encoding do
+    for o in [
+        "image.max_dim=256",
+        "image.min_dim=100",
+        "image.jpeg_quality=90",
+        "rpn.anchor_stride=2",
+        "rpn.anchor_scales=[4, 8, 16, 32, 64]",
+        "rpn.positive_iou=0.6",
+        "mask.mini_mask_size=28",
+    ]:
+        changed = base.override([o])
+        assert changed.fingerprint() != fp, o
+        assert fingerprint_diff(base.shard_fields(), changed.shard_fields()), o
+
+
+def test_fingerprint_diff_names_fields():
+    a, b = coco().shard_fields(), coco().override(["image.max_dim=512"]).shard_fields()
+    assert fingerprint_diff(a, b) == ["image.max_dim: 1024 != 512"]
