@@ -24,9 +24,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
 from mrcnn.mini_masks import unpack_masks
 from mrcnn.rpn_targets import dense_rpn_targets
-from PIL import Image
 
 MAX_CROWD = 16  # crowd regions kept per image for the "never negative" rule; COCO images have at most a few
 

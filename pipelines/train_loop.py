@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from mrcnn.flip import flip_batch
 from torch import nn
 
 from mrcnn.config import Config
+from mrcnn.flip import flip_batch
 from pipelines.checkpoints import load_checkpoint, load_model_state, save_checkpoint, unwrap
 from pipelines.loader import to_device
 from pipelines.optim import build_optimizer, build_scheduler, scaled_lr, set_trainable_layers
@@ -162,6 +162,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entry point; `loop_config` is built by pipelines/train.py (`TrainPlan.loop_config`)."""
     import ray.train
     import ray.train.torch
+
     from mrcnn.model import build_model
 
     config = Config.from_dict(loop_config["config"])

@@ -1,0 +1,96 @@
+"""Proposal layer: RPN outputs -> per-image proposal boxes.
+
+Per image: the `pre_nms_topk` highest-scoring anchors over all levels, decoded with their deltas, clipped to
+the image window (the unpadded region), boxes thinner than `min_size` dropped, NMS at `nms_threshold`,
+then the best `post_nms_topk` kept. All images go through one batched NMS call (the image index is the NMS
+group), so nothing loops over images or anchors in Python.
+
+Glossary: N images, A anchors, K = min(pre_nms_topk, A) candidates per image.
+Boxes: (x1, y1, x2, y2) in padded-image pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from mrcnn.box_coder import decode
+
+
+def clip_to_window(boxes: Tensor, windows: Tensor) -> Tensor:
+    """boxes: [N, K, 4] (or [N, K, C, 4]), windows: [N, 4] (x1, y1, x2, y2) -> boxes clipped to each window."""
+    shape = (windows.shape[0],) + (1,) * (boxes.dim() - 2) + (4,)
+    win = windows.to(boxes.dtype).view(shape)
+    low = torch.cat([win[..., :2], win[..., :2]], dim=-1)
+    high = torch.cat([win[..., 2:], win[..., 2:]], dim=-1)
+    return torch.minimum(torch.maximum(boxes, low), high)
+
+
+def top_per_group(groups: Tensor, k: int) -> Tensor:
+    """Indices of the first `k` items of each group, for items already sorted by decreasing score.
+
+    groups: int64 [M] (e.g. image index per kept box, in score order) -> int64 [M'] indices into it,
+    ordered by group, then by the original (score) order within a group.
+    """
+    if groups.numel() == 0:
+        return groups.new_zeros(0)
+    order = torch.argsort(groups, stable=True)
+    sorted_groups = groups[order]
+    counts = torch.bincount(sorted_groups)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(groups.numel(), device=groups.device) - starts[sorted_groups]
+    return order[rank < k]
+
+
+def split_by_image(values: Tensor, image_idx: Tensor, num_images: int) -> list[Tensor]:
+    """values: [M, ...] grouped by image (image_idx [M] non-decreasing) -> N tensors, one per image."""
+    counts = torch.bincount(image_idx, minlength=num_images).tolist()
+    return list(torch.split(values, counts))
+
+
+@torch.no_grad()
+def generate_proposals(
+    objectness: Tensor,
+    deltas: Tensor,
+    anchors: Tensor,
+    windows: Tensor,
+    *,
+    pre_nms_topk: int,
+    post_nms_topk: int,
+    nms_threshold: float,
+    bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
+    min_size: float = 1.0,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Proposals for each image.
+
+    objectness: [N, A] logits; deltas: [N, A, 4] (divided by `bbox_std`); anchors: [A, 4] padded pixels;
+    windows: [N, 4] (x1, y1, x2, y2), the unpadded region of each image.
+    Returns (boxes, scores): N tensors [P_i, 4] padded pixels and [P_i] objectness probabilities, sorted by
+    decreasing score, P_i <= post_nms_topk.
+
+    Proposals are detached (no_grad): the paper's approximate joint training ignores the gradient through
+    the proposal coordinates; the RPN learns from its own losses only.
+    """
+    num_images, num_anchors = objectness.shape
+    # Box coding in float32, also under bf16 autocast: exp() of the size deltas needs the range.
+    objectness, deltas = objectness.float(), deltas.float()
+    k = min(pre_nms_topk, num_anchors)
+    scores, idx = objectness.topk(k, dim=1)  # [N, K], best first
+    # (N, A, 4) -> (N, K, 4): the deltas of the chosen anchors
+    top_deltas = torch.gather(deltas, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
+    top_anchors = anchors.to(deltas.dtype)[idx]  # [N, K, 4]
+    # (N, K, 4) -> (N*K, 4) for the coder, and back
+    boxes = decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4), std=bbox_std).view(num_images, k, 4)
+    boxes = clip_to_window(boxes, windows)
+    sizes = boxes[..., 2:] - boxes[..., :2]
+    valid = (sizes >= min_size).all(dim=-1)  # [N, K]
+    image_idx = torch.arange(num_images, device=boxes.device).unsqueeze(1).expand(num_images, k)
+    boxes, scores, image_idx = boxes[valid], scores[valid], image_idx[valid]  # [M, 4], [M], [M]
+    # The image index as NMS group: one call suppresses within each image only; `keep` is in score order.
+    keep = batched_nms(boxes, scores, image_idx, nms_threshold)
+    keep = keep[top_per_group(image_idx[keep], post_nms_topk)]  # grouped by image, best first in each
+    return (
+        split_by_image(boxes[keep], image_idx[keep], num_images),
+        split_by_image(torch.sigmoid(scores[keep]), image_idx[keep], num_images),
+    )
