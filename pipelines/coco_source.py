@@ -403,8 +403,10 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"truncated or corrupt image file {path}: {e}") from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale: scale to 8 bits
         arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode != "F" and arr.max() > 255 else 255.0
-        arr = np.clip(np.rint(arr * 255.0 / top), 0, 255).astype(np.uint8)
+        # 16-bit samples scale by 255/65535; 32-bit "I" (old Pillow's 16-bit PNGs) only when above 8 bits.
+        if img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255):
+            arr = arr / 257.0
+        arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
     if img.mode != "RGB":
         if img.mode == "P" and "transparency" in img.info:

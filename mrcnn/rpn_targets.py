@@ -1,0 +1,155 @@
+"""RPN training targets: anchor labels and box deltas, and the per-step anchor sample.
+
+Anchor labels: 1 positive, 0 negative, -1 ignored (neither; contributes no loss).
+- positive: IoU >= positive_iou with some gt box, or among the best anchors of some gt box (every anchor tying
+  that gt box's maximum IoU, when the maximum is > 0), so each gt box has at least one positive anchor;
+- ignored: not positive, and negative_iou <= max IoU < positive_iou, or IoU >= crowd_iou with a crowd box
+  (what overlaps a crowd region is never a negative);
+- negative: every other anchor.
+A positive's deltas go to the gt box it overlaps most (argmax IoU over gt, as matterport and torchvision do).
+
+`compute_rpn_targets` runs once per image in preprocessing and stores the sparse form; `dense_rpn_targets`
+rebuilds the [A] labels in the loader, and `sample_anchors` draws the 256-anchor sample on the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from mrcnn.box_coder import DEFAULT_STD, encode
+
+# IoU is computed against this many anchors at a time so the [chunk, G] matrices stay small
+_CHUNK = 16384
+
+
+class RPNTargets(NamedTuple):
+    """Sparse RPN targets of one image.
+
+    pos_idx: int64 [P] sorted anchor indices; pos_deltas: float32 [P, 4] (dx, dy, dw, dh) / std;
+    ignore_idx: int64 [I] sorted anchor indices. Every other anchor is negative.
+    """
+
+    pos_idx: Tensor
+    pos_deltas: Tensor
+    ignore_idx: Tensor
+
+
+def _max_iou(anchors: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """Per anchor the max IoU over `boxes` [B, 4] (B >= 1) and its argmax: ([A] float, [A] int64)."""
+    values, indices = [], []
+    for start in range(0, anchors.shape[0], _CHUNK):
+        v, i = box_iou(anchors[start : start + _CHUNK], boxes).max(dim=1)
+        values.append(v)
+        indices.append(i)
+    return torch.cat(values), torch.cat(indices)
+
+
+def _best_anchors(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
+    """bool [A]: anchors tying some gt box's maximum IoU over all anchors, where that maximum is > 0."""
+    best = torch.zeros(gt_boxes.shape[0], dtype=anchors.dtype)
+    for start in range(0, anchors.shape[0], _CHUNK):
+        best = torch.maximum(best, box_iou(anchors[start : start + _CHUNK], gt_boxes).amax(dim=0))
+    out = []
+    for start in range(0, anchors.shape[0], _CHUNK):
+        iou = box_iou(anchors[start : start + _CHUNK], gt_boxes)  # [chunk, G]
+        out.append(((iou == best) & (best > 0)).any(dim=1))
+    return torch.cat(out)
+
+
+def compute_rpn_targets(
+    *,
+    anchors: Tensor,
+    gt_boxes: Tensor,
+    crowd_boxes: Tensor,
+    positive_iou: float = 0.7,
+    negative_iou: float = 0.3,
+    crowd_iou: float = 0.001,
+    bbox_std: Sequence[float] = DEFAULT_STD,
+) -> RPNTargets:
+    """Sparse RPN targets of one image (see the module docstring for the rules).
+
+    anchors: [A, 4]; gt_boxes: [G, 4] (G may be 0); crowd_boxes: [C, 4] (C may be 0); all (x1, y1, x2, y2) in
+    padded-image pixels. Array-likes are accepted; computed in float32 on the anchors' device.
+    """
+    anchors = torch.as_tensor(anchors, dtype=torch.float32)
+    device = anchors.device
+    gt_boxes = torch.as_tensor(gt_boxes, dtype=torch.float32, device=device).reshape(-1, 4)
+    crowd_boxes = torch.as_tensor(crowd_boxes, dtype=torch.float32, device=device).reshape(-1, 4)
+    num_anchors = anchors.shape[0]
+
+    if gt_boxes.shape[0] > 0:
+        max_iou, argmax = _max_iou(anchors, gt_boxes)
+        positive = (max_iou >= positive_iou) | _best_anchors(anchors, gt_boxes)
+        ignored = (max_iou >= negative_iou) & ~positive
+    else:
+        argmax = torch.zeros(num_anchors, dtype=torch.int64, device=device)
+        positive = torch.zeros(num_anchors, dtype=torch.bool, device=device)
+        ignored = torch.zeros(num_anchors, dtype=torch.bool, device=device)
+    if crowd_boxes.shape[0] > 0:
+        crowd_max, _ = _max_iou(anchors, crowd_boxes)
+        ignored |= (crowd_max >= crowd_iou) & ~positive
+
+    pos_idx = positive.nonzero().flatten()
+    pos_deltas = encode(gt_boxes[argmax[pos_idx]], anchors[pos_idx], std=bbox_std).to(torch.float32)
+    return RPNTargets(pos_idx=pos_idx, pos_deltas=pos_deltas, ignore_idx=ignored.nonzero().flatten())
+
+
+def dense_rpn_targets(num_anchors: int, pos_idx: Tensor, pos_deltas: Tensor, ignore_idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Sparse -> dense: (match int8 [A] with 1 / 0 / -1, deltas float32 [A, 4] zero except at positives).
+
+    Array-likes are accepted (e.g. the lists read from a shard row); output on pos_idx's device.
+    """
+    pos_idx = torch.as_tensor(pos_idx, dtype=torch.int64).reshape(-1)
+    device = pos_idx.device
+    ignore_idx = torch.as_tensor(ignore_idx, dtype=torch.int64, device=device).reshape(-1)
+    pos_deltas = torch.as_tensor(pos_deltas, dtype=torch.float32, device=device).reshape(-1, 4)
+    match = torch.zeros(num_anchors, dtype=torch.int8, device=device)
+    match[ignore_idx] = -1
+    match[pos_idx] = 1
+    deltas = torch.zeros(num_anchors, 4, dtype=torch.float32, device=device)
+    deltas[pos_idx] = pos_deltas
+    return match, deltas
+
+
+def sample_anchors(
+    match: Tensor,
+    *,
+    num_samples: int = 256,
+    positive_fraction: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per image, a random sample of at most `num_samples` labelled anchors.
+
+    match: int [N, A] with 1 / 0 / -1. Per row, min(#positives, int(num_samples * positive_fraction)) positives
+    drawn uniformly, then negatives fill the rest of num_samples (as many as there are). Returns
+    (pos_mask [N, A] bool, neg_mask [N, A] bool). Batched on match's device: random scores ranked with topk, no
+    loop over anchors or images. `generator` must live on match's device.
+    """
+    n, a = match.shape
+    max_pos = int(num_samples * positive_fraction)
+    is_pos = match == 1
+    is_neg = match == 0
+    scores = torch.rand(n, a, device=match.device, generator=generator)
+    # unlabelled candidates score -1, below every random score in [0, 1)
+    pos_mask = _take_top(torch.where(is_pos, scores, -1.0), is_pos.sum(1).clamp(max=max_pos))
+    num_neg = (num_samples - pos_mask.sum(1)).clamp(min=0)
+    neg_mask = _take_top(torch.where(is_neg, scores, -1.0), torch.minimum(num_neg, is_neg.sum(1)))
+    return pos_mask, neg_mask
+
+
+def _take_top(scores: Tensor, counts: Tensor) -> Tensor:
+    """bool [N, A]: in each row the counts[row] highest-scoring entries (counts never exceed the valid ones)."""
+    n, a = scores.shape
+    k = int(min(a, int(counts.max()) if n else 0))
+    mask = torch.zeros(n, a, dtype=torch.bool, device=scores.device)
+    if k == 0:
+        return mask
+    top = scores.topk(k, dim=1).indices  # [N, k], highest first
+    keep = torch.arange(k, device=scores.device)[None, :] < counts[:, None]  # [N, k]
+    mask.scatter_(1, top, keep)
+    return mask
