@@ -58,8 +58,8 @@ def is_uri(path: str) -> bool:
 def split_paths(dataset: str | os.PathLike, split: str) -> tuple[str, str]:
     """(annotations file, images folder) of a COCO 2017-style split, e.g. ("D/annotations/instances_val2017.json",
     "D/val2017") for `split_paths("D", "val2017")`. `D` may be a local path or a URI; joined with '/'."""
-    root = os.fspath(dataset).rstrip("/") or "/"
-    return f"{root.rstrip('/')}/annotations/instances_{split}.json", f"{root.rstrip('/')}/{split}"
+    root = os.fspath(dataset).rstrip("/")
+    return f"{root}/annotations/instances_{split}.json", f"{root}/{split}"
 
 
 def safe_image_path(images_root: str | os.PathLike, file_name: str) -> str:

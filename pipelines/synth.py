@@ -249,7 +249,7 @@ def render_image(seed: int, split: str, index: int, *, min_size: int = 96, max_s
     instances = []
     for layer, visible in kept:  # bottom to top
         for colour, part in layer.colours:
-            canvas[np.roll(part, 2, axis=1)] = np.asarray(colour, dtype=np.float32) + rng.normal(0, 3, size=(int(part.sum()), 3))
+            canvas[part] = np.asarray(colour, dtype=np.float32) + rng.normal(0, 3, size=(int(part.sum()), 3))
         if layer.iscrowd:
             segmentation: Any = _uncompressed_rle(visible)
         elif layer.polygon is not None and np.array_equal(visible, layer.full_mask):

@@ -16,6 +16,7 @@ from typing import Any
 from mrcnn.config import Config
 from pipelines import tracking
 from pipelines.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state
+from pipelines.coco_source import CategoryMap
 from pipelines.train_loop import total_steps_for, train_loop_per_worker
 
 
@@ -89,7 +90,7 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
         raise ValueError(f"split {request.split!r} is not in {request.shards} (has {', '.join(splits)})")
     val_split = request.val_split if request.val_split in splits else None
     categories = manifest["categories"]
-    num_classes = len(categories["coco_ids"]) + 1
+    num_classes = CategoryMap.from_dict(categories).num_classes
 
     init_ray(request.address)
     use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu

@@ -1,0 +1,117 @@
+"""Detection layer and the way back to original pixels.
+
+`detect`: box-head outputs -> per-image detections: every (RoI, class) pair with score >= min_confidence,
+refined by that class's deltas and clipped to the window, then NMS per image and class, best
+`max_detections` kept per image. `detections_to_original` maps one image's detections to the original image:
+boxes through the resize geometry, 28x28 mask probabilities pasted into their boxes and thresholded at 0.5.
+
+Glossary: N images, R RoIs, K classes including background (0), D detections of one image, M mask size.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from mrcnn.box_coder import decode
+from mrcnn.geometry import boxes_to_original
+from mrcnn.proposals import clip_to_window, split_by_image, top_per_group
+
+
+@torch.no_grad()
+def detect(
+    class_logits: Tensor,
+    pred_deltas: Tensor,
+    rois: Tensor,
+    image_idx: Tensor,
+    windows: Tensor,
+    *,
+    bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
+    min_confidence: float = 0.7,
+    nms_threshold: float = 0.3,
+    max_detections: int = 100,
+    min_size: float = 0.01,
+) -> list[dict[str, Tensor]]:
+    """Detections per image.
+
+    class_logits: [R, K]; pred_deltas: [R, K, 4] (divided by `bbox_std`); rois: [R, 4] padded px;
+    image_idx: int64 [R]; windows: [N, 4]. Returns N dicts: boxes [D, 4] padded px, class_ids int64 [D]
+    (>= 1), scores [D] softmax probabilities, roi_index int64 [D] (the RoI each came from), by decreasing score.
+    """
+    num_images, num_classes = windows.shape[0], class_logits.shape[1]
+    scores = torch.softmax(class_logits.float(), dim=1)[:, 1:]  # [R, K-1], background dropped
+    # (R, K-1, 4) deltas against (R, 4) RoIs: each class's own refinement, in float32
+    boxes = decode(pred_deltas[:, 1:].float(), rois.float(), std=bbox_std)
+    boxes = clip_to_window(boxes, windows[image_idx])
+    roi_index = torch.arange(rois.shape[0], device=rois.device).unsqueeze(1).expand_as(scores)
+    class_ids = torch.arange(1, num_classes, device=rois.device).unsqueeze(0).expand_as(scores)
+    sizes = boxes[..., 2:] - boxes[..., :2]
+    keep = (scores >= min_confidence) & (sizes >= min_size).all(dim=-1)  # [R, K-1]
+    boxes, scores, roi_index, class_ids = boxes[keep], scores[keep], roi_index[keep], class_ids[keep]
+    images = image_idx[roi_index]
+    # One NMS call for the batch, grouped by (image, class). float64: batched_nms offsets each group by
+    # group * (max coordinate + 1), up to ~N*K*1000, where float32 would blur box edges.
+    kept = batched_nms(boxes.double(), scores.double(), images * num_classes + class_ids, nms_threshold)
+    kept = kept[top_per_group(images[kept], max_detections)]
+    columns = {"boxes": boxes, "class_ids": class_ids, "scores": scores, "roi_index": roi_index}
+    per_image = {name: split_by_image(values[kept], images[kept], num_images) for name, values in columns.items()}
+    return [{name: per_image[name][i] for name in columns} for i in range(num_images)]
+
+
+def _interpolation_matrix(start: Tensor, end: Tensor, length: int, size: int) -> Tensor:
+    """Bilinear weights [D, length, size] sampling a `size`-cell mask spanning [start, end) at output pixel centres.
+
+    Output pixel p (centre p + 0.5) reads mask coordinate u = (p + 0.5 - start) / (end - start) * size - 0.5,
+    the convention of grid_sample(align_corners=False); mask cells outside 0..size-1 read as 0.
+    """
+    centres = torch.arange(length, device=start.device, dtype=torch.float32) + 0.5
+    extent = (end - start).clamp(min=1e-6).unsqueeze(1)
+    u = (centres.unsqueeze(0) - start.unsqueeze(1)) / extent * size - 0.5  # [D, length]
+    lower = torch.floor(u)
+    frac = u - lower
+    weights = torch.zeros(start.shape[0], length, size, device=start.device)
+    for index, weight in ((lower, 1.0 - frac), (lower + 1.0, frac)):
+        inside = (index >= 0) & (index <= size - 1)
+        weights.scatter_add_(2, index.clamp(0, size - 1).long().unsqueeze(-1), (weight * inside).unsqueeze(-1))
+    return weights
+
+
+def paste_masks_in_image(masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5) -> Tensor:
+    """Paste mask probabilities into their boxes on a height x width image and threshold them.
+
+    masks: [D, M, M] probabilities; boxes: [D, 4] (x1, y1, x2, y2) in the target image's pixels ->
+    [D, height, width] bool. Bilinear resampling is separable, so each mask is resized as
+    rows @ mask @ cols^T (two small matrices per mask) instead of a per-pixel grid: no loop over masks,
+    same values as grid_sample. Done in chunks so that D x H x W floats stay near 64 MB.
+    """
+    count, size = masks.shape[0], masks.shape[-1]
+    out = torch.zeros(count, height, width, dtype=torch.bool, device=masks.device)
+    if count == 0:
+        return out
+    boxes = boxes.float()
+    chunk = max(1, (1 << 24) // max(1, height * width))
+    for first in range(0, count, chunk):
+        sl = slice(first, first + chunk)
+        b = boxes[sl]
+        rows = _interpolation_matrix(b[:, 1], b[:, 3], height, size)  # [d, H, M]
+        cols = _interpolation_matrix(b[:, 0], b[:, 2], width, size)  # [d, W, M]
+        # (d, H, M) @ (d, M, M) @ (d, M, W) -> (d, H, W)
+        out[sl] = torch.bmm(torch.bmm(rows, masks[sl].float()), cols.transpose(1, 2)) >= threshold
+    return out
+
+
+def detections_to_original(
+    det: dict[str, Tensor], *, scale: float, window: tuple[int, int, int, int] | Tensor, height: int, width: int
+) -> dict[str, Tensor]:
+    """One image's detections (model eval output) in original pixels.
+
+    det: boxes [D, 4] padded px, class_ids [D], scores [D], masks [D, M, M] probabilities.
+    Returns boxes [D, 4] original px clipped to the image, class_ids, scores, masks [D, height, width] bool.
+    """
+    boxes = boxes_to_original(det["boxes"].float(), scale=scale, window=window)
+    # Paste with the unclipped box: the mask was predicted for exactly that box.
+    masks = paste_masks_in_image(det["masks"], boxes, int(height), int(width))
+    limits = boxes.new_tensor([width, height, width, height])
+    clipped = torch.minimum(boxes.clamp(min=0), limits)
+    return {"boxes": clipped, "class_ids": det["class_ids"], "scores": det["scores"], "masks": masks}

@@ -1,0 +1,674 @@
+"""`mrcnn-cli preprocess`: COCO-format splits -> Parquet shards + manifest.json, in Ray Data on CPUs.
+
+    manifest_uri = preprocess(coco(), splits=[("train2017", ann_json, images_dir)], out="s3://bucket/shards")
+
+The annotations are read and checked once on the driver (`pipelines.coco_source.read_split`, pycocotools).
+Their image records become ONE Ray Data dataset over all splits; an autoscaling pool of `RowMaker` actors
+(one CPU each, up to every CPU of the cluster) turns each record into one shard row (DESIGN.md, "What a
+shard row holds", schema v1): the decoded image resized and re-encoded, contiguous class ids, gt boxes from
+the annotation's `bbox`, bit-packed mini-masks, crowd boxes and sparse RPN targets from the model's own
+`compute_rpn_targets`. A `ShardDatasink` streams the rows into `<split>/part-*.parquet` files in the write
+tasks and hands back only counts and skip reports, so the driver never holds image rows and memory stays
+flat whatever the dataset size.
+
+Bad input never stops the run: what `read_split` refuses (duplicate ids, unsafe paths, unknown categories,
+degenerate polygons, bad boxes, ...) and what the workers find (missing, empty, corrupt or wrongly sized
+image files) is skipped, counted and listed in the manifest with image id, file and reason.
+
+Publishing is atomic at the manifest: everything is written under `OUT/.tmp-<uuid>/`, moved into place, and
+`manifest.json` comes last (temporary name, then a rename). An output without a manifest is incomplete;
+`read_manifest` refuses it and a rerun replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pyarrow import fs as pafs
+
+from mrcnn.config import Config, fingerprint_diff
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+BATCH_SIZE = 8  # records per map_batches call: small, so a few slow images do not hold up a whole block
+MAX_INPUT_BLOCKS = 2000
+
+# DESIGN.md schema v1, plus num_instances / num_crowd. Ragged values are plain lists with explicit counts.
+SHARD_SCHEMA = pa.schema(
+    [
+        ("image_id", pa.int64()),
+        ("file_name", pa.string()),
+        ("height", pa.int32()),
+        ("width", pa.int32()),
+        ("scale", pa.float32()),
+        ("window", pa.list_(pa.int32())),
+        ("image", pa.binary()),
+        ("gt_class_ids", pa.list_(pa.int32())),
+        ("gt_boxes", pa.list_(pa.float32())),
+        ("mini_masks", pa.binary()),
+        ("crowd_boxes", pa.list_(pa.float32())),
+        ("rpn_pos_idx", pa.list_(pa.int32())),
+        ("rpn_pos_deltas", pa.list_(pa.float32())),
+        ("rpn_ignore_idx", pa.list_(pa.int32())),
+        ("num_instances", pa.int32()),
+        ("num_crowd", pa.int32()),
+    ],
+    metadata={"mrcnn.schema_version": str(SCHEMA_VERSION)},
+)
+# What the workers emit: the shard columns (null for a skipped image) plus bookkeeping the datasink strips.
+_WORK_SCHEMA = pa.schema(
+    list(SHARD_SCHEMA.remove_metadata())
+    + [("_split", pa.string()), ("_ok", pa.bool_()), ("_reports", pa.string()), ("_dropped", pa.int32())]
+)
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class OutputExistsError(FileExistsError):
+    """The output already holds a complete preprocess run (a manifest) and overwrite was not asked for."""
+
+
+class FingerprintMismatch(ValueError):
+    """Shards made with a different shard config; `fields` lists 'key: shards != config' strings."""
+
+    def __init__(self, fields: list[str]):
+        self.fields = fields
+        super().__init__("shards were preprocessed with a different config; differing fields: " + "; ".join(fields))
+
+
+# ---------------------------------------------------------------------------------------------- one image
+
+
+def _image_error_reason(error: Exception) -> str:
+    """Stable slug + detail for an ImageError raised by `load_image_rgb` (its messages name the cause)."""
+    msg = str(error)
+    for prefix, slug in (
+        ("image file not found", "missing_image"),
+        ("empty image file", "empty_image_file"),
+        ("not a recognised image", "corrupt_image"),
+        ("truncated or corrupt", "corrupt_image"),
+        ("cannot read image", "unreadable_image"),
+    ):
+        if msg.startswith(prefix):
+            return f"{slug}: {msg}"
+    return f"bad_image: {msg}"
+
+
+def _skip(record: dict[str, Any], reason: str, annotation_id: int | None = None, action: str = "skipped") -> dict:
+    return {"image_id": record.get("image_id"), "file": record.get("file_name"), "annotation_id": annotation_id,
+            "reason": reason, "action": action}
+
+
+class RowMaker:
+    """One COCO image record -> one shard row. Also the callable class of `map_batches` (set up once per actor).
+
+    `make(record)` returns (row or None, reports): row holds the SHARD_SCHEMA columns as Python / numpy values;
+    reports are skip entries ({"image_id", "file", "annotation_id", "reason", "action"}) for the image (when
+    row is None) or for single annotations dropped here.
+    """
+
+    def __init__(self, config: dict[str, Any], *, torch_threads: int | None = 1):
+        import torch
+
+        from mrcnn.anchors import anchors_from_config
+
+        if torch_threads:
+            torch.set_num_threads(torch_threads)  # one actor per CPU: intra-op threads would only oversubscribe
+        self.config = Config.from_dict(config)
+        self.anchors = anchors_from_config(self.config)  # [A, 4] padded px, built once per actor
+
+    # ------------------------------------------------------------------ map_batches entry point
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        columns: dict[str, list] = {name: [] for name in _WORK_SCHEMA.names}
+        for split, text in zip(batch["split"], batch["record"], strict=True):
+            record = json.loads(text)
+            try:
+                row, reports = self.make(record)
+            except Exception as e:  # noqa: BLE001 - one bad record must not stop the run; it is reported
+                row, reports = None, [_skip(record, f"processing_error: {type(e).__name__}: {e}")]
+            if row is None:
+                row = {"image_id": record.get("image_id"), "file_name": record.get("file_name")}
+            for name in SHARD_SCHEMA.names:
+                value = row.get(name)
+                columns[name].append(value.tolist() if isinstance(value, np.ndarray) else value)
+            columns["_split"].append(str(split))
+            columns["_ok"].append("image" in row)
+            columns["_reports"].append(json.dumps(reports))
+            columns["_dropped"].append(int(row.get("_dropped", 0)))
+        return pa.Table.from_pydict(columns, schema=_WORK_SCHEMA)
+
+    # ------------------------------------------------------------------ one record
+    def make(self, record: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        import torch
+
+        from mrcnn.geometry import coco_bbox_to_box, resize_geometry
+        from mrcnn.mini_masks import mini_mask_boxes, minimize_masks, pack_masks
+        from mrcnn.rpn_targets import compute_rpn_targets
+        from pipelines.coco_source import ImageError, annotation_mask, load_image_rgb
+
+        cfg = self.config
+        height, width = int(record["height"]), int(record["width"])
+        try:
+            pixels = load_image_rgb(record["path"])  # [H, W, 3] uint8 RGB (grayscale / CMYK / alpha converted)
+        except ImageError as e:
+            return None, [_skip(record, _image_error_reason(e))]
+        if pixels.shape[:2] != (height, width):
+            reason = (f"size_mismatch: file is {pixels.shape[1]}x{pixels.shape[0]} (w x h), "
+                      f"annotations say {width}x{height}")
+            return None, [_skip(record, reason)]
+
+        geo = resize_geometry(height, width, min_dim=cfg.image.min_dim, max_dim=cfg.image.max_dim)
+        reports: list[dict[str, Any]] = []
+        instances = [a for a in record["annotations"] if not a["iscrowd"]]
+        crowds = [a for a in record["annotations"] if a["iscrowd"]]
+
+        masks = []  # [H, W] uint8 per kept instance, original resolution
+        kept = []
+        for ann in instances:
+            try:
+                masks.append(annotation_mask(ann, height, width))
+                kept.append(ann)
+            except Exception as e:  # noqa: BLE001 - pycocotools rejects a segmentation read_split let through
+                reports.append(_skip(record, f"malformed_segmentation: {type(e).__name__}: {e}", ann["id"]))
+        dropped = max(0, len(kept) - cfg.roi.max_gt_instances)
+        if dropped:  # keep the largest by area, in their original order
+            order = np.argsort([-float(a["area"]) for a in kept], kind="stable")[: cfg.roi.max_gt_instances]
+            chosen = sorted(order.tolist())
+            kept, masks = [kept[i] for i in chosen], [masks[i] for i in chosen]
+
+        g = len(kept)
+        gt_boxes = coco_bbox_to_box(torch.tensor([a["bbox"] for a in kept], dtype=torch.float64).reshape(g, 4),
+                                    geo.scale)  # [G, 4] float32 padded px
+        crowd_boxes = coco_bbox_to_box(
+            torch.tensor([a["bbox"] for a in crowds], dtype=torch.float64).reshape(len(crowds), 4), geo.scale)
+        size = cfg.mask.mini_mask_size
+        if g:
+            # Mini-masks are sampled from the ORIGINAL-resolution mask over the integer padded-frame box mapped
+            # back to original pixels (/ scale): no resampling of an already-resized mask.
+            mini_boxes = mini_mask_boxes(gt_boxes)
+            mini = minimize_masks(torch.from_numpy(np.stack(masks)), mini_boxes / geo.scale, size=size)
+            packed = pack_masks(np.asarray(mini, dtype=bool))
+        else:
+            packed = b""
+        rpn = compute_rpn_targets(
+            anchors=self.anchors, gt_boxes=gt_boxes, crowd_boxes=crowd_boxes,
+            positive_iou=cfg.rpn.positive_iou, negative_iou=cfg.rpn.negative_iou, crowd_iou=cfg.rpn.crowd_iou,
+            bbox_std=tuple(cfg.rpn.bbox_std),
+        )
+        row = {
+            "image_id": int(record["image_id"]),
+            "file_name": record["file_name"],
+            "height": height,
+            "width": width,
+            "scale": float(np.float32(geo.scale)),
+            "window": [int(v) for v in geo.window],
+            "image": encode_image(pixels, geo.new_w, geo.new_h, encoding=cfg.image.encoding,
+                                  quality=cfg.image.jpeg_quality),
+            "gt_class_ids": np.asarray([a["category_id"] for a in kept], np.int32),
+            "gt_boxes": gt_boxes.numpy().astype(np.float32).reshape(-1),  # [G, 4] -> flat
+            "mini_masks": packed,
+            "crowd_boxes": crowd_boxes.numpy().astype(np.float32).reshape(-1),
+            "rpn_pos_idx": rpn.pos_idx.numpy().astype(np.int32),
+            "rpn_pos_deltas": rpn.pos_deltas.numpy().astype(np.float32).reshape(-1),
+            "rpn_ignore_idx": rpn.ignore_idx.numpy().astype(np.int32),
+            "num_instances": g,
+            "num_crowd": len(crowds),
+            "_dropped": dropped,
+        }
+        return row, reports
+
+
+def encode_image(pixels: np.ndarray, new_w: int, new_h: int, *, encoding: str = "jpeg", quality: int = 95) -> bytes:
+    """[H, W, 3] uint8 RGB -> bytes of the image resized to new_w x new_h (bilinear, antialiased), unpadded."""
+    from PIL import Image
+
+    img = Image.fromarray(pixels, "RGB")
+    if img.size != (new_w, new_h):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    if encoding == "jpeg":
+        img.save(buf, "JPEG", quality=quality)
+    elif encoding == "png":
+        img.save(buf, "PNG")
+    else:
+        raise ValueError(f"image.encoding must be 'jpeg' or 'png', got {encoding!r}")
+    return buf.getvalue()
+
+
+def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask_size: int | None = None) -> dict:
+    """A shard row (pyarrow `to_pylist()` dict or numpy values) -> numpy arrays, G instances, C crowd regions:
+
+    image [h, w, 3] uint8 (resized, unpadded), image_id, height, width (original), scale float, window int64 [4];
+    gt_class_ids int64 [G]; gt_boxes float32 [G, 4] (x1, y1, x2, y2) padded px; mini_masks bool [G, m, m];
+    crowd_boxes float32 [C, 4]; rpn_pos_idx int64 [P]; rpn_pos_deltas float32 [P, 4]; rpn_ignore_idx int64 [I].
+    With `num_anchors` also rpn_match int8 [A] (1 / 0 / -1) and rpn_deltas float32 [A, 4] (dense).
+    `mini_mask_size` defaults to the size the packed bytes imply.
+    """
+    from mrcnn.mini_masks import unpack_masks
+
+    with _pil_open(row["image"]) as img:
+        image = np.asarray(img.convert("RGB"))
+    class_ids = np.asarray(row["gt_class_ids"], np.int64).reshape(-1)
+    g = len(class_ids)
+    packed = bytes(row["mini_masks"] or b"")
+    if mini_mask_size is None:
+        mini_mask_size = math.isqrt(len(packed) * 8 // g) if g else 0
+    masks = (unpack_masks(packed, g, mini_mask_size) if g
+             else np.zeros((0, mini_mask_size, mini_mask_size), bool))
+    out = {
+        "image_id": int(row["image_id"]),
+        "height": int(row["height"]),
+        "width": int(row["width"]),
+        "scale": float(row["scale"]),
+        "window": np.asarray(row["window"], np.int64),
+        "image": image,
+        "gt_class_ids": class_ids,
+        "gt_boxes": np.asarray(row["gt_boxes"], np.float32).reshape(-1, 4),  # flat -> [G, 4]
+        "mini_masks": np.asarray(masks, bool),
+        "crowd_boxes": np.asarray(row["crowd_boxes"], np.float32).reshape(-1, 4),
+        "rpn_pos_idx": np.asarray(row["rpn_pos_idx"], np.int64).reshape(-1),
+        "rpn_pos_deltas": np.asarray(row["rpn_pos_deltas"], np.float32).reshape(-1, 4),
+        "rpn_ignore_idx": np.asarray(row["rpn_ignore_idx"], np.int64).reshape(-1),
+    }
+    if num_anchors is not None:
+        for key in ("rpn_pos_idx", "rpn_ignore_idx"):
+            if len(out[key]) and (out[key].min() < 0 or out[key].max() >= num_anchors):
+                raise ValueError(f"{key} of image {out['image_id']} outside 0..{num_anchors - 1}: wrong anchor set?")
+        match = np.zeros(num_anchors, np.int8)
+        match[out["rpn_ignore_idx"]] = -1
+        match[out["rpn_pos_idx"]] = 1
+        deltas = np.zeros((num_anchors, 4), np.float32)
+        deltas[out["rpn_pos_idx"]] = out["rpn_pos_deltas"]
+        out["rpn_match"], out["rpn_deltas"] = match, deltas
+    return out
+
+
+def _pil_open(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(bytes(data)))
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+class ShardDatasink:  # a ray.data.Datasink; the base class is bound lazily (see _datasink) to keep imports light
+    pass
+
+
+def _datasink(out_root: str, rows_per_shard: int, rows_per_row_group: int):
+    """A `ray.data.Datasink` writing each split's good rows to `<out_root>/<split>/part-<task>-<k>.parquet`.
+
+    Each write task streams its blocks into at most `rows_per_shard` rows per file and `rows_per_row_group`
+    rows per row group, and returns only counts and skip reports; `on_write_complete` (on the driver) merges
+    them into `.result` = {split: {"files", "num_images", "num_instances", "num_crowd", "num_empty",
+    "instances_over_limit", "reports"}}.
+    """
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+    from ray.data import Datasink
+
+    class _ShardDatasink(Datasink, ShardDatasink):
+        def __init__(self):
+            self.result: dict[str, dict[str, Any]] = {}
+
+        @property
+        def min_rows_per_write(self) -> int:
+            return rows_per_shard
+
+        def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, dict[str, Any]]:
+            filesystem, root = _filesystem(out_root)
+            stats: dict[str, dict[str, Any]] = {}
+            writers: dict[str, dict[str, Any]] = {}  # split -> {"writer", "rows", "pending", "k"}
+
+            def flush(split: str, final: bool) -> None:
+                w = writers[split]
+                while w["pending"] and (final or sum(t.num_rows for t in w["pending"]) >= rows_per_row_group):
+                    table = pa.concat_tables(w["pending"])
+                    if w["writer"] is None:
+                        name = f"part-{ctx.task_idx:05d}-{w['k']:03d}.parquet"
+                        stats[split]["files"].append(f"{split}/{name}")
+                        w["writer"] = pq.ParquetWriter(f"{root}/{split}/{name}", SHARD_SCHEMA, filesystem=filesystem)
+                    room = rows_per_shard - w["rows"]
+                    take = min(room, table.num_rows if final else (table.num_rows // rows_per_row_group
+                                                                   * rows_per_row_group) or table.num_rows)
+                    w["writer"].write_table(table.slice(0, take), row_group_size=rows_per_row_group)
+                    w["rows"] += take
+                    w["pending"] = [table.slice(take)] if take < table.num_rows else []
+                    if w["rows"] >= rows_per_shard:
+                        w["writer"].close()
+                        w.update(writer=None, rows=0, k=w["k"] + 1)
+                    if not final and take < rows_per_row_group:
+                        break
+                if final and w["writer"] is not None:
+                    w["writer"].close()
+                    w["writer"] = None
+
+            for block in blocks:
+                table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
+                for split in pc.unique(table["_split"]).to_pylist():
+                    part = table.filter(pc.equal(table["_split"], split))
+                    s = stats.setdefault(split, {"files": [], "num_images": 0, "num_instances": 0, "num_crowd": 0,
+                                                 "num_empty": 0, "instances_over_limit": 0, "reports": []})
+                    for text in part["_reports"].to_pylist():
+                        s["reports"].extend(json.loads(text))
+                    good = part.filter(part["_ok"]).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+                    s["num_images"] += good.num_rows
+                    s["num_instances"] += int(pc.sum(good["num_instances"]).as_py() or 0)
+                    s["num_crowd"] += int(pc.sum(good["num_crowd"]).as_py() or 0)
+                    s["num_empty"] += int(pc.sum(pc.equal(good["num_instances"], 0).cast(pa.int32())).as_py() or 0)
+                    s["instances_over_limit"] += int(pc.sum(part["_dropped"]).as_py() or 0)
+                    if good.num_rows:
+                        if split not in writers:
+                            filesystem.create_dir(f"{root}/{split}", recursive=True)
+                            writers[split] = {"writer": None, "rows": 0, "pending": [], "k": 0}
+                        writers[split]["pending"].append(good)
+                        flush(split, final=False)
+            for split in writers:
+                flush(split, final=True)
+            return stats
+
+        def on_write_complete(self, write_result: Any) -> None:
+            for stats in write_result.write_returns:
+                for split, s in (stats or {}).items():
+                    total = self.result.setdefault(split, {"files": [], "num_images": 0, "num_instances": 0,
+                                                           "num_crowd": 0, "num_empty": 0,
+                                                           "instances_over_limit": 0, "reports": []})
+                    for key, value in s.items():
+                        total[key] = total[key] + value
+
+    return _ShardDatasink()
+
+
+# ---------------------------------------------------------------------------------------------- storage
+
+
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path (made absolute) or a URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _absolute(path: str) -> str:
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(path)
+
+
+def _join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def _exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _move_dir(filesystem: pafs.FileSystem, src: str, dst: str) -> None:
+    """Rename a folder; object stores cannot, so there each file is moved (copy + delete) instead."""
+    try:
+        filesystem.move(src, dst)
+        return
+    except (OSError, NotImplementedError, pa.ArrowNotImplementedError):
+        pass
+    for info in filesystem.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            filesystem.move(info.path, dst + info.path[len(src):])
+    filesystem.delete_dir(src)
+
+
+def _delete(filesystem: pafs.FileSystem, path: str) -> None:
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        filesystem.delete_file(path)
+
+
+def read_manifest(shards_uri: str) -> dict[str, Any]:
+    """The manifest of a complete preprocess output; FileNotFoundError naming the folder when there is none."""
+    filesystem, root = _filesystem(_absolute(shards_uri))
+    path = f"{root}/{MANIFEST}"
+    if not _exists(filesystem, path):
+        raise FileNotFoundError(f"no {MANIFEST} in {shards_uri}: not preprocessed, or the run did not finish "
+                                f"(rerun `mrcnn-cli preprocess`)")
+    with filesystem.open_input_stream(path) as f:
+        manifest = json.loads(f.read())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{shards_uri}: shard schema version {manifest.get('schema_version')!r}, this code reads "
+                         f"{SCHEMA_VERSION}; preprocess again")
+    return manifest
+
+
+def check_fingerprint(manifest: dict[str, Any], config: Config) -> None:
+    """Refuse shards made with another shard config, naming each differing field (FingerprintMismatch)."""
+    if manifest.get("fingerprint") == config.fingerprint():
+        return
+    diff = fingerprint_diff(manifest.get("shard_fields", {}), config.shard_fields())
+    raise FingerprintMismatch(diff or [f"fingerprint: {manifest.get('fingerprint')!r} != {config.fingerprint()!r}"])
+
+
+def shard_uris(shards_uri: str, manifest: dict[str, Any], split: str) -> list[str]:
+    """Full paths / URIs of a split's Parquet files, as listed in the manifest."""
+    return [_join(_absolute(shards_uri), f) for f in manifest["splits"][split]["files"]]
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+@dataclass(frozen=True)
+class _Split:
+    name: str
+    annotations: str
+    images_root: str
+    training: bool
+
+
+def _skip_sort_key(entry: dict[str, Any]) -> tuple:
+    def num(v):
+        return (0, v, "") if isinstance(v, int) else (1, 0, repr(v))
+
+    return (num(entry.get("image_id")), num(entry.get("annotation_id")), entry.get("reason", ""))
+
+
+def preprocess(
+    config: Config,
+    *,
+    splits: list[tuple[str, str, str]],
+    out: str,
+    overwrite: bool = False,
+    train_splits: set[str] | None = None,
+    progress: bool = True,
+    address: str | None = None,
+    max_workers: int | None = None,
+) -> str:
+    """Preprocess `splits` [(name, annotations JSON, images folder)] into `out` (local path or URI).
+
+    Training splits (`train_splits`, default: names starting with "train") drop images without instances
+    when `config.preprocess.drop_empty_train`; evaluation splits keep them; both count them. Raises
+    OutputExistsError if `out` holds a manifest and not `overwrite`, DatasetError (before any work) for a
+    missing or malformed annotations file. Uses the running Ray, else connects to `address` / RAY_ADDRESS or
+    starts a local one. `max_workers` caps the actor pool (default: every CPU of the cluster).
+    Returns the manifest's path / URI.
+    """
+    from pipelines.coco_source import DatasetError, read_split
+
+    names = [s[0] for s in splits]
+    if not splits:
+        raise ValueError("preprocess: no splits given")
+    for name in names:
+        if not _SPLIT_NAME.match(name):
+            raise ValueError(f"split name {name!r}: letters, digits, '_', '.', '-' only, not starting with '.'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"split names repeat: {names}")
+    is_train = (lambda n: n in train_splits) if train_splits is not None else (lambda n: n.startswith("train"))
+    plan = [_Split(n, _absolute(a), _absolute(i), is_train(n)) for n, a, i in splits]
+
+    out = _absolute(out)
+    filesystem, root = _filesystem(out)
+    manifest_path = f"{root}/{MANIFEST}"
+    if _exists(filesystem, manifest_path) and not overwrite:
+        raise OutputExistsError(f"{out} already holds a complete preprocess output ({MANIFEST}); "
+                                "pass overwrite=True (--overwrite) to replace it")
+
+    # Every annotations file is read and checked before any image work: a bad file fails here, fast.
+    sources = {s.name: read_split(s.annotations, s.images_root) for s in plan}
+    categories = sources[plan[0].name].categories
+    for s in plan[1:]:
+        if sources[s.name].categories != categories:
+            raise DatasetError(f"split {s.name!r} has other categories than {plan[0].name!r}: "
+                               "contiguous class ids would not agree")
+
+    items, dropped_empty = [], {}
+    for s in plan:
+        source = sources[s.name]
+        source.coco = None  # the pycocotools index is not needed here; free it
+        dropped = []
+        for record in sorted(source.records, key=lambda r: r["image_id"]):
+            if s.training and config.preprocess.drop_empty_train and not any(
+                    not a["iscrowd"] for a in record["annotations"]):
+                dropped.append(record["image_id"])
+                continue
+            items.append({"split": s.name, "record": json.dumps(record)})
+        dropped_empty[s.name] = dropped
+        source.records = []
+
+    _ensure_ray(address)
+    import ray
+
+    started = time.time()
+    if overwrite and _exists(filesystem, manifest_path):
+        old = read_manifest(out)
+        filesystem.delete_file(manifest_path)  # from here on the old output no longer looks complete
+        for name in old.get("splits", {}):
+            if _SPLIT_NAME.match(name):
+                _delete(filesystem, f"{root}/{name}")
+    for info in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.base_name.startswith(".tmp-"):  # left by an interrupted run
+            _delete(filesystem, info.path)
+    tmp_name = f".tmp-{uuid.uuid4().hex[:12]}"
+    tmp_root = _join(out, tmp_name)
+    filesystem.create_dir(f"{root}/{tmp_name}", recursive=True)
+
+    written: dict[str, dict[str, Any]] = {}
+    if items:
+        written = _run(ray, config, items, tmp_root, progress=progress, max_workers=max_workers)
+
+    # Publish: split folders first, the manifest last (temporary name, then rename).
+    for s in plan:
+        _delete(filesystem, f"{root}/{s.name}")
+        src = f"{root}/{tmp_name}/{s.name}"
+        if _exists(filesystem, src):
+            _move_dir(filesystem, src, f"{root}/{s.name}")
+        else:
+            filesystem.create_dir(f"{root}/{s.name}", recursive=True)
+    manifest = _manifest(config, plan, sources, written, dropped_empty, categories, time.time() - started)
+    tmp_manifest = f"{root}/{tmp_name}/{MANIFEST}"
+    with filesystem.open_output_stream(tmp_manifest) as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=False).encode())
+    filesystem.move(tmp_manifest, manifest_path)
+    _delete(filesystem, f"{root}/{tmp_name}")
+    if progress:
+        for s in plan:
+            m = manifest["splits"][s.name]
+            print(f"[preprocess] {s.name}: {m['num_images']} images, {m['num_instances']} instances, "
+                  f"{len(m['skipped'])} skip reports, {len(m['files'])} file(s)", file=sys.stderr, flush=True)
+    return _join(out, MANIFEST)
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        from pipelines.ray_env import init_ray
+
+        init_ray(address)
+
+
+def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *, progress: bool,
+         max_workers: int | None) -> dict[str, dict[str, Any]]:
+    """Run the Ray Data job over every split's records; returns the datasink's merged per-split result."""
+    from ray.data import DataContext
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = max(1, min(max_workers or cpus, cpus))
+    blocks = max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(items) / BATCH_SIZE)))
+    ctx = DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = progress
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(
+            RowMaker,
+            fn_constructor_kwargs={"config": config.to_dict()},
+            batch_size=BATCH_SIZE,
+            batch_format="numpy",
+            concurrency=(1, workers),
+            num_cpus=1,
+        )
+        sink = _datasink(tmp_root, config.preprocess.rows_per_shard, config.preprocess.rows_per_row_group)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})  # writes are I/O: leave the CPUs to the actors
+    finally:
+        ctx.enable_progress_bars = saved
+    return sink.result
+
+
+def _manifest(config: Config, plan: list[_Split], sources: dict[str, Any], written: dict[str, dict[str, Any]],
+              dropped_empty: dict[str, list[int]], categories: Any, seconds: float) -> dict[str, Any]:
+    splits = {}
+    for s in plan:
+        source, w = sources[s.name], written.get(s.name, {})
+        skipped = sorted([*source.skipped, *w.get("reports", [])], key=_skip_sort_key)
+        image_skips = [e for e in skipped if e.get("annotation_id") is None and e.get("action") == "skipped"]
+        empty_kept = int(w.get("num_empty", 0))
+        splits[s.name] = {
+            "annotations": s.annotations,
+            "annotations_sha256": source.annotations_sha256,
+            "images_root": s.images_root,
+            "training": s.training,
+            "files": sorted(w.get("files", [])),
+            "num_images": int(w.get("num_images", 0)),
+            "num_instances": int(w.get("num_instances", 0)),
+            "num_crowd": int(w.get("num_crowd", 0)),
+            "num_images_source": source.num_images_total,
+            "num_annotations_source": source.num_annotations_total,
+            "empty_images": {"kept": empty_kept, "dropped": len(dropped_empty[s.name]),
+                             "dropped_ids": dropped_empty[s.name]},
+            "instances_over_limit": int(w.get("instances_over_limit", 0)),
+            "num_skipped_images": len(image_skips),
+            "skip_counts": dict(sorted(Counter(e["reason"].split(":")[0] for e in skipped).items())),
+            "skipped": skipped,
+        }
+    data_hash = hashlib.sha256(json.dumps(
+        [config.fingerprint()] + [splits[s.name]["annotations_sha256"] for s in plan]).encode()).hexdigest()[:16]
+    from mrcnn.anchors import anchors_from_config
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 2),
+        "config": config.to_dict(),
+        "fingerprint": config.fingerprint(),
+        "shard_fields": config.shard_fields(),
+        "data_fingerprint": data_hash,
+        "num_anchors": int(anchors_from_config(config).shape[0]),
+        "columns": {f.name: str(f.type) for f in SHARD_SCHEMA},
+        "categories": {**categories.to_dict(), "coco_ids": list(categories.coco_ids),
+                       "names": list(categories.names), "num_classes": categories.num_classes},
+        "splits": splits,
+    }

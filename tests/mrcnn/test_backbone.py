@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from mrcnn.backbone import BackboneWeightsError, ResNetBackbone, load_backbone_weights
+
+torch.set_num_threads(2)
+
+
+def _randomised_resnet18() -> nn.Module:
+    """A torchvision ResNet-18 with non-trivial BatchNorm statistics, so a load that skipped them would show."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return reference.eval()
+
+
+def test_weights_round_trip_matches_torchvision_features(tmp_path):
+    reference = _randomised_resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)  # includes fc.* and num_batches_tracked
+
+    backbone = ResNetBackbone(18)  # FrozenBatchNorm2d by default
+    load_backbone_weights(backbone, path)
+    for name, value in backbone.state_dict().items():
+        assert torch.equal(value, reference.state_dict()[name]), name
+
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        c2, c3, c4, c5 = backbone(x)
+        stem = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        expected_c2 = reference.layer1(stem)
+        expected_c5 = reference.layer4(reference.layer3(reference.layer2(expected_c2)))
+    torch.testing.assert_close(c2, expected_c2, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c5, expected_c5, rtol=1e-4, atol=1e-5)
+    assert [c.shape[1] for c in (c2, c3, c4, c5)] == backbone.out_channels == [64, 128, 256, 512]
+    assert [c.shape[-1] for c in (c2, c3, c4, c5)] == [16, 8, 4, 2]
+
+
+def test_load_into_a_model_holding_the_backbone(tmp_path):
+    reference = _randomised_resnet18()
+    path = tmp_path / "r18.pth"
+    torch.save(reference.state_dict(), path)
+    holder = nn.Module()
+    holder.backbone = ResNetBackbone(18, frozen_bn=False)
+    loaded = load_backbone_weights(holder, path)
+    assert loaded is holder.backbone
+    assert torch.equal(holder.backbone.layer3[1].bn2.running_var, reference.layer3[1].bn2.running_var)
+
+
+def test_incompatible_weights_error_lists_missing_and_unexpected_keys(tmp_path):
+    path = tmp_path / "r18.pth"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    with pytest.raises(BackboneWeightsError) as err:
+        load_backbone_weights(ResNetBackbone(50), path)
+    message = str(err.value)
+    assert "missing keys [" in message and "layer1.0.conv3.weight" in message  # bottleneck-only conv
+    assert "unexpected keys [" in message and "fc." not in message  # the classifier is ignored
+
+
+def test_shape_mismatch_and_missing_file_are_clear_errors(tmp_path):
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(BackboneWeightsError, match=r"conv1\.weight: file \(64, 3, 3, 3\) != model \(64, 3, 7, 7\)"):
+        load_backbone_weights(ResNetBackbone(18), path)
+    with pytest.raises(BackboneWeightsError, match="not found"):
+        load_backbone_weights(ResNetBackbone(18), tmp_path / "absent.pth")
+
+
+def test_frozen_bn_by_default_and_trainable_layers_freeze_from_the_bottom():
+    backbone = ResNetBackbone(18, trainable_layers=2)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
+    trains = {
+        name: all(p.requires_grad for p in getattr(backbone, name).parameters())
+        for name in ("conv1", "layer1", "layer2", "layer3", "layer4")
+    }
+    assert trains == {"conv1": False, "layer1": False, "layer2": False, "layer3": True, "layer4": True}
+    backbone.freeze(0)
+    assert not any(p.requires_grad for p in backbone.parameters())
+    backbone.freeze(5)
+    assert all(p.requires_grad for p in backbone.parameters())
+
+
+def test_frozen_stages_keep_batchnorm_statistics_in_training():
+    backbone = ResNetBackbone(18, frozen_bn=False, trainable_layers=3).train()
+    before = backbone.layer1[0].bn1.running_mean.clone()
+    backbone(torch.randn(2, 3, 64, 64))
+    assert torch.equal(backbone.layer1[0].bn1.running_mean, before)  # layer1 frozen: stats untouched
+    assert backbone.layer2[0].bn1.training and not backbone.layer1[0].bn1.training
