@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 from pyarrow import fs as pafs
+from ray.data import Datasink
 
 from mrcnn.config import Config, fingerprint_diff
 
@@ -308,92 +309,113 @@ def _pil_open(data: bytes):
 # ---------------------------------------------------------------------------------------------- writing
 
 
-class ShardDatasink:  # a ray.data.Datasink; the base class is bound lazily (see _datasink) to keep imports light
-    pass
+def _new_stats() -> dict[str, Any]:
+    return {"files": [], "num_images": 0, "num_instances": 0, "num_crowd": 0, "num_empty": 0,
+            "instances_over_limit": 0, "reports": []}
 
 
-def _datasink(out_root: str, rows_per_shard: int, rows_per_row_group: int):
-    """A `ray.data.Datasink` writing each split's good rows to `<out_root>/<split>/part-<task>-<k>.parquet`.
+class _SplitWriter:
+    """Streams one split's rows of one write task into files of <= rows_per_shard rows, row groups of
+    rows_per_row_group rows (the last one of a task may be shorter)."""
 
-    Each write task streams its blocks into at most `rows_per_shard` rows per file and `rows_per_row_group`
-    rows per row group, and returns only counts and skip reports; `on_write_complete` (on the driver) merges
-    them into `.result` = {split: {"files", "num_images", "num_instances", "num_crowd", "num_empty",
-    "instances_over_limit", "reports"}}.
+    def __init__(self, filesystem: pafs.FileSystem, folder: str, prefix: str, rows_per_shard: int,
+                 rows_per_row_group: int):
+        self.filesystem, self.folder, self.prefix = filesystem, folder, prefix
+        self.rows_per_shard, self.rows_per_row_group = rows_per_shard, rows_per_row_group
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.writer: Any = None
+        self.rows_in_file = 0
+        self.files: list[str] = []  # base names
+
+    def append(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_row_group:
+            self._write_group(self.rows_per_row_group)
+
+    def close(self) -> None:
+        while self.pending_rows:
+            self._write_group(self.pending_rows)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _write_group(self, rows: int) -> None:
+        import pyarrow.parquet as pq
+
+        rows = min(rows, self.rows_per_shard - self.rows_in_file)
+        if self.writer is None:
+            name = f"{self.prefix}-{len(self.files):03d}.parquet"
+            self.files.append(name)
+            self.filesystem.create_dir(self.folder, recursive=True)
+            self.writer = pq.ParquetWriter(f"{self.folder}/{name}", SHARD_SCHEMA, filesystem=self.filesystem)
+        table = pa.concat_tables(self.pending)
+        self.writer.write_table(table.slice(0, rows), row_group_size=rows)  # exactly one row group
+        rest = table.slice(rows)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+        self.rows_in_file += rows
+        if self.rows_in_file >= self.rows_per_shard:
+            self.writer.close()
+            self.writer, self.rows_in_file = None, 0
+
+
+class ShardDatasink(Datasink):
+    """Writes each split's good rows to `<out_root>/<split>/part-<task>-<k>.parquet` (SHARD_SCHEMA).
+
+    Each write task streams its blocks through a `_SplitWriter` per split and returns only counts and skip
+    reports; `on_write_complete` (on the driver) merges them into `.result` = {split: {"files" (relative to
+    out_root), "num_images", "num_instances", "num_crowd", "num_empty", "instances_over_limit", "reports"}}.
+    File names carry the write task's index, so a retried task overwrites its own files.
     """
-    import pyarrow.compute as pc
-    import pyarrow.parquet as pq
-    from ray.data import Datasink
 
-    class _ShardDatasink(Datasink, ShardDatasink):
-        def __init__(self):
-            self.result: dict[str, dict[str, Any]] = {}
+    def __init__(self, out_root: str, *, rows_per_shard: int, rows_per_row_group: int):
+        self.out_root = out_root
+        self.rows_per_shard = rows_per_shard
+        self.rows_per_row_group = rows_per_row_group
+        self.result: dict[str, dict[str, Any]] = {}
 
-        @property
-        def min_rows_per_write(self) -> int:
-            return rows_per_shard
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
 
-        def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, dict[str, Any]]:
-            filesystem, root = _filesystem(out_root)
-            stats: dict[str, dict[str, Any]] = {}
-            writers: dict[str, dict[str, Any]] = {}  # split -> {"writer", "rows", "pending", "k"}
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, dict[str, Any]]:
+        import pyarrow.compute as pc
 
-            def flush(split: str, final: bool) -> None:
-                w = writers[split]
-                while w["pending"] and (final or sum(t.num_rows for t in w["pending"]) >= rows_per_row_group):
-                    table = pa.concat_tables(w["pending"])
-                    if w["writer"] is None:
-                        name = f"part-{ctx.task_idx:05d}-{w['k']:03d}.parquet"
-                        stats[split]["files"].append(f"{split}/{name}")
-                        w["writer"] = pq.ParquetWriter(f"{root}/{split}/{name}", SHARD_SCHEMA, filesystem=filesystem)
-                    room = rows_per_shard - w["rows"]
-                    take = min(room, table.num_rows if final else (table.num_rows // rows_per_row_group
-                                                                   * rows_per_row_group) or table.num_rows)
-                    w["writer"].write_table(table.slice(0, take), row_group_size=rows_per_row_group)
-                    w["rows"] += take
-                    w["pending"] = [table.slice(take)] if take < table.num_rows else []
-                    if w["rows"] >= rows_per_shard:
-                        w["writer"].close()
-                        w.update(writer=None, rows=0, k=w["k"] + 1)
-                    if not final and take < rows_per_row_group:
-                        break
-                if final and w["writer"] is not None:
-                    w["writer"].close()
-                    w["writer"] = None
+        filesystem, root = _filesystem(self.out_root)
+        stats: dict[str, dict[str, Any]] = {}
+        writers: dict[str, _SplitWriter] = {}
+        for block in blocks:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+            for split in pc.unique(table["_split"]).to_pylist():
+                part = table.filter(pc.equal(table["_split"], split))
+                s = stats.setdefault(split, _new_stats())
+                for text in part["_reports"].to_pylist():
+                    s["reports"].extend(json.loads(text))
+                s["instances_over_limit"] += int(pc.sum(part["_dropped"]).as_py() or 0)
+                good = part.filter(part["_ok"]).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+                if not good.num_rows:
+                    continue
+                s["num_images"] += good.num_rows
+                s["num_instances"] += int(pc.sum(good["num_instances"]).as_py())
+                s["num_crowd"] += int(pc.sum(good["num_crowd"]).as_py())
+                s["num_empty"] += int(pc.sum(pc.equal(good["num_instances"], 0).cast(pa.int64())).as_py())
+                if split not in writers:
+                    writers[split] = _SplitWriter(filesystem, f"{root}/{split}", f"part-{ctx.task_idx:05d}",
+                                                  self.rows_per_shard, self.rows_per_row_group)
+                writers[split].append(good)
+        for split, writer in writers.items():
+            writer.close()
+            stats[split]["files"] = [f"{split}/{name}" for name in writer.files]
+        return stats
 
-            for block in blocks:
-                table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block)
-                for split in pc.unique(table["_split"]).to_pylist():
-                    part = table.filter(pc.equal(table["_split"], split))
-                    s = stats.setdefault(split, {"files": [], "num_images": 0, "num_instances": 0, "num_crowd": 0,
-                                                 "num_empty": 0, "instances_over_limit": 0, "reports": []})
-                    for text in part["_reports"].to_pylist():
-                        s["reports"].extend(json.loads(text))
-                    good = part.filter(part["_ok"]).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
-                    s["num_images"] += good.num_rows
-                    s["num_instances"] += int(pc.sum(good["num_instances"]).as_py() or 0)
-                    s["num_crowd"] += int(pc.sum(good["num_crowd"]).as_py() or 0)
-                    s["num_empty"] += int(pc.sum(pc.equal(good["num_instances"], 0).cast(pa.int32())).as_py() or 0)
-                    s["instances_over_limit"] += int(pc.sum(part["_dropped"]).as_py() or 0)
-                    if good.num_rows:
-                        if split not in writers:
-                            filesystem.create_dir(f"{root}/{split}", recursive=True)
-                            writers[split] = {"writer": None, "rows": 0, "pending": [], "k": 0}
-                        writers[split]["pending"].append(good)
-                        flush(split, final=False)
-            for split in writers:
-                flush(split, final=True)
-            return stats
-
-        def on_write_complete(self, write_result: Any) -> None:
-            for stats in write_result.write_returns:
-                for split, s in (stats or {}).items():
-                    total = self.result.setdefault(split, {"files": [], "num_images": 0, "num_instances": 0,
-                                                           "num_crowd": 0, "num_empty": 0,
-                                                           "instances_over_limit": 0, "reports": []})
-                    for key, value in s.items():
-                        total[key] = total[key] + value
-
-    return _ShardDatasink()
+    def on_write_complete(self, write_result: Any) -> None:
+        for stats in write_result.write_returns:
+            for split, s in (stats or {}).items():
+                total = self.result.setdefault(split, _new_stats())
+                for key, value in s.items():
+                    total[key] = total[key] + value
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -621,7 +643,8 @@ def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *
             concurrency=(1, workers),
             num_cpus=1,
         )
-        sink = _datasink(tmp_root, config.preprocess.rows_per_shard, config.preprocess.rows_per_row_group)
+        sink = ShardDatasink(tmp_root, rows_per_shard=config.preprocess.rows_per_shard,
+                             rows_per_row_group=config.preprocess.rows_per_row_group)
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})  # writes are I/O: leave the CPUs to the actors
     finally:
         ctx.enable_progress_bars = saved
