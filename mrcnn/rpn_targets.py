@@ -19,13 +19,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
 
 from mrcnn.box_coder import DEFAULT_STD, encode
-
-# IoU is computed against this many anchors at a time so the [chunk, G] matrices stay small
-_CHUNK = 16384
-
 
 class RPNTargets(NamedTuple):
     """Sparse RPN targets of one image.
@@ -39,26 +34,40 @@ class RPNTargets(NamedTuple):
     ignore_idx: Tensor
 
 
-def _max_iou(anchors: Tensor, boxes: Tensor) -> tuple[Tensor, Tensor]:
-    """Per anchor the max IoU over `boxes` [B, 4] (B >= 1) and its argmax: ([A] float, [A] int64)."""
-    values, indices = [], []
+# IoU is computed for this many anchors at a time so each [chunk, G] block stays in cache
+_CHUNK = 4096
+
+
+def _pairwise_iou(anchors: Tensor, boxes: Tensor, boxes_area: Tensor) -> Tensor:
+    """IoU [A, B] of anchors [A, 4] with boxes [B, 4]; equal to torchvision.ops.box_iou (tested), about twice
+    as fast on CPU because it works in place on [A, B] blocks instead of allocating [A, B, 2] intermediates."""
+    iw = torch.minimum(anchors[:, None, 2], boxes[:, 2]) - torch.maximum(anchors[:, None, 0], boxes[:, 0])
+    ih = torch.minimum(anchors[:, None, 3], boxes[:, 3]) - torch.maximum(anchors[:, None, 1], boxes[:, 1])
+    inter = iw.clamp_(min=0).mul_(ih.clamp_(min=0))
+    anchors_area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
+    union = (anchors_area[:, None] + boxes_area).sub_(inter)
+    return inter.div_(union)
+
+
+def _match(anchors: Tensor, boxes: Tensor, *, with_best: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per anchor the max IoU over `boxes` [B, 4] (B >= 1) and its argmax ([A] float, [A] int64), and with
+    `with_best` a bool [A]: anchors tying some box's maximum IoU over all anchors, where that maximum is > 0."""
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    blocks, values, indices = [], [], []
+    best = torch.zeros(boxes.shape[0], dtype=anchors.dtype, device=anchors.device)  # [B] max over anchors
     for start in range(0, anchors.shape[0], _CHUNK):
-        v, i = box_iou(anchors[start : start + _CHUNK], boxes).max(dim=1)
+        iou = _pairwise_iou(anchors[start : start + _CHUNK], boxes, area)  # [chunk, B]
+        v, i = iou.max(dim=1)
         values.append(v)
         indices.append(i)
-    return torch.cat(values), torch.cat(indices)
-
-
-def _best_anchors(anchors: Tensor, gt_boxes: Tensor) -> Tensor:
-    """bool [A]: anchors tying some gt box's maximum IoU over all anchors, where that maximum is > 0."""
-    best = torch.zeros(gt_boxes.shape[0], dtype=anchors.dtype)
-    for start in range(0, anchors.shape[0], _CHUNK):
-        best = torch.maximum(best, box_iou(anchors[start : start + _CHUNK], gt_boxes).amax(dim=0))
-    out = []
-    for start in range(0, anchors.shape[0], _CHUNK):
-        iou = box_iou(anchors[start : start + _CHUNK], gt_boxes)  # [chunk, G]
-        out.append(((iou == best) & (best > 0)).any(dim=1))
-    return torch.cat(out)
+        if with_best:
+            blocks.append(iou)
+            best = torch.maximum(best, iou.amax(dim=0))
+    is_best = None
+    if with_best:
+        # a second pass once every box's maximum is known; ties all count (matterport's rule)
+        is_best = torch.cat([((iou == best) & (best > 0)).any(dim=1) for iou in blocks])
+    return torch.cat(values), torch.cat(indices), is_best
 
 
 def compute_rpn_targets(
@@ -83,15 +92,15 @@ def compute_rpn_targets(
     num_anchors = anchors.shape[0]
 
     if gt_boxes.shape[0] > 0:
-        max_iou, argmax = _max_iou(anchors, gt_boxes)
-        positive = (max_iou >= positive_iou) | _best_anchors(anchors, gt_boxes)
+        max_iou, argmax, is_best = _match(anchors, gt_boxes, with_best=True)
+        positive = (max_iou >= positive_iou) | is_best
         ignored = (max_iou >= negative_iou) & ~positive
     else:
         argmax = torch.zeros(num_anchors, dtype=torch.int64, device=device)
         positive = torch.zeros(num_anchors, dtype=torch.bool, device=device)
         ignored = torch.zeros(num_anchors, dtype=torch.bool, device=device)
     if crowd_boxes.shape[0] > 0:
-        crowd_max, _ = _max_iou(anchors, crowd_boxes)
+        crowd_max, _, _ = _match(anchors, crowd_boxes, with_best=False)
         ignored |= (crowd_max >= crowd_iou) & ~positive
 
     pos_idx = positive.nonzero().flatten()

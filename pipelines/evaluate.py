@@ -69,9 +69,9 @@ def model_spec(model_path: str) -> ModelSpec:
     """Read a checkpoint's meta.json, or an MLflow model's carried meta, without building the model."""
     if "://" in model_path and not model_path.startswith("file://"):
         model = _load_mlflow_model(model_path)
-        meta = model.mrcnn_meta
-        config = Config.from_dict(_listify(meta))
-        return ModelSpec(config, meta["categories"], model.num_classes, mlflow_uri=model_path)
+        meta = model.mrcnn_meta  # set by pipelines/train.py when it logs the model
+        config = Config.from_dict(meta["config"])
+        return ModelSpec(config, meta["categories"], meta["num_classes"], mlflow_uri=model_path)
     from pipelines.checkpoints import read_meta
 
     meta = read_meta(model_path)
@@ -112,14 +112,6 @@ def _load_mlflow_model(uri: str):
     import mlflow.pytorch
 
     return mlflow.pytorch.load_model(uri, map_location="cpu")
-
-
-def _listify(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _listify(v) for k, v in value.items() if k != "categories"}
-    if isinstance(value, tuple):
-        return [_listify(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------ inference

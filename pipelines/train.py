@@ -7,7 +7,6 @@ The per-worker loop is pipelines/train_loop.py.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -213,7 +212,7 @@ def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, conf
     model = build_model(config, num_classes=num_classes)
     load_model_state(model, state.model)
     model.eval()
-    model.mrcnn_meta = dataclasses.asdict(config) | {"categories": state.meta.get("categories")}
+    model.mrcnn_meta = {"config": config.to_dict(), "categories": state.meta["categories"], "num_classes": num_classes}
     mlflow.set_tracking_uri(tracking_uri)
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import torch
+
+from mrcnn.proposals import clip_to_window, generate_proposals, top_per_group
+
+# a0 and a1 overlap (IoU 18*20 / (22*20) = 0.82 > 0.7); a3 sticks out of a 100x100 window; a4 is 0.5 px wide.
+ANCHORS = torch.tensor(
+    [
+        [10.0, 10.0, 30.0, 30.0],
+        [12.0, 10.0, 32.0, 30.0],
+        [60.0, 60.0, 80.0, 80.0],
+        [90.0, 90.0, 130.0, 130.0],
+        [50.0, 50.0, 50.5, 70.0],
+    ]
+)
+SETTINGS = {"nms_threshold": 0.7, "bbox_std": (0.1, 0.1, 0.2, 0.2)}
+
+
+def _run(logits, windows, deltas=None, pre=5, post=10):
+    logits = torch.tensor(logits)
+    deltas = torch.zeros(*logits.shape, 4) if deltas is None else deltas
+    return generate_proposals(logits, deltas, ANCHORS, torch.tensor(windows), pre_nms_topk=pre, post_nms_topk=post, **SETTINGS)
+
+
+def test_nms_clipping_tiny_boxes_and_decoding_per_image():
+    deltas = torch.zeros(2, 5, 4)
+    deltas[0, 2, 0] = 1.0  # dx = 1 * std 0.1 * width 20 = +2 px
+    boxes, scores = _run(
+        [[3.0, 2.0, 1.0, 0.0, 5.0], [2.0, 3.0, 1.0, 0.0, 5.0]], [[0, 0, 100, 100], [0, 0, 100, 60]], deltas
+    )
+    # image 0: a4 dropped (too thin), a1 suppressed by a0, a2 shifted, a3 clipped to the window
+    expected0 = torch.tensor([[10.0, 10.0, 30.0, 30.0], [62.0, 60.0, 82.0, 80.0], [90.0, 90.0, 100.0, 100.0]])
+    torch.testing.assert_close(boxes[0], expected0)
+    torch.testing.assert_close(scores[0], torch.sigmoid(torch.tensor([3.0, 1.0, 0.0])))
+    # image 1: a1 now wins over a0; a2, a3 clipped to zero height by the 60 px high window are dropped
+    torch.testing.assert_close(boxes[1], torch.tensor([[12.0, 10.0, 32.0, 30.0]]))
+
+
+def test_pre_and_post_nms_counts():
+    windows = [[0, 0, 100, 100]]
+    boxes, _ = _run([[3.0, 2.0, 1.0, 0.0, 5.0]], windows, pre=2)  # top 2: a4 (too thin) and a0
+    torch.testing.assert_close(boxes[0], ANCHORS[:1])
+    boxes, _ = _run([[3.0, 2.0, 1.0, 0.0, 5.0]], windows, post=2)
+    torch.testing.assert_close(boxes[0], ANCHORS[[0, 2]])
+
+
+def test_proposals_are_detached():
+    logits = torch.zeros(1, 5, requires_grad=True)
+    deltas = torch.zeros(1, 5, 4, requires_grad=True)
+    boxes, scores = generate_proposals(
+        logits, deltas, ANCHORS, torch.tensor([[0, 0, 100, 100]]), pre_nms_topk=5, post_nms_topk=5, **SETTINGS
+    )
+    assert not boxes[0].requires_grad and not scores[0].requires_grad
+
+
+def test_without_nms_all_valid_boxes_come_back_in_score_order():
+    boxes, scores = generate_proposals(
+        torch.tensor([[0.0, 4.0, 1.0, 2.0, -1.0]]),
+        torch.zeros(1, 5, 4),
+        ANCHORS,
+        torch.tensor([[0, 0, 200, 200]]),
+        pre_nms_topk=5,
+        post_nms_topk=5,
+        nms_threshold=1.0,
+    )
+    torch.testing.assert_close(boxes[0], ANCHORS[[1, 3, 2, 0]])
+    assert torch.all(scores[0][:-1] >= scores[0][1:])
+
+
+def test_clip_to_window_per_image():
+    boxes = torch.tensor([[[-5.0, 2.0, 50.0, 70.0]], [[-5.0, 2.0, 50.0, 70.0]]])
+    clipped = clip_to_window(boxes, torch.tensor([[0, 0, 40, 60], [10, 5, 64, 64]]))
+    torch.testing.assert_close(clipped, torch.tensor([[[0.0, 2.0, 40.0, 60.0]], [[10.0, 5.0, 50.0, 64.0]]]))
+
+
+def test_top_per_group_keeps_the_first_k_of_each_group_in_order():
+    groups = torch.tensor([1, 0, 1, 1, 0, 2, 1])
+    torch.testing.assert_close(top_per_group(groups, 2), torch.tensor([1, 4, 0, 2, 5]))
