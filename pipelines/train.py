@@ -43,6 +43,9 @@ class TrainRequest:
     cpus_per_worker: float = 1.0
     address: str | None = None
     log_model: bool = True
+    stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
+    fault_at_step: int | None = None  # fault drill: rank 0's process dies after this step, once
+    fault_marker: str | None = None  # file marking that the drill already happened
     extra_tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -152,6 +155,9 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "has_val": val_split is not None,
+        "stop_at": request.stop_at,
+        "fault_at_step": request.fault_at_step,
+        "fault_marker": request.fault_marker,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -181,6 +187,9 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
     except Exception:
         tracking.finish_run(tracking_uri, run_id, failed=True)
         raise
+    if getattr(result, "error", None) is not None:
+        tracking.finish_run(tracking_uri, run_id, failed=True)
+        raise result.error
     latest = result.checkpoint.path
     best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))[0].path
     if request.log_model:

@@ -233,7 +233,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    while step < total_steps:
+    # `stop_at`: end this run early (with a checkpoint) while keeping the schedule planned for total_steps,
+    # so a long run can be split across reservations and continued with --resume
+    stop_at = min(loop_config.get("stop_at") or total_steps, total_steps)
+    fault = FaultDrill(loop_config.get("fault_at_step"), loop_config.get("fault_marker"))
+    while step < stop_at:
         batch_in_epoch, exhausted = skip, True
         for batch in epoch_batches(train_shard, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch, skip=skip):
             t0 = time.perf_counter()
@@ -242,10 +246,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             batch_in_epoch += 1
             if logger:
                 logger.step(step, epoch, result, global_batch / max(time.perf_counter() - t0, 1e-9), runner)
-            if step % tc.checkpoint_every == 0 and step < total_steps:
+            if step % tc.checkpoint_every == 0 and step < stop_at:
                 report(batch_in_epoch, {"loss": result.total})
-            if step >= total_steps:
-                exhausted = False
+            fault.maybe_die(step, rank)
+            if step >= stop_at:
+                exhausted = False  # perhaps complete; a resume finds out (its iterator then yields nothing)
                 break
         if exhausted and batch_in_epoch == skip == 0:
             raise RuntimeError(f"an epoch gave this worker no batch of {tc.batch_size}: fewer images than the batch")
@@ -260,6 +265,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         report(batch_in_epoch, {"nonfinite_steps": runner.nonfinite_total})
     if logger:
         logger.close()
+
+
+class FaultDrill:
+    """A fault-tolerance drill: the process of rank 0 dies hard (as on a lost node or an OOM kill) right after
+    step `at_step`, once per `marker` file, so that Ray Train's restore-from-checkpoint path can be exercised."""
+
+    def __init__(self, at_step: int | None, marker: str | None):
+        self.at_step, self.marker = at_step, marker
+
+    def maybe_die(self, step: int, rank: int) -> None:
+        import os
+
+        if self.at_step is None or step != self.at_step or rank != 0:
+            return
+        if self.marker and os.path.exists(self.marker):
+            return
+        if self.marker:
+            with open(self.marker, "w") as f:
+                f.write(f"killed at step {step}\n")
+        print(f"[train] fault drill: worker process exits at step {step}", flush=True)
+        os._exit(1)
 
 
 def initialise(model: nn.Module, loop_config: dict[str, Any]) -> list[str]:
