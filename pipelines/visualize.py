@@ -237,9 +237,9 @@ def loss_curves_figure(
     """Training curves, one panel per series (each at its own scale), saved as PNG; returns the path.
 
     history: name -> [(step, value), ...], e.g. {"loss_rpn_cls": [(0, 0.69), (20, 0.41)], "lr": [...]}.
-    Series whose name starts with "loss" and whose values are all > 0 get a log y axis (losses fall by
-    orders of magnitude). With more than 20 points the raw curve is drawn faint and an exponential moving
-    average (`smoothing`) over it. The PNG is (min(cols, K) * panel_size[0] * dpi) x
+    Series whose name contains "loss" and whose values are all > 0 get a log y axis (losses fall by
+    orders of magnitude); with more than 20 points their raw curve is drawn faint and an exponential moving
+    average (`smoothing`) over it. Each panel's title gives the series' last value. The PNG is (min(cols, K) * panel_size[0] * dpi) x
     (ceil(K / cols) * panel_size[1] * dpi) pixels for K series.
     """
     if not history:
@@ -255,24 +255,26 @@ def loss_curves_figure(
             continue
         name = names[index]
         points = sorted((float(s), float(v)) for s, v in history[name])
-        ax.set_title(name, fontsize=10)
+        is_loss = "loss" in name
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, alpha=0.3)
         if not points:
+            ax.set_title(name, fontsize=10)
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             continue
         steps = np.array([p[0] for p in points])
         values = np.array([p[1] for p in points])
         finite = np.isfinite(values)
-        if len(points) > 20:
+        if is_loss and finite.sum() > 20:
+            # noisy per-step losses: faint raw curve, smoothed trend on top (a schedule like lr is not smoothed)
             ax.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8)
             ax.plot(steps[finite], _ema(values[finite], smoothing), color="C0", linewidth=1.5)
         else:
             ax.plot(steps, values, color="C0", marker="o" if len(points) < 3 else None, linewidth=1.5)
-        if name.startswith("loss") and finite.any() and (values[finite] > 0).all():
+        if is_loss and finite.any() and (values[finite] > 0).all():
             ax.set_yscale("log")
         last = values[finite][-1] if finite.any() else float("nan")
-        ax.text(0.98, 0.95, f"last {last:.4g}", ha="right", va="top", fontsize=7, transform=ax.transAxes)
+        ax.set_title(f"{name}  (last {last:.4g})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)

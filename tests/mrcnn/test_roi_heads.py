@@ -26,10 +26,10 @@ def test_pool_rois_uses_each_rois_own_level_and_keeps_roi_order():
     torch.manual_seed(0)
     strides = (4, 8, 16, 32)
     features = [torch.randn(2, 3, 256 // s, 256 // s) for s in strides]
-    rois = torch.tensor([[1] + _square(200, 10), [0] + _square(30, 5), [1] + _square(100, 40), [0] + _square(60, 3)])
+    rois = torch.tensor([[1] + _square(230, 10), [0] + _square(30, 5), [1] + _square(120, 40), [0] + _square(60, 3)])
     pooled = pool_rois(features, rois, output_size=7, strides=strides)
     assert pooled.shape == (4, 3, 7, 7)
-    for r, level in enumerate([4, 2, 3, 2]):
+    for r, level in enumerate([4, 2, 3, 2]):  # sqrt(area) 230, 30, 120, 60 with k0 = 4 at 224
         scale = 1 / strides[level - 2]
         expected = roi_align(features[level - 2], rois[r : r + 1], 7, spatial_scale=scale, sampling_ratio=2, aligned=True)
         torch.testing.assert_close(pooled[r : r + 1], expected)

@@ -197,11 +197,11 @@ def test_interrupted_run_looks_incomplete_and_a_rerun_completes(ray_session, syn
     splits = _splits(synth_dataset, ["val2017"])
 
     def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt("killed before the manifest")
+        raise RuntimeError("killed before the manifest")
 
     with monkeypatch.context() as m:
         m.setattr(pp, "_manifest", interrupted)
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(RuntimeError, match="killed"):
             preprocess(shapes(), splits=splits, out=str(out), progress=False, max_workers=2)
     assert (out / "val2017").is_dir() and not (out / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match="did not finish"):
@@ -245,25 +245,16 @@ def _corrupt(root: Path) -> dict:
     expect[ids[3]] = "size_mismatch"
 
     # annotation-level damage, on images that stay good (they lose exactly these instances)
-    def ann_of(image_id, polygon=False):
-        return next(a for a in data["annotations"] if a["image_id"] == image_id and not a["iscrowd"]
-                    and (isinstance(a["segmentation"], list) or not polygon))
-
-    good = [i for i in ids[5:] if sum(a["image_id"] == i and not a["iscrowd"] for a in data["annotations"]) >= 1]
-    lost = {}
-    poly = next(a for a in data["annotations"] if isinstance(a["segmentation"], list) and a["image_id"] in good)
+    pool = [a for a in data["annotations"] if a["image_id"] in ids[5:] and not a["iscrowd"]]
+    poly = next(a for a in pool if isinstance(a["segmentation"], list))
+    zero, outside, unknown = [a for a in pool if a is not poly][:3]
     poly["segmentation"] = [poly["segmentation"][0][:4]]  # 2 points
-    cases = [(poly, "degenerate_polygon")]
-    zero = ann_of(good[-1])
     zero["bbox"][2] = 0.0
-    cases.append((zero, "zero_area_box"))
-    outside = next(a for a in data["annotations"] if a["image_id"] == good[-2] and not a["iscrowd"] and a is not zero)
-    outside["bbox"] = [images[good[-2]]["width"] + 10.0, 5.0, 8.0, 8.0]
-    cases.append((outside, "box_outside_image"))
-    unknown = next(a for a in data["annotations"] if a["image_id"] == good[0] and not a["iscrowd"]
-                   and a is not poly and a is not zero and a is not outside)
+    outside["bbox"] = [images[outside["image_id"]]["width"] + 10.0, 5.0, 8.0, 8.0]
     unknown["category_id"] = 99
-    cases.append((unknown, "unknown_category"))
+    cases = [(poly, "degenerate_polygon"), (zero, "zero_area_box"), (outside, "box_outside_image"),
+             (unknown, "unknown_category")]
+    lost = {}
     for ann, _ in cases:
         lost[ann["image_id"]] = lost.get(ann["image_id"], 0) + 1
     orphan = {**zero, "id": 9_999_999, "image_id": 4_242_424, "bbox": [1.0, 1.0, 5.0, 5.0]}
@@ -327,7 +318,8 @@ def test_instances_beyond_the_limit_keep_the_largest(tmp_path):
     scale = 128 / 60
     expected = np.array([[10, 5, 19, 14], [20, 5, 24, 9], [30, 5, 37, 12]], np.float32) * scale  # original order
     np.testing.assert_allclose(got["gt_boxes"], expected, rtol=1e-6)
-    assert got["mini_masks"].shape == (3, 56, 56) and got["mini_masks"].all()  # squares fill their own box
+    # each square fills its mini-box but for the rim the box's rounding out to whole padded pixels adds
+    assert got["mini_masks"].shape == (3, 56, 56) and (got["mini_masks"].mean(axis=(1, 2)) > 0.85).all()
 
 
 def test_decode_row_refuses_indices_of_another_anchor_set():
