@@ -16,6 +16,7 @@ from torchvision.ops import batched_nms
 
 from mrcnn.box_coder import decode
 from mrcnn.geometry import boxes_to_original
+from mrcnn.mini_masks import paste_masks
 from mrcnn.proposals import clip_to_window, split_by_image, top_per_group
 
 
@@ -59,45 +60,18 @@ def detect(
     return [{name: per_image[name][i] for name in columns} for i in range(num_images)]
 
 
-def _interpolation_matrix(start: Tensor, end: Tensor, length: int, size: int) -> Tensor:
-    """Bilinear weights [D, length, size] sampling a `size`-cell mask spanning [start, end) at output pixel centres.
-
-    Output pixel p (centre p + 0.5) reads mask coordinate u = (p + 0.5 - start) / (end - start) * size - 0.5,
-    the convention of grid_sample(align_corners=False); mask cells outside 0..size-1 read as 0.
-    """
-    centres = torch.arange(length, device=start.device, dtype=torch.float32) + 0.5
-    extent = (end - start).clamp(min=1e-6).unsqueeze(1)
-    u = (centres.unsqueeze(0) - start.unsqueeze(1)) / extent * size - 0.5  # [D, length]
-    lower = torch.floor(u)
-    frac = u - lower
-    weights = torch.zeros(start.shape[0], length, size, device=start.device)
-    for index, weight in ((lower, 1.0 - frac), (lower + 1.0, frac)):
-        inside = (index >= 0) & (index <= size - 1)
-        weights.scatter_add_(2, index.clamp(0, size - 1).long().unsqueeze(-1), (weight * inside).unsqueeze(-1))
-    return weights
-
-
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5) -> Tensor:
     """Paste mask probabilities into their boxes on a height x width image and threshold them.
 
     masks: [D, M, M] probabilities; boxes: [D, 4] (x1, y1, x2, y2) in the target image's pixels ->
-    [D, height, width] bool. Bilinear resampling is separable, so each mask is resized as
-    rows @ mask @ cols^T (two small matrices per mask) instead of a per-pixel grid: no loop over masks,
-    same values as grid_sample. Done in chunks so that D x H x W floats stay near 64 MB.
+    [D, height, width] bool. Bilinear resampling over the box, zero outside (mini_masks.paste_masks, the
+    values of grid_sample with align_corners=False), in chunks so that the float copy stays near 64 MB.
     """
-    count, size = masks.shape[0], masks.shape[-1]
-    out = torch.zeros(count, height, width, dtype=torch.bool, device=masks.device)
-    if count == 0:
-        return out
-    boxes = boxes.float()
+    out = torch.zeros(masks.shape[0], height, width, dtype=torch.bool, device=masks.device)
     chunk = max(1, (1 << 24) // max(1, height * width))
-    for first in range(0, count, chunk):
+    for first in range(0, masks.shape[0], chunk):
         sl = slice(first, first + chunk)
-        b = boxes[sl]
-        rows = _interpolation_matrix(b[:, 1], b[:, 3], height, size)  # [d, H, M]
-        cols = _interpolation_matrix(b[:, 0], b[:, 2], width, size)  # [d, W, M]
-        # (d, H, M) @ (d, M, M) @ (d, M, W) -> (d, H, W)
-        out[sl] = torch.bmm(torch.bmm(rows, masks[sl].float()), cols.transpose(1, 2)) >= threshold
+        out[sl] = paste_masks(masks[sl], boxes[sl], height, width) >= threshold
     return out
 
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from mrcnn.box_coder import DEFAULT_STD, encode
 
+
 class RPNTargets(NamedTuple):
     """Sparse RPN targets of one image.
 
@@ -108,7 +109,9 @@ def compute_rpn_targets(
     return RPNTargets(pos_idx=pos_idx, pos_deltas=pos_deltas, ignore_idx=ignored.nonzero().flatten())
 
 
-def dense_rpn_targets(num_anchors: int, pos_idx: Tensor, pos_deltas: Tensor, ignore_idx: Tensor) -> tuple[Tensor, Tensor]:
+def dense_rpn_targets(
+    num_anchors: int, pos_idx: Tensor, pos_deltas: Tensor, ignore_idx: Tensor
+) -> tuple[Tensor, Tensor]:
     """Sparse -> dense: (match int8 [A] with 1 / 0 / -1, deltas float32 [A, 4] zero except at positives).
 
     Array-likes are accepted (e.g. the lists read from a shard row); output on pos_idx's device.

@@ -625,7 +625,7 @@ def _ensure_ray(address: str | None) -> None:
 def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *, progress: bool,
          max_workers: int | None) -> dict[str, dict[str, Any]]:
     """Run the Ray Data job over every split's records; returns the datasink's merged per-split result."""
-    from ray.data import DataContext
+    from ray.data import ActorPoolStrategy, DataContext
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     workers = max(1, min(max_workers or cpus, cpus))
@@ -640,7 +640,7 @@ def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *
             fn_constructor_kwargs={"config": config.to_dict()},
             batch_size=BATCH_SIZE,
             batch_format="numpy",
-            concurrency=(1, workers),
+            compute=ActorPoolStrategy(min_size=1, max_size=workers),
             num_cpus=1,
         )
         sink = ShardDatasink(tmp_root, rows_per_shard=config.preprocess.rows_per_shard,

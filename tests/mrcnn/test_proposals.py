@@ -20,7 +20,9 @@ SETTINGS = {"nms_threshold": 0.7, "bbox_std": (0.1, 0.1, 0.2, 0.2)}
 def _run(logits, windows, deltas=None, pre=5, post=10):
     logits = torch.tensor(logits)
     deltas = torch.zeros(*logits.shape, 4) if deltas is None else deltas
-    return generate_proposals(logits, deltas, ANCHORS, torch.tensor(windows), pre_nms_topk=pre, post_nms_topk=post, **SETTINGS)
+    return generate_proposals(
+        logits, deltas, ANCHORS, torch.tensor(windows), pre_nms_topk=pre, post_nms_topk=post, **SETTINGS
+    )
 
 
 def test_nms_clipping_tiny_boxes_and_decoding_per_image():

@@ -31,7 +31,9 @@ def test_pool_rois_uses_each_rois_own_level_and_keeps_roi_order():
     assert pooled.shape == (4, 3, 7, 7)
     for r, level in enumerate([4, 2, 3, 2]):  # sqrt(area) 230, 30, 120, 60 with k0 = 4 at 224
         scale = 1 / strides[level - 2]
-        expected = roi_align(features[level - 2], rois[r : r + 1], 7, spatial_scale=scale, sampling_ratio=2, aligned=True)
+        expected = roi_align(
+            features[level - 2], rois[r : r + 1], 7, spatial_scale=scale, sampling_ratio=2, aligned=True
+        )
         torch.testing.assert_close(pooled[r : r + 1], expected)
 
 
