@@ -99,7 +99,8 @@ def reference_loop(config, annotations: str, images_root: str) -> tuple[int, flo
         resized.save(io.BytesIO(), "JPEG", quality=config.image.jpeg_quality)
         gt = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in things)]) * geo.scale
         masks = torch.from_numpy(np.stack([coco.annToMask(a) for a in things])).float()[:, None]  # [G, 1, H, W]
-        boxes = torch.cat([gt.floor(), torch.maximum(gt[:, 2:].ceil(), gt.floor()[:, :2] + 1)], 1) / geo.scale
+        lo = gt[:, :2].floor()
+        boxes = torch.cat([lo, torch.maximum(gt[:, 2:].ceil(), lo + 1)], 1) / geo.scale  # mini boxes, original px
         rois = torch.cat([torch.arange(len(things))[:, None].float(), boxes], 1)
         mini = roi_align(masks, rois, size, aligned=True)[:, 0] >= 0.5  # each RoI reads its own mask
         np.packbits(mini.numpy())

@@ -8,7 +8,7 @@
 Glossary: N images, S = image.max_dim (inputs are S x S, the image at the top-left), A anchors, K classes
 including background (0). Boxes: (x1, y1, x2, y2) in padded-image pixels.
 
-`forward(batch)` takes the loader's Batch dict (docs: notes/CONTRACT.md, "Batch"): `images` uint8 [N, 3, S, S],
+`forward(batch)` takes the loader's Batch dict (fixed shapes, G = roi.max_gt_instances): `images` uint8 [N, 3, S, S],
 `windows` int64 [N, 4] and, in training, `gt_class_ids` [N, G], `gt_boxes` [N, G, 4], `gt_mini_masks`
 [N, G, m, m], `crowd_boxes` [N, C, 4], `rpn_match` int8 [N, A], `rpn_deltas` [N, A, 4].
 Training returns {loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask}, each already multiplied by its

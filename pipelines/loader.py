@@ -75,11 +75,11 @@ class ShardBatchDecoder:
             crowd = np.asarray(rows["crowd_boxes"][i], np.float32).reshape(-1, 4)[:MAX_CROWD]  # flat -> [c, 4]
             out["crowd_boxes"][i, : len(crowd)] = crowd
 
-            match, deltas = dense_rpn_targets(
+            match, deltas = dense_rpn_targets(  # Arrow buffers are read-only: torch.tensor copies
                 a,
-                torch.as_tensor(np.asarray(rows["rpn_pos_idx"][i], np.int64)),
-                torch.as_tensor(np.asarray(rows["rpn_pos_deltas"][i], np.float32).reshape(-1, 4)),
-                torch.as_tensor(np.asarray(rows["rpn_ignore_idx"][i], np.int64)),
+                torch.tensor(np.asarray(rows["rpn_pos_idx"][i], np.int64)),
+                torch.tensor(np.asarray(rows["rpn_pos_deltas"][i], np.float32).reshape(-1, 4)),  # flat -> [P, 4]
+                torch.tensor(np.asarray(rows["rpn_ignore_idx"][i], np.int64)),
             )
             out["rpn_match"][i] = match.numpy()
             out["rpn_deltas"][i] = deltas.numpy()

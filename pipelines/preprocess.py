@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import math
-import os
 import re
 import sys
 import time
@@ -42,37 +40,25 @@ import pyarrow as pa
 from pyarrow import fs as pafs
 from ray.data import Datasink
 
-from mrcnn.config import Config, fingerprint_diff
+from mrcnn.config import Config
+from pipelines.shards import (  # noqa: F401 - re-exported: the stages import the reading side from here too
+    MANIFEST,
+    SCHEMA_VERSION,
+    SHARD_SCHEMA,
+    FingerprintMismatch,
+    absolute,
+    check_fingerprint,
+    decode_row,
+    exists,
+    filesystem_for,
+    join_uri,
+    read_manifest,
+    shard_uris,
+)
 
-logger = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 BATCH_SIZE = 8  # records per map_batches call: small, so a few slow images do not hold up a whole block
 MAX_INPUT_BLOCKS = 2000
 
-# DESIGN.md schema v1, plus num_instances / num_crowd. Ragged values are plain lists with explicit counts.
-SHARD_SCHEMA = pa.schema(
-    [
-        ("image_id", pa.int64()),
-        ("file_name", pa.string()),
-        ("height", pa.int32()),
-        ("width", pa.int32()),
-        ("scale", pa.float32()),
-        ("window", pa.list_(pa.int32())),
-        ("image", pa.binary()),
-        ("gt_class_ids", pa.list_(pa.int32())),
-        ("gt_boxes", pa.list_(pa.float32())),
-        ("mini_masks", pa.binary()),
-        ("crowd_boxes", pa.list_(pa.float32())),
-        ("rpn_pos_idx", pa.list_(pa.int32())),
-        ("rpn_pos_deltas", pa.list_(pa.float32())),
-        ("rpn_ignore_idx", pa.list_(pa.int32())),
-        ("num_instances", pa.int32()),
-        ("num_crowd", pa.int32()),
-    ],
-    metadata={"mrcnn.schema_version": str(SCHEMA_VERSION)},
-)
 # What the workers emit: the shard columns (null for a skipped image) plus bookkeeping the datasink strips.
 _WORK_SCHEMA = pa.schema(
     list(SHARD_SCHEMA.remove_metadata())
@@ -83,14 +69,6 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 class OutputExistsError(FileExistsError):
     """The output already holds a complete preprocess run (a manifest) and overwrite was not asked for."""
-
-
-class FingerprintMismatch(ValueError):
-    """Shards made with a different shard config; `fields` lists 'key: shards != config' strings."""
-
-    def __init__(self, fields: list[str]):
-        self.fields = fields
-        super().__init__("shards were preprocessed with a different config; differing fields: " + "; ".join(fields))
 
 
 # ---------------------------------------------------------------------------------------------- one image
@@ -252,60 +230,6 @@ def encode_image(pixels: np.ndarray, new_w: int, new_h: int, *, encoding: str = 
     return buf.getvalue()
 
 
-def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask_size: int | None = None) -> dict:
-    """A shard row (pyarrow `to_pylist()` dict or numpy values) -> numpy arrays, G instances, C crowd regions:
-
-    image [h, w, 3] uint8 (resized, unpadded), image_id, height, width (original), scale float, window int64 [4];
-    gt_class_ids int64 [G]; gt_boxes float32 [G, 4] (x1, y1, x2, y2) padded px; mini_masks bool [G, m, m];
-    crowd_boxes float32 [C, 4]; rpn_pos_idx int64 [P]; rpn_pos_deltas float32 [P, 4]; rpn_ignore_idx int64 [I].
-    With `num_anchors` also rpn_match int8 [A] (1 / 0 / -1) and rpn_deltas float32 [A, 4] (dense).
-    `mini_mask_size` defaults to the size the packed bytes imply.
-    """
-    from mrcnn.mini_masks import unpack_masks
-
-    with _pil_open(row["image"]) as img:
-        image = np.asarray(img.convert("RGB"))
-    class_ids = np.asarray(row["gt_class_ids"], np.int64).reshape(-1)
-    g = len(class_ids)
-    packed = bytes(row["mini_masks"] or b"")
-    if mini_mask_size is None:
-        mini_mask_size = math.isqrt(len(packed) * 8 // g) if g else 0
-    masks = (unpack_masks(packed, g, mini_mask_size) if g
-             else np.zeros((0, mini_mask_size, mini_mask_size), bool))
-    out = {
-        "image_id": int(row["image_id"]),
-        "height": int(row["height"]),
-        "width": int(row["width"]),
-        "scale": float(row["scale"]),
-        "window": np.asarray(row["window"], np.int64),
-        "image": image,
-        "gt_class_ids": class_ids,
-        "gt_boxes": np.asarray(row["gt_boxes"], np.float32).reshape(-1, 4),  # flat -> [G, 4]
-        "mini_masks": np.asarray(masks, bool),
-        "crowd_boxes": np.asarray(row["crowd_boxes"], np.float32).reshape(-1, 4),
-        "rpn_pos_idx": np.asarray(row["rpn_pos_idx"], np.int64).reshape(-1),
-        "rpn_pos_deltas": np.asarray(row["rpn_pos_deltas"], np.float32).reshape(-1, 4),
-        "rpn_ignore_idx": np.asarray(row["rpn_ignore_idx"], np.int64).reshape(-1),
-    }
-    if num_anchors is not None:
-        for key in ("rpn_pos_idx", "rpn_ignore_idx"):
-            if len(out[key]) and (out[key].min() < 0 or out[key].max() >= num_anchors):
-                raise ValueError(f"{key} of image {out['image_id']} outside 0..{num_anchors - 1}: wrong anchor set?")
-        match = np.zeros(num_anchors, np.int8)
-        match[out["rpn_ignore_idx"]] = -1
-        match[out["rpn_pos_idx"]] = 1
-        deltas = np.zeros((num_anchors, 4), np.float32)
-        deltas[out["rpn_pos_idx"]] = out["rpn_pos_deltas"]
-        out["rpn_match"], out["rpn_deltas"] = match, deltas
-    return out
-
-
-def _pil_open(data: bytes):
-    from PIL import Image
-
-    return Image.open(io.BytesIO(bytes(data)))
-
-
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -383,7 +307,7 @@ class ShardDatasink(Datasink):
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, dict[str, Any]]:
         import pyarrow.compute as pc
 
-        filesystem, root = _filesystem(self.out_root)
+        filesystem, root = filesystem_for(self.out_root)
         stats: dict[str, dict[str, Any]] = {}
         writers: dict[str, _SplitWriter] = {}
         for block in blocks:
@@ -421,26 +345,6 @@ class ShardDatasink(Datasink):
 # ---------------------------------------------------------------------------------------------- storage
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """(pyarrow filesystem, path inside it) for a local path (made absolute) or a URI."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(uri)
-    return pafs.FileSystem.from_uri(uri)
-
-
-def _absolute(path: str) -> str:
-    path = os.fspath(path)
-    return path if "://" in path else os.path.abspath(path)
-
-
-def _join(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
-
-
-def _exists(filesystem: pafs.FileSystem, path: str) -> bool:
-    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
-
-
 def _move_dir(filesystem: pafs.FileSystem, src: str, dst: str) -> None:
     """Rename a folder; object stores cannot, so there each file is moved (copy + delete) instead."""
     try:
@@ -460,34 +364,6 @@ def _delete(filesystem: pafs.FileSystem, path: str) -> None:
         filesystem.delete_dir(path)
     elif info.type == pafs.FileType.File:
         filesystem.delete_file(path)
-
-
-def read_manifest(shards_uri: str) -> dict[str, Any]:
-    """The manifest of a complete preprocess output; FileNotFoundError naming the folder when there is none."""
-    filesystem, root = _filesystem(_absolute(shards_uri))
-    path = f"{root}/{MANIFEST}"
-    if not _exists(filesystem, path):
-        raise FileNotFoundError(f"no {MANIFEST} in {shards_uri}: not preprocessed, or the run did not finish "
-                                f"(rerun `mrcnn-cli preprocess`)")
-    with filesystem.open_input_stream(path) as f:
-        manifest = json.loads(f.read())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{shards_uri}: shard schema version {manifest.get('schema_version')!r}, this code reads "
-                         f"{SCHEMA_VERSION}; preprocess again")
-    return manifest
-
-
-def check_fingerprint(manifest: dict[str, Any], config: Config) -> None:
-    """Refuse shards made with another shard config, naming each differing field (FingerprintMismatch)."""
-    if manifest.get("fingerprint") == config.fingerprint():
-        return
-    diff = fingerprint_diff(manifest.get("shard_fields", {}), config.shard_fields())
-    raise FingerprintMismatch(diff or [f"fingerprint: {manifest.get('fingerprint')!r} != {config.fingerprint()!r}"])
-
-
-def shard_uris(shards_uri: str, manifest: dict[str, Any], split: str) -> list[str]:
-    """Full paths / URIs of a split's Parquet files, as listed in the manifest."""
-    return [_join(_absolute(shards_uri), f) for f in manifest["splits"][split]["files"]]
 
 
 # ---------------------------------------------------------------------------------------------- the stage
@@ -530,6 +406,10 @@ def preprocess(
     """
     from pipelines.coco_source import DatasetError, read_split
 
+    if config.image.resize_mode != "square":
+        raise ValueError(f"image.resize_mode {config.image.resize_mode!r}: only 'square' (resize, pad to max_dim)")
+    if config.image.encoding not in ("jpeg", "png"):
+        raise ValueError(f"image.encoding {config.image.encoding!r}: 'jpeg' or 'png'")
     names = [s[0] for s in splits]
     if not splits:
         raise ValueError("preprocess: no splits given")
@@ -539,12 +419,12 @@ def preprocess(
     if len(set(names)) != len(names):
         raise ValueError(f"split names repeat: {names}")
     is_train = (lambda n: n in train_splits) if train_splits is not None else (lambda n: n.startswith("train"))
-    plan = [_Split(n, _absolute(a), _absolute(i), is_train(n)) for n, a, i in splits]
+    plan = [_Split(n, absolute(a), absolute(i), is_train(n)) for n, a, i in splits]
 
-    out = _absolute(out)
-    filesystem, root = _filesystem(out)
+    out = absolute(out)
+    filesystem, root = filesystem_for(out)
     manifest_path = f"{root}/{MANIFEST}"
-    if _exists(filesystem, manifest_path) and not overwrite:
+    if exists(filesystem, manifest_path) and not overwrite:
         raise OutputExistsError(f"{out} already holds a complete preprocess output ({MANIFEST}); "
                                 "pass overwrite=True (--overwrite) to replace it")
 
@@ -574,17 +454,21 @@ def preprocess(
     import ray
 
     started = time.time()
-    if overwrite and _exists(filesystem, manifest_path):
-        old = read_manifest(out)
+    if "://" not in out and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        print(f"[preprocess] warning: {out} is a local path on a multi-node cluster; every node writes its own "
+              "disk unless it is a shared filesystem (use s3:// or gs://)", file=sys.stderr, flush=True)
+    if overwrite and exists(filesystem, manifest_path):
+        with filesystem.open_input_stream(manifest_path) as f:
+            old = json.loads(f.read() or b"{}")  # any schema version: it is being replaced
         filesystem.delete_file(manifest_path)  # from here on the old output no longer looks complete
         for name in old.get("splits", {}):
-            if _SPLIT_NAME.match(name):
+            if isinstance(name, str) and _SPLIT_NAME.match(name):  # only folders the old run made
                 _delete(filesystem, f"{root}/{name}")
     for info in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
         if info.base_name.startswith(".tmp-"):  # left by an interrupted run
             _delete(filesystem, info.path)
     tmp_name = f".tmp-{uuid.uuid4().hex[:12]}"
-    tmp_root = _join(out, tmp_name)
+    tmp_root = join_uri(out, tmp_name)
     filesystem.create_dir(f"{root}/{tmp_name}", recursive=True)
 
     written: dict[str, dict[str, Any]] = {}
@@ -595,7 +479,7 @@ def preprocess(
     for s in plan:
         _delete(filesystem, f"{root}/{s.name}")
         src = f"{root}/{tmp_name}/{s.name}"
-        if _exists(filesystem, src):
+        if exists(filesystem, src):
             _move_dir(filesystem, src, f"{root}/{s.name}")
         else:
             filesystem.create_dir(f"{root}/{s.name}", recursive=True)
@@ -610,7 +494,7 @@ def preprocess(
             m = manifest["splits"][s.name]
             print(f"[preprocess] {s.name}: {m['num_images']} images, {m['num_instances']} instances, "
                   f"{len(m['skipped'])} skip reports, {len(m['files'])} file(s)", file=sys.stderr, flush=True)
-    return _join(out, MANIFEST)
+    return join_uri(out, MANIFEST)
 
 
 def _ensure_ray(address: str | None) -> None:
@@ -640,7 +524,9 @@ def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *
             fn_constructor_kwargs={"config": config.to_dict()},
             batch_size=BATCH_SIZE,
             batch_format="numpy",
-            compute=ActorPoolStrategy(min_size=1, max_size=workers),
+            # all workers from the start: the job is CPU-bound and its size known; scaling up from one actor
+            # waits for the pool to look busy first
+            compute=ActorPoolStrategy(min_size=1, max_size=workers, initial_size=min(workers, blocks)),
             num_cpus=1,
         )
         sink = ShardDatasink(tmp_root, rows_per_shard=config.preprocess.rows_per_shard,

@@ -174,9 +174,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model = build_model(config, num_classes=loop_config["num_classes"])
     init_messages = initialise(model, loop_config)
-    frozen = set_trainable_layers(model, loop_config.get("layers", tc.layers))
+    set_trainable_layers(model, loop_config.get("layers", tc.layers))
     flip_perm = model.flip_perm.clone()
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": bool(frozen)})
+    # anchors, flip permutation and pixel statistics are constant buffers: no need to re-broadcast each step
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
 
     global_batch = tc.batch_size * world
     lr = scaled_lr(tc.lr, global_batch=global_batch, reference_batch=tc.lr_reference_batch)

@@ -57,3 +57,16 @@ def synth_dataset(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth")
     make_synthetic_dataset(out, train=12, val=6, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_dataset, ray_session, tmp_path_factory) -> str:
+    """`synth_dataset` preprocessed at the `shapes` preset (train2017 and val2017)."""
+    from mrcnn.config import shapes
+    from pipelines.coco_source import split_paths
+    from pipelines.preprocess import preprocess
+
+    out = tmp_path_factory.mktemp("shards")
+    splits = [(s, *split_paths(str(synth_dataset), s)) for s in ("train2017", "val2017")]
+    preprocess(shapes(), splits=splits, out=str(out), progress=False)
+    return str(out)

@@ -8,7 +8,7 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mrcnn.backbone import BackboneWeightsError, ResNetBackbone, load_backbone_weights
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
 
 
 def _randomised_resnet18() -> nn.Module:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from mrcnn.fpn import FPN
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
 
 
 def _features(size: int) -> list[torch.Tensor]:

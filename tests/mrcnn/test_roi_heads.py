@@ -5,7 +5,7 @@ from torchvision.ops import roi_align
 
 from mrcnn.roi_heads import BoxHead, MaskHead, assign_levels, pool_rois
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
 
 
 def _square(size: float, x: float = 0.0) -> list[float]:

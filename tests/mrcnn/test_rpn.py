@@ -6,7 +6,7 @@ import torch
 from mrcnn.anchors import anchors_per_level
 from mrcnn.rpn import RPNHead
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
 
 SCALES, STRIDES, RATIOS = (8, 16, 32, 64, 128), (4, 8, 16, 32, 64), (0.5, 1.0, 2.0)
 
