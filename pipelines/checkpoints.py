@@ -154,5 +154,5 @@ def load_model_state(
 def _scheduler_state(scheduler: Any | None) -> dict[str, Any] | None:
     if scheduler is None:
         return None
-    # LambdaLR keeps its lambdas out of the state dict already (they are functions); only counters remain
-    return {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+    # LambdaLR stores None for each lambda that is a plain function, so its state is plain data
+    return scheduler.state_dict()

@@ -194,6 +194,8 @@ def to_coco_results(
 def predict_split(
     shards: str, split: str, spec: ModelSpec, *, workers: int, use_gpu: bool, limit: int | None
 ) -> list[dict[str, Any]]:
+    import ray.data
+
     from pipelines.loader import read_split
 
     ds = read_split(shards, split)
@@ -208,7 +210,7 @@ def predict_split(
         },
         batch_size=spec.config.evaluate.batch_size,
         batch_format="numpy",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0,
         num_cpus=1,
     )
@@ -224,8 +226,8 @@ def predict_split(
 # ------------------------------------------------------------------------------------------ the stage
 def evaluate(request: EvaluateRequest) -> EvaluateResult:
     from pipelines.coco_eval import evaluate_detections, pr_curve_figure
-    from pipelines.preprocess import read_manifest
     from pipelines.ray_env import cluster_has_gpus, init_ray
+    from pipelines.shards import read_manifest
 
     manifest = read_manifest(request.shards)
     spec = model_spec(request.model_path)

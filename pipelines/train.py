@@ -76,13 +76,12 @@ def apply_request(config: Config, request: TrainRequest) -> Config:
 
 
 def train(config: Config, request: TrainRequest) -> TrainResult:
-    import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from pipelines.loader import batches_dataset
-    from pipelines.preprocess import check_fingerprint, read_manifest
     from pipelines.ray_env import cluster_has_gpus, cluster_nodes, init_ray
+    from pipelines.shards import check_fingerprint, read_manifest
 
     manifest = read_manifest(request.shards)
     check_fingerprint(manifest, config)  # before any work: shards made with another config are refused
@@ -109,7 +108,7 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
         latest = find_latest_checkpoint(storage) if "://" not in storage else None
         if latest is None:
             raise ValueError(f"--resume: no checkpoint under {storage}")
-        resume_from = ray.train.Checkpoint.from_directory(str(latest))
+        resume_from = str(latest)
         print(f"[train] resuming from {latest}", flush=True)
     run_name = request.run_name or f"train-{manifest['fingerprint'][:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -156,6 +155,9 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
         "mlflow_run_id": run_id,
         "has_val": val_split is not None,
         "stop_at": request.stop_at,
+        # loaded by the loop when Ray Train has no checkpoint of this run yet (Ray's recommended replacement
+        # for the deprecated resume_from_checkpoint; after a worker failure Ray's own latest one wins)
+        "resume_from": resume_from,
         "fault_at_step": request.fault_at_step,
         "fault_marker": request.fault_marker,
     }
@@ -180,7 +182,6 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
         datasets=datasets,
         # order preserved so that a resumed run sees the batches an uninterrupted one would
         dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
-        resume_from_checkpoint=resume_from,
     )
     try:
         result = trainer.fit()
@@ -227,7 +228,13 @@ def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, conf
         mlflow.pytorch.log_model(
             model,
             name="model",
+            # pickle: the model's forward takes a Batch dict, which the traced "pt2" format cannot express
+            serialization_format="pickle",
             code_paths=[str(Path(mrcnn.__file__).parent), str(Path(pipelines.__file__).parent)],
+            # given, not inferred: inference imports the model in a subprocess, slow and pointless here
+            pip_requirements=[
+                "torch==2.14.1", "torchvision==0.29.1", "pycocotools>=2.0.11", "numpy>=2.4", "pyyaml>=6",
+            ],
         )
 
 

@@ -193,9 +193,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     step, epoch, skip = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            step, epoch, skip = restore(d, model, optimizer, scheduler)
+    if checkpoint is not None or loop_config.get("resume_from"):
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                step, epoch, skip = restore(d, model, optimizer, scheduler)
+        else:
+            step, epoch, skip = restore(loop_config["resume_from"], model, optimizer, scheduler)
         if rank == 0:
             print(f"[train] restored from checkpoint at step {step} (epoch {epoch}, batch {skip})", flush=True)
     elif rank == 0:

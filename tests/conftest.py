@@ -68,5 +68,5 @@ def synth_shards(synth_dataset, ray_session, tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("shards")
     splits = [(s, *split_paths(str(synth_dataset), s)) for s in ("train2017", "val2017")]
-    preprocess(shapes(), splits=splits, out=str(out), progress=False)
+    preprocess(shapes(), splits=splits, out=str(out), progress=False, max_workers=2)
     return str(out)

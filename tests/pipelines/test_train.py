@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mrcnn.config import shapes
 from pipelines.checkpoints import load_checkpoint
-from pipelines.preprocess import FingerprintMismatch
+from pipelines.shards import FingerprintMismatch
 from pipelines.train import TrainRequest, train
 
 pytestmark = pytest.mark.slow
@@ -19,13 +19,15 @@ pytestmark = pytest.mark.slow
 
 def _config(**train_changes):
     c = shapes()
-    t = replace(c.train, batch_size=2, warmup_steps=2, log_every=2, checkpoint_every=2, **train_changes)
+    t = replace(c.train, **{"batch_size": 2, "warmup_steps": 2, "log_every": 2, "checkpoint_every": 2, **train_changes})
     return replace(c, train=t)
 
 
 def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    config = _config(steps=16, checkpoint_every=8, lr=0.02)
+    # batch 1 on 2 workers: 5 steps per epoch over the ~10 training images, so 10 steps are 2 epochs (each
+    # epoch starts a new Ray Data stream, ~10 s of fixed cost on 2 cores)
+    config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1)
     result = train(
         config,
         TrainRequest(
@@ -34,21 +36,22 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
         ),
     )
     state = load_checkpoint(result.checkpoint)
-    assert state.step == 16 and state.meta["num_classes"] == 4
+    assert state.step == 10 and state.meta["num_classes"] == 4
     assert result.best_checkpoint is not None
 
     client = MlflowClient(uri)
     run = client.get_run(result.run_id)
     params = run.data.params
-    assert params["workers"] == "2" and params["global_batch"] == "4" and params["train.lr"] == "0.02"
+    assert params["workers"] == "2" and params["global_batch"] == "2" and params["train.lr"] == "0.01"
     assert params["dataset_fingerprint"] == config.fingerprint() and params["code_version"]
     losses = [m.value for m in client.get_metric_history(result.run_id, "loss")]
-    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
-    assert sum(losses[-3:]) < sum(losses[:3]), f"loss did not fall: {losses}"
+    assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-2:]) < sum(losses[:2]), f"loss did not fall: {losses}"
     for key in ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask", "lr", "images_per_s", "val_loss"):
         assert client.get_metric_history(result.run_id, key), key
-    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
-    assert {"model", "checkpoint"} <= artifacts
+    assert "checkpoint" in {a.path for a in client.list_artifacts(result.run_id)}
+    # MLflow 3 keeps the model as a logged model linked to the run
+    assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["model"]
 
     # the logged model loads with MLflow and predicts
     import mlflow.pytorch
