@@ -19,15 +19,12 @@ result is exactly the Batch of the model (mrcnn/model.py):
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from mrcnn.mini_masks import unpack_masks
-from mrcnn.rpn_targets import dense_rpn_targets
+from pipelines.shards import decode_row
 
 MAX_CROWD = 16  # crowd regions kept per image for the "never negative" rule; COCO images have at most a few
 
@@ -59,37 +56,20 @@ class ShardBatchDecoder:
             "rpn_deltas": np.zeros((n, a, 4), np.float32),
         }
         for i in range(n):
-            image = decode_image(rows["image"][i])  # [h, w, 3] uint8, unpadded
+            row = decode_row({k: v[i] for k, v in rows.items()}, num_anchors=a, mini_mask_size=m)
+            image = row["image"]  # [h, w, 3] uint8, unpadded
             h, w = image.shape[:2]
             out["images"][i, :, :h, :w] = image.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
-            out["windows"][i] = np.asarray(rows["window"][i], np.int64)
-
-            class_ids = np.asarray(rows["gt_class_ids"][i], np.int64)[:g]
-            k = len(class_ids)
-            out["gt_class_ids"][i, :k] = class_ids
-            out["gt_boxes"][i, :k] = np.asarray(rows["gt_boxes"][i], np.float32).reshape(-1, 4)[:k]  # flat -> [k, 4]
-            if k:
-                count = len(rows["gt_class_ids"][i])
-                out["gt_mini_masks"][i, :k] = unpack_masks(rows["mini_masks"][i], count, m)[:k]
-
-            crowd = np.asarray(rows["crowd_boxes"][i], np.float32).reshape(-1, 4)[:MAX_CROWD]  # flat -> [c, 4]
+            out["windows"][i] = row["window"]
+            k = min(len(row["gt_class_ids"]), g)
+            out["gt_class_ids"][i, :k] = row["gt_class_ids"][:k]
+            out["gt_boxes"][i, :k] = row["gt_boxes"][:k]
+            out["gt_mini_masks"][i, :k] = row["mini_masks"][:k]
+            crowd = row["crowd_boxes"][:MAX_CROWD]
             out["crowd_boxes"][i, : len(crowd)] = crowd
-
-            match, deltas = dense_rpn_targets(  # Arrow buffers are read-only: torch.tensor copies
-                a,
-                torch.tensor(np.asarray(rows["rpn_pos_idx"][i], np.int64)),
-                torch.tensor(np.asarray(rows["rpn_pos_deltas"][i], np.float32).reshape(-1, 4)),  # flat -> [P, 4]
-                torch.tensor(np.asarray(rows["rpn_ignore_idx"][i], np.int64)),
-            )
-            out["rpn_match"][i] = match.numpy()
-            out["rpn_deltas"][i] = deltas.numpy()
+            out["rpn_match"][i] = row["rpn_match"]
+            out["rpn_deltas"][i] = row["rpn_deltas"]
         return out
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Encoded image bytes (JPEG/PNG) -> [h, w, 3] uint8 RGB."""
-    with Image.open(io.BytesIO(data)) as img:
-        return np.asarray(img.convert("RGB"))
 
 
 def decoder_for(config: Any, num_anchors: int) -> dict[str, Any]:
