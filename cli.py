@@ -242,5 +242,67 @@ def demo(
     typer.echo(f"Open the MLflow UI on these runs:\n  {ui_command(os.environ['MLFLOW_TRACKING_URI'])}")
 
 
+@app.command("inspect")
+def inspect_command(
+    stage: Annotated[str, typer.Argument(help="gt | anchors | rpn-targets | mini-masks | deltas | proposals | "
+                                              "detection-targets | batch | predictions | all")],
+    out: Annotated[str, typer.Option("--out", help="PNG file to write; a folder for `all`.")],
+    shards: Annotated[str | None, typer.Option(help="Shards folder or URI (their config is used).")] = None,
+    dataset: Annotated[str | None, typer.Option(help="COCO-layout dataset instead of shards (not for batch).")] = None,
+    split: Annotated[str, typer.Option(help="Split to take the image from.")] = "val2017",
+    image_id: Annotated[int | None, typer.Option(help="The image with this COCO id.")] = None,
+    index: Annotated[int, typer.Option(help="Else the image at this position of the split.")] = 0,
+    model_path: Annotated[str | None, typer.Option(help="Checkpoint or MLflow model URI; default: untrained.")] = None,
+    threshold: Annotated[float | None, typer.Option(help="Detection score threshold (predictions).")] = None,
+    step: Annotated[int, typer.Option(help="Train step whose flip augmentation `batch` shows.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the samplers and of an untrained model.")] = 0,
+    mlflow_run: Annotated[str | None, typer.Option(help="Log the picture(s) to this MLflow run.")] = None,
+    experiment: Annotated[str, typer.Option(help="MLflow experiment of the run `all` creates.")] = "mrcnn-pipeline",
+    config: ConfigOpt = "coco",
+    set_: SetOpt = None,
+) -> None:
+    """Draw one sub-net's work as a titled picture with its numbers (anchors, RPN targets, mini-masks, ...).
+
+    Example: mrcnn-cli inspect rpn-targets --shards shards --split val2017 --index 3 --out rpn.png
+    """
+    from pipelines.inspect import InspectRequest, run_inspect
+
+    if not (shards or dataset) and stage != "anchors":
+        raise typer.BadParameter("give --shards SHARDS or --dataset DATASET (with --split)")
+    request = InspectRequest(
+        stage=stage, out=out, shards=shards, dataset=dataset, split=split, image_id=image_id, index=index,
+        model_path=model_path, config=_config(config, set_), threshold=threshold, step=step, seed=seed,
+        mlflow_run=mlflow_run, experiment=experiment,
+    )
+    try:
+        results = run_inspect(request)
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    for name, info in results.items():
+        typer.echo(f"{name}: {info if isinstance(info, str) else info.get('path', info.get('skipped'))}")
+
+
+@app.command("predict")
+def predict_command(
+    images: Annotated[list[str], typer.Argument(help="JPEG / PNG files or folders of them.")],
+    model_path: Annotated[str, typer.Option(help="Checkpoint directory or MLflow model URI (runs:/ID/model).")],
+    out: Annotated[str, typer.Option("--out", help="Folder for predictions.json, images.json and pictures.")],
+    threshold: Annotated[float | None, typer.Option(help="Minimum score; default the model's own.")] = None,
+    gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: a GPU when there is one.")] = None,
+) -> None:
+    """Run a model on any images: a picture per image and COCO results (original pixels, RLE masks).
+
+    Example: mrcnn-cli predict photos/ street.jpg --model-path runs:/RUN_ID/model --out predictions --threshold 0.5
+    """
+    from pipelines.predict import predict_images
+
+    device = None if gpu is None else ("cuda" if gpu else "cpu")
+    try:
+        result = predict_images(images, model_path, out, threshold=threshold, device=device)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    typer.echo(f"{len(result.images)} images, {result.num_detections} detections -> {result.predictions}")
+
+
 if __name__ == "__main__":
     app()
