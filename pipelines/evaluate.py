@@ -274,14 +274,13 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     return EvaluateResult(metrics=result.metrics, out=str(out), run_id=run_id, table=table)
 
 
-def _prediction_pictures(request, spec: ModelSpec, manifest, detections, path: Path, count: int | None = None) -> None:
+def _prediction_pictures(request, spec: ModelSpec, manifest, detections, path: Path) -> None:
     """A grid of predictions (masks, boxes, class names, scores) on the first images, in original pixels."""
     import pycocotools.mask as mask_util
 
     from pipelines.coco_source import load_image_rgb, safe_image_path
     from pipelines.visualize import predictions_grid
 
-    count = count or request.pictures
     split_info = manifest["splits"][request.split]
     categories = CategoryMap.from_dict(spec.categories)
     names = dict(zip(categories.coco_ids, categories.names, strict=True))
@@ -290,7 +289,7 @@ def _prediction_pictures(request, spec: ModelSpec, manifest, detections, path: P
         by_image.setdefault(d["image_id"], []).append(d)
     files = _image_files(split_info.get("annotations"))
     items = []
-    for image_id in sorted(files)[:count]:
+    for image_id in sorted(files)[: request.pictures]:
         try:
             image = load_image_rgb(safe_image_path(split_info["images"], files[image_id]))
         except Exception:  # noqa: BLE001 - pictures are a courtesy; a missing image must not fail evaluation

@@ -12,7 +12,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import mlflow
 from mlflow.tracking import MlflowClient
 
 DEFAULT_EXPERIMENT = "mrcnn-pipeline"
@@ -142,7 +141,6 @@ __all__ = [
     "log_artifact",
     "log_metrics",
     "log_params",
-    "mlflow",
     "resolve_tracking_uri",
     "ui_command",
 ]

@@ -218,7 +218,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         max_nonfinite_in_a_row=tc.max_nonfinite_in_a_row,
         autocast=device.type == "cuda",
     )
-    logger = _RankZeroLogger(loop_config, rank, total_steps) if rank == 0 else None
+    logger = _RankZeroLogger(loop_config, total_steps) if rank == 0 else None
     meta = {k: loop_config[k] for k in ("config", "categories", "fingerprint", "num_classes")}
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
@@ -314,7 +314,7 @@ def initialise(model: nn.Module, loop_config: dict[str, Any]) -> list[str]:
 class _RankZeroLogger:
     """Console progress and MLflow metrics, from rank 0 only."""
 
-    def __init__(self, loop_config: dict[str, Any], rank: int, total_steps: int):
+    def __init__(self, loop_config: dict[str, Any], total_steps: int):
         self.every = Config.from_dict(loop_config["config"]).train.log_every
         self.tracking_uri = loop_config.get("tracking_uri")
         self.run_id = loop_config.get("mlflow_run_id")

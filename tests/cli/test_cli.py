@@ -20,15 +20,6 @@ from pipelines.inspect import panel_px, picture_size
 runner = CliRunner()
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on two shared cores, more threads spin against each other (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _commands() -> list[str]:
     return [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
 

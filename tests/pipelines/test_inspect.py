@@ -37,13 +37,7 @@ from pipelines.visualize import overlay_color
 PANEL = 384  # panel_px(128) at the shapes preset: 3 PNG pixels an image pixel
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: on two shared cores, more threads spin against each other (10x slower here)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")
