@@ -1,0 +1,262 @@
+"""The pipeline against a real `mlflow server` over HTTP (artifacts proxied by the server), and the MLflow UI
+rendered in headless Chromium showing the run.
+
+One server and one small pipeline run (preprocess -> train -> evaluate on the synthetic dataset, `shapes`
+preset, a handful of train steps) are shared by every test here; the Ray workers log to the server through
+the `http://` tracking URI, so nothing reaches the server's SQLite file but the server itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mrcnn.config import shapes
+from pipelines.dag import DagResult, PipelineRequest, run_pipeline
+
+pytestmark = pytest.mark.slow
+
+MLFLOW = Path(sys.executable).parent / "mlflow"
+TRAIN_STEPS = 5  # one epoch of the 10 non-empty training images at batch 2: one validation, one Ray Data stream
+QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # a closed network: no phoning home
+
+
+@dataclass
+class Server:
+    url: str
+    root: Path
+    process: subprocess.Popen
+
+    def log_tail(self) -> str:
+        return (self.root / "server.log").read_text(errors="replace")[-3000:]
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Poll /health until it answers 200; the server takes ~20 s to import and migrate its database here."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail(f"mlflow server exited with {self.process.returncode}:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer /health within {timeout:.0f} s:\n{self.log_tail()}")
+            time.sleep(0.25)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real tracking server on a free local port: SQLite backend, artifacts stored under its own folder and
+    served through it (`mlflow-artifacts:/`). Started here, waited for by its users (it boots while Ray
+    starts), killed with its process group at teardown."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")} | QUIET
+    # no job runner: it serves GenAI features (judges, trace archival) with seven worker processes of its own
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    with open(root / "server.log", "wb") as log:
+        process = subprocess.Popen(
+            [
+                str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                "--artifacts-destination", str(root / "artifacts"),
+            ],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    server = Server(f"http://127.0.0.1:{port}", root, process)
+    yield server
+    # its own session: the group holds uvicorn's worker (and any job runner) as well as the CLI process
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+            process.wait(timeout=wait)
+            break
+        except ProcessLookupError:
+            break
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def pipeline(mlflow_server, ray_session, synth_dataset, tmp_path_factory) -> DagResult:
+    """One small pipeline run logging to the server."""
+    mlflow_server.wait_ready()
+    config = shapes()
+    config = replace(
+        config,
+        train=replace(config.train, steps=TRAIN_STEPS, batch_size=2, warmup_steps=2, log_every=1,
+                      checkpoint_every=TRAIN_STEPS, lr=0.01),
+    )
+    work = tmp_path_factory.mktemp("pipeline_http")
+    return run_pipeline(
+        config,
+        PipelineRequest(dataset=str(synth_dataset), workers=1, use_gpu=False, work_dir=str(work),
+                        tracking_uri=mlflow_server.url),
+    )
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server) -> MlflowClient:
+    return MlflowClient(tracking_uri=mlflow_server.url)
+
+
+def _stage_runs(client: MlflowClient, pipeline: DagResult) -> dict:
+    parent = client.get_run(pipeline.parent_run_id)
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{pipeline.parent_run_id}'"
+    )
+    return {r.data.tags["stage"]: r for r in children}
+
+
+def test_parent_and_one_nested_run_per_stage(pipeline, client):
+    assert pipeline.ran == ["preprocess", "train", "evaluate"]
+    parent = client.get_run(pipeline.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "pipeline-shapes"
+    assert parent.data.tags["stage"] == "pipeline"
+    # the runs live in the server's store: it hands out proxied artifact locations
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:/")
+    runs = _stage_runs(client, pipeline)
+    assert sorted(runs) == ["evaluate", "preprocess", "train"]
+    for stage, run in runs.items():
+        assert run.info.status == "FINISHED", stage
+        assert run.info.run_id == pipeline.outputs[stage]["run_id"], stage
+        assert run.info.experiment_id == parent.info.experiment_id
+    assert runs["train"].data.tags["preprocess_run_id"] == runs["preprocess"].info.run_id
+    # the parent records each stage's key and output folder
+    assert {f"{s}.key" for s in runs} <= set(parent.data.params)
+
+
+def test_train_run_has_per_step_losses_and_the_model(pipeline, client, capsys, tmp_path):
+    run = _stage_runs(client, pipeline)["train"]
+    history = client.get_metric_history(run.info.run_id, "loss")
+    with capsys.disabled():
+        print(f"\n[mlflow server] train losses by step: {[(m.step, round(m.value, 3)) for m in history]}")
+    assert [m.step for m in history] == list(range(1, TRAIN_STEPS + 1))  # log_every=1, from the Ray worker
+    assert all(0 < m.value < 100 for m in history)
+    for key in ("loss_rpn_cls", "loss_mask", "lr", "val_loss"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    assert run.data.params["total_steps"] == str(TRAIN_STEPS)
+    assert "checkpoint" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    checkpoint_files = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert "meta.json" in checkpoint_files, checkpoint_files
+    meta_file = client.download_artifacts(run.info.run_id, "checkpoint/meta.json", str(tmp_path))
+    meta = json.loads(Path(meta_file).read_text())
+    # the final checkpoint, with background + the synthetic dataset's three shapes
+    assert meta["step"] == TRAIN_STEPS and meta["num_classes"] == 4
+    # MLflow 3 keeps the model as a logged model linked to the run, its files on the server too
+    models = client.search_logged_models([run.info.experiment_id])
+    assert [m.name for m in models] == ["model"] and models[0].source_run_id == run.info.run_id
+    assert models[0].artifact_location.startswith("mlflow-artifacts:/")
+
+
+def test_evaluate_run_metrics_and_artifacts_download_through_the_server(
+    pipeline, client, mlflow_server, tmp_path, capsys
+):
+    run = _stage_runs(client, pipeline)["evaluate"]
+    metrics = run.data.metrics
+    with capsys.disabled():
+        print(f"\n[mlflow server] evaluate: segm AP {metrics['segm_AP']:.3f} bbox AP {metrics['bbox_AP']:.3f}")
+    for key in ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50"):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics.get(key))
+    assert metrics["segm_AP"] == pytest.approx(pipeline.outputs["evaluate"]["metrics"]["segm/AP"])
+
+    listed = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "evaluation")}
+    assert {"metrics.json", "detections.json", "stats.txt", "pr_curve_segm.png", "pr_curve_bbox.png"} <= listed
+
+    # a round trip through the server's artifact proxy: what the stage wrote is what comes back
+    local = client.download_artifacts(run.info.run_id, "evaluation/metrics.json", str(tmp_path))
+    written = Path(pipeline.outputs["evaluate"]["out"]) / "metrics.json"
+    assert json.loads(Path(local).read_text()) == json.loads(written.read_text())
+    png = Path(client.download_artifacts(run.info.run_id, "evaluation/pr_curve_segm.png", str(tmp_path)))
+    assert png.read_bytes() == (written.parent / "pr_curve_segm.png").read_bytes()
+    # ...and it went through the server: its artifacts folder holds the file
+    assert len(list((mlflow_server.root / "artifacts").rglob("pr_curve_segm.png"))) == 1
+
+
+# ------------------------------------------------------------------------------------------ the UI
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+def _chromium() -> str:
+    """Debian's chromium, installed with apt when missing (root only); skips when that cannot be done."""
+    found = shutil.which("chromium")
+    if found:
+        return found
+    if os.geteuid() != 0:
+        pytest.skip("chromium is not installed and installing it needs root")
+    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
+
+    def apt(*args: str, timeout: float) -> subprocess.CompletedProcess:
+        return subprocess.run(["apt-get", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+    install = ("install", "-y", "--no-install-recommends", "chromium")
+    try:
+        result = apt(*install, timeout=600)
+        if result.returncode != 0:  # most often no package lists on a fresh machine
+            apt("update", timeout=300)
+            result = apt(*install, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"could not install chromium: {e}")
+    found = shutil.which("chromium")
+    if not found:
+        pytest.skip(f"could not install chromium (apt-get exit {result.returncode}): {result.stderr[-500:]}")
+    return found
+
+
+def _render(chromium: str, url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
+    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
+    return subprocess.run(
+        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000", *extra, url],
+        capture_output=True, text=True, timeout=180,
+    )
+
+
+def test_ui_experiment_page_shows_the_pipeline_run(pipeline, client, mlflow_server, tmp_path):
+    chromium = _chromium()
+    parent = client.get_run(pipeline.parent_run_id)
+    # MLflow 3's UI opens an experiment in its "GenAI" workflow (a traces overview, no runs) unless told
+    # otherwise; `workflowType=machine_learning` is what its "Model training" switch puts in the URL
+    url = f"{mlflow_server.url}/#/experiments/{parent.info.experiment_id}?workflowType=machine_learning"
+
+    dom = _render(chromium, url, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    (tmp_path / "experiment.html").write_text(dom.stdout)
+    assert parent.info.run_name in dom.stdout, f"run name not in the rendered page ({len(dom.stdout)} chars)"
+    assert f"/runs/{parent.info.run_id}" in dom.stdout  # the runs table links the name to this very run
+
+    shot = tmp_path / "ui.png"
+    rendered = _render(chromium, url, tmp_path, f"--screenshot={shot}", "--window-size=1400,900")
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.size == (1400, 900)
+        image.load()
+        # a real render, not a blank page: the UI paints more than a couple of colours
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20
+    client.log_artifact(pipeline.parent_run_id, str(shot), "ui")
+    assert "ui/ui.png" in {a.path for a in client.list_artifacts(pipeline.parent_run_id, "ui")}
