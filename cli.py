@@ -19,9 +19,22 @@ app = typer.Typer(
 
 ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes) or a YAML file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, repeatable: section.field=value.")]
+PlacementOpt = Annotated[
+    str,
+    typer.Option(help="Placement of the train workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one per node)."),
+]
 AddressOpt = Annotated[
     str | None, typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray.")
 ]
+
+
+def _placement(strategy: str) -> str:
+    from pipelines.train import PLACEMENT_STRATEGIES
+
+    if strategy.upper() not in PLACEMENT_STRATEGIES:
+        raise typer.BadParameter(f"{strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}",
+                                 param_hint="--placement-strategy")
+    return strategy.upper()
 
 
 def _config(config: str, overrides: list[str] | None):
@@ -103,6 +116,7 @@ def train(
     run_name: Annotated[str | None, typer.Option(help="Ray Train / MLflow run name.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per train worker.")] = 1.0,
+    placement_strategy: PlacementOpt = "PACK",
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
     address: AddressOpt = None,
@@ -114,6 +128,7 @@ def train(
     from pipelines.train import TrainRequest
     from pipelines.train import train as run_train
 
+    strategy = _placement(placement_strategy)
     cfg = _config(config, set_)
     request = TrainRequest(
         shards=shards,
@@ -132,6 +147,7 @@ def train(
         run_name=run_name,
         experiment=experiment,
         cpus_per_worker=cpus_per_worker,
+        placement_strategy=strategy,
         address=address,
     )
     result = run_train(cfg, request)
@@ -176,9 +192,11 @@ def run(
     val_split: Annotated[str, typer.Option(help="Validation split.")] = "val2017",
     workers: Annotated[int, typer.Option(help="Data-parallel train workers.")] = 1,
     gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: GPUs when the cluster has them.")] = None,
-    work_dir: Annotated[str, typer.Option(help="Where stage outputs live, keyed by fingerprint.")] = "pipeline_out",
+    work_dir: Annotated[str, typer.Option(help="Where stage outputs live, keyed by fingerprint: a folder or URI "
+                                               "(s3://, gs://, file://).")] = "pipeline_out",
     force: Annotated[str | None, typer.Option(help="Rerun from this stage: preprocess | train | evaluate.")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per train worker.")] = 1.0,
+    placement_strategy: PlacementOpt = "PACK",
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
@@ -191,12 +209,14 @@ def run(
     from pipelines.dag import PipelineRequest, run_pipeline
     from pipelines.tracking import resolve_tracking_uri, ui_command
 
+    strategy = _placement(placement_strategy)
     cfg = _config(config, set_)
     result = run_pipeline(
         cfg,
         PipelineRequest(
             dataset=dataset, train_split=train_split, val_split=val_split, workers=workers, use_gpu=gpu,
             work_dir=work_dir, force=force, address=address, experiment=experiment, cpus_per_worker=cpus_per_worker,
+            placement_strategy=strategy,
         ),
     )
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: {', '.join(result.skipped) or 'nothing'}")

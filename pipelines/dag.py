@@ -1,7 +1,9 @@
 """`mrcnn-cli run`: preprocess -> train -> evaluate as a DAG of Ray tasks, cached by fingerprint.
 
 Each stage's output location is keyed by the fingerprint of its inputs and config (`<work>/<stage>-<key>`),
-and a completion marker (`_COMPLETE.json`, holding the stage's outputs) is written last. A rerun with
+and a completion marker (`_COMPLETE.json`, holding the stage's outputs) is written last. The work dir is a
+local path or a URI (`file://`, `s3://`, `gs://`, through pyarrow.fs): on a multi-node cluster it must be
+one every node can read, since the stages run wherever Ray places them. A rerun with
 nothing changed skips every stage and says so; a changed training setting changes the train and evaluate
 keys only; a failed stage leaves no marker, stops the stages after it, and the next run resumes at it.
 Not Ray Workflows (deprecated): plain Ray tasks with `num_cpus=0`, since a stage only launches Ray Data or
@@ -12,15 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyarrow import fs as pafs
+
 from mrcnn.config import Config
 from pipelines import tracking
+from pipelines.shards import absolute, exists, filesystem_for, join_uri
 
 MARKER = "_COMPLETE.json"
 
@@ -53,11 +58,14 @@ def stage_keys(stages: list[Stage]) -> list[Stage]:
     return stages
 
 
-def completed_outputs(out_dir: Path) -> dict[str, Any] | None:
-    marker = out_dir / MARKER
-    if not marker.is_file():
+def completed_outputs(out_dir: str) -> dict[str, Any] | None:
+    """The outputs recorded in `out_dir`'s marker (a path or URI), or None when the stage is not complete."""
+    filesystem, path = filesystem_for(out_dir)
+    marker = f"{path}/{MARKER}"
+    if filesystem.get_file_info(marker).type != pafs.FileType.File:
         return None
-    return json.loads(marker.read_text())["outputs"]
+    with filesystem.open_input_stream(marker) as f:
+        return json.loads(f.read())["outputs"]
 
 
 def run_dag(
@@ -77,8 +85,9 @@ def run_dag(
     if force is not None and force not in names:
         raise ValueError(f"--force {force!r}: choose one of {', '.join(names)}")
     stage_keys(stages)
-    work = Path(work_dir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
+    work = absolute(work_dir)  # a URI as it is, a local path made absolute (workers start elsewhere)
+    filesystem, work_path = filesystem_for(work)
+    filesystem.create_dir(work_path, recursive=True)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     parent = tracking.create_run(
         uri,
@@ -92,23 +101,24 @@ def run_dag(
     try:
         for stage in stages:
             forcing = forcing or stage.name == force
-            out_dir = work / f"{stage.name}-{stage.key}"
+            out_dir = join_uri(work, f"{stage.name}-{stage.key}")  # what the stage writes to: path or URI
+            out_path = f"{work_path}/{stage.name}-{stage.key}"  # the same place inside `filesystem`
             done = None if forcing else completed_outputs(out_dir)
             if done is not None:
                 log(f"[run] {stage.name}: up to date ({out_dir}), skipped")
                 result.skipped.append(stage.name)
             else:
                 log(f"[run] {stage.name}: running -> {out_dir}")
-                if out_dir.exists():
-                    shutil.rmtree(out_dir)  # a failed or forced earlier attempt: start clean
-                out_dir.mkdir(parents=True)
+                if exists(filesystem, out_path):
+                    filesystem.delete_dir(out_path)  # a failed or forced earlier attempt: start clean
+                filesystem.create_dir(out_path, recursive=True)
                 task = ray.remote(num_cpus=0, max_retries=0)(_run_stage)
-                done = ray.get(task.remote(stage.fn, str(out_dir), dict(upstream), parent))
-                _write_marker(out_dir, stage, done)
+                done = ray.get(task.remote(stage.fn, out_dir, dict(upstream), parent))
+                _write_marker(filesystem, out_path, stage, done)
                 result.ran.append(stage.name)
             upstream[stage.name] = done
             result.outputs[stage.name] = done
-            tracking.log_params(uri, parent, {f"{stage.name}.key": stage.key, f"{stage.name}.out": str(out_dir)})
+            tracking.log_params(uri, parent, {f"{stage.name}.key": stage.key, f"{stage.name}.out": out_dir})
     except Exception:
         tracking.finish_run(uri, parent, failed=True)
         raise
@@ -120,10 +130,15 @@ def _run_stage(fn, out_dir: str, upstream: dict[str, Any], parent_run_id: str | 
     return fn(out_dir, upstream, parent_run_id)
 
 
-def _write_marker(out_dir: Path, stage: Stage, outputs: dict[str, Any]) -> None:
-    tmp = out_dir / (MARKER + ".tmp")
-    tmp.write_text(json.dumps({"stage": stage.name, "key": stage.key, "outputs": outputs}, indent=1, default=str))
-    os.replace(tmp, out_dir / MARKER)  # written last: its presence means the stage is complete
+def _write_marker(filesystem: pafs.FileSystem, out_path: str, stage: Stage, outputs: dict[str, Any]) -> None:
+    """Written last, under a temporary name then moved: its presence means the stage is complete. (A rename on
+    a local or POSIX filesystem; on object stores a move is copy + delete, and the marker object only appears
+    once whole, so a reader never sees half a marker either way.)"""
+    tmp, marker = f"{out_path}/{MARKER}.tmp", f"{out_path}/{MARKER}"
+    blob = json.dumps({"stage": stage.name, "key": stage.key, "outputs": outputs}, indent=1, default=str)
+    with filesystem.open_output_stream(tmp) as f:
+        f.write(blob.encode())
+    filesystem.move(tmp, marker)
 
 
 # ------------------------------------------------------------------------------------------ the pipeline
@@ -140,6 +155,7 @@ class PipelineRequest:
     tracking_uri: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
     eval_limit: int | None = None
 
 
@@ -162,7 +178,8 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
         )
         tracking.log_params(uri, run_id, {"fingerprint": config.fingerprint(), "dataset": request.dataset,
                                           **{f"annotations_sha256.{k}": v for k, v in annotations_hash.items()}})
-        tracking.log_artifact(uri, run_id, manifest)
+        with _local_file(manifest) as local_manifest:
+            tracking.log_artifact(uri, run_id, local_manifest)
         tracking.finish_run(uri, run_id)
         return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
 
@@ -175,7 +192,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
                 shards=upstream["preprocess"]["shards"], split=request.train_split, val_split=request.val_split,
                 workers=request.workers, use_gpu=request.use_gpu, storage=out_dir, run_name="train",
                 tracking_uri=uri, experiment=request.experiment, parent_run_id=parent,
-                cpus_per_worker=request.cpus_per_worker,
+                cpus_per_worker=request.cpus_per_worker, placement_strategy=request.placement_strategy,
                 extra_tags={"preprocess_run_id": upstream["preprocess"]["run_id"]},
             ),
         )
@@ -185,13 +202,15 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     def evaluate_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
         from pipelines.evaluate import EvaluateRequest, evaluate
 
-        result = evaluate(
-            EvaluateRequest(
-                shards=upstream["preprocess"]["shards"], model_path=upstream["train"]["checkpoint"],
-                split=request.val_split, workers=1, use_gpu=request.use_gpu, out=out_dir, tracking_uri=uri,
-                experiment=request.experiment, parent_run_id=parent, run_name="evaluate", limit=request.eval_limit,
+        with _local_dir(out_dir) as local_out:
+            result = evaluate(
+                EvaluateRequest(
+                    shards=upstream["preprocess"]["shards"], model_path=upstream["train"]["checkpoint"],
+                    split=request.val_split, workers=1, use_gpu=request.use_gpu, out=local_out, tracking_uri=uri,
+                    experiment=request.experiment, parent_run_id=parent, run_name="evaluate",
+                    limit=request.eval_limit,
+                )
             )
-        )
         return {"metrics": result.metrics, "out": out_dir, "run_id": result.run_id, "table": result.table}
 
     data_inputs = {"dataset": request.dataset, "splits": [s[0] for s in splits], "annotations": annotations_hash}
@@ -205,9 +224,14 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
 
 
 def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
-    from pipelines.ray_env import init_ray
+    import sys
+
+    from pipelines.ray_env import cluster_nodes, init_ray
 
     init_ray(request.address)
+    if "://" not in request.work_dir and cluster_nodes() > 1:
+        print(f"[run] warning: work dir {request.work_dir} is a local path on a multi-node cluster; the stages run "
+              "on any node, so it must be a shared filesystem (else use s3:// or gs://)", file=sys.stderr, flush=True)
     return run_dag(
         pipeline_stages(config, request),
         request.work_dir,
@@ -216,6 +240,33 @@ def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
         experiment=request.experiment,
         run_name=f"pipeline-{config.name}",
     )
+
+
+@contextmanager
+def _local_file(path: str) -> Iterator[str]:
+    """`path` itself when local, else a temporary local copy of the file (MLflow logs artifacts from local files)."""
+    if "://" not in path:
+        yield path
+        return
+    filesystem, inner = filesystem_for(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = str(Path(tmp) / inner.rsplit("/", 1)[-1])
+        with filesystem.open_input_stream(inner) as src, open(local, "wb") as dst:
+            dst.write(src.read())
+        yield local
+
+
+@contextmanager
+def _local_dir(out_dir: str) -> Iterator[str]:
+    """`out_dir` itself when local, else a temporary local folder copied to the URI afterwards (for stages whose
+    report files are written with local file APIs)."""
+    if "://" not in out_dir:
+        yield out_dir
+        return
+    filesystem, inner = filesystem_for(out_dir)
+    with tempfile.TemporaryDirectory() as tmp:
+        yield tmp
+        pafs.copy_files(tmp, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
 
 
 def _file_sha256(path: str) -> str:

@@ -41,11 +41,13 @@ class TrainRequest:
     tracking_uri: str | None = None
     parent_run_id: str | None = None
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # of the workers' placement group; STRICT_SPREAD: one worker per node
     address: str | None = None
     log_model: bool = True
     stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
     fault_at_step: int | None = None  # fault drill: rank 0's process dies after this step, once
     fault_marker: str | None = None  # file marking that the drill already happened
+    fault_mode: str = "exit"  # "exit": the process dies; "pause": it blocks (until its node is taken away)
     extra_tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -75,6 +77,9 @@ def apply_request(config: Config, request: TrainRequest) -> Config:
     return replace(config, train=replace(config.train, **changes)) if changes else config
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 def train(config: Config, request: TrainRequest) -> TrainResult:
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -83,6 +88,8 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
     from pipelines.ray_env import cluster_has_gpus, cluster_nodes, init_ray
     from pipelines.shards import check_fingerprint, read_manifest
 
+    if request.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
     manifest = read_manifest(request.shards)
     check_fingerprint(manifest, config)  # before any work: shards made with another config are refused
     config = apply_request(config, request)
@@ -129,6 +136,7 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
             "annotations_sha256": splits[request.split].get("annotations_sha256", ""),
             "shards": request.shards,
             "workers": request.workers,
+            "placement_strategy": request.placement_strategy,
             "global_batch": global_batch,
             "total_steps": total_steps,
             "use_gpu": use_gpu,
@@ -160,6 +168,7 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
         "resume_from": resume_from,
         "fault_at_step": request.fault_at_step,
         "fault_marker": request.fault_marker,
+        "fault_mode": request.fault_mode,
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -168,6 +177,7 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
             num_workers=request.workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": request.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=request.placement_strategy,
         ),
         run_config=RunConfig(
             name=run_name,

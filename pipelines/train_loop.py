@@ -170,6 +170,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # all_gather_object over NCCL uses the current device
+    record_placement(loop_config, rank, world)  # MLflow from rank 0 only
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
 
     model = build_model(config, num_classes=loop_config["num_classes"])
@@ -240,7 +243,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     # `stop_at`: end this run early (with a checkpoint) while keeping the schedule planned for total_steps,
     # so a long run can be split across reservations and continued with --resume
     stop_at = min(loop_config.get("stop_at") or total_steps, total_steps)
-    fault = FaultDrill(loop_config.get("fault_at_step"), loop_config.get("fault_marker"))
+    fault = FaultDrill(loop_config.get("fault_at_step"), loop_config.get("fault_marker"),
+                       loop_config.get("fault_mode") or "exit")
     while step < stop_at:
         batch_in_epoch, exhausted = skip, True
         for batch in epoch_batches(train_shard, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch, skip=skip):
@@ -272,11 +276,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 class FaultDrill:
-    """A fault-tolerance drill: the process of rank 0 dies hard (as on a lost node or an OOM kill) right after
-    step `at_step`, once per `marker` file, so that Ray Train's restore-from-checkpoint path can be exercised."""
+    """A fault-tolerance drill on rank 0, right after step `at_step` (after that step's checkpoint, if any, was
+    reported), once per `marker` file, so that Ray Train's restore-from-checkpoint path can be exercised.
+    Mode "exit": the process dies hard (as on an OOM kill). Mode "pause": it writes the marker (naming its Ray
+    node) and blocks for good, so that a test can take that node away at a known step (a lost node); it needs
+    the marker, and hangs the run if nobody does."""
 
-    def __init__(self, at_step: int | None, marker: str | None):
-        self.at_step, self.marker = at_step, marker
+    def __init__(self, at_step: int | None, marker: str | None, mode: str = "exit"):
+        if mode not in ("exit", "pause"):
+            raise ValueError(f"fault drill mode {mode!r}: 'exit' or 'pause'")
+        if mode == "pause" and at_step is not None and not marker:
+            raise ValueError("the 'pause' fault drill needs a marker file: it is how the pause is seen")
+        self.at_step, self.marker, self.mode = at_step, marker, mode
 
     def maybe_die(self, step: int, rank: int) -> None:
         import os
@@ -285,11 +296,45 @@ class FaultDrill:
             return
         if self.marker and os.path.exists(self.marker):
             return
+        if self.mode == "pause":
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            with open(self.marker + ".tmp", "w") as f:  # renamed into place: a watcher never reads half of it
+                f.write(f"paused at step {step} on node {node}\n")
+            os.replace(self.marker + ".tmp", self.marker)
+            print(f"[train] fault drill: worker pauses at step {step} on node {node}", flush=True)
+            while True:
+                time.sleep(1)
         if self.marker:
             with open(self.marker, "w") as f:
                 f.write(f"killed at step {step}\n")
         print(f"[train] fault drill: worker process exits at step {step}", flush=True)
         os._exit(1)
+
+
+def record_placement(loop_config: dict[str, Any], rank: int, world: int) -> list[str]:
+    """The Ray node of every rank (gathered over the process group); rank 0 tags the MLflow run with them
+    (`worker_node.rank<r>`; a restart elsewhere overwrites them), so that where a run trained can be checked
+    afterwards. Returns the node ids by rank. Best effort on the MLflow side: never fails training."""
+    import ray
+    import torch.distributed as dist
+
+    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        mine, nodes = nodes[0], [None] * world
+        dist.all_gather_object(nodes, mine)
+    if rank != 0 or not loop_config.get("mlflow_run_id"):
+        return nodes
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(loop_config["tracking_uri"])
+        for r, node in enumerate(nodes):
+            client.set_tag(loop_config["mlflow_run_id"], f"worker_node.rank{r}", node)
+    except Exception as exc:  # the tracking store is unreachable or busy: training matters more
+        print(f"[train] could not record the workers' nodes in MLflow: {exc}", flush=True)
+    return nodes
 
 
 def initialise(model: nn.Module, loop_config: dict[str, Any]) -> list[str]:

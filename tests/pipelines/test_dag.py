@@ -1,4 +1,5 @@
-"""The DAG executor on real Ray tasks and a real MLflow store, with small stages whose runs are counted."""
+"""The DAG executor on real Ray tasks and a real MLflow store, with small stages whose runs are counted; the work
+dir as a local path and as a `file://` URI (the pyarrow.fs path every other URI scheme takes)."""
 
 from pathlib import Path
 
@@ -6,6 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.dag import MARKER, Stage, run_dag
+from pipelines.shards import filesystem_for
 
 
 def _stages(counter: Path, *, lr: float = 0.1, fail_train: bool = False) -> list[Stage]:
@@ -15,7 +17,9 @@ def _stages(counter: Path, *, lr: float = 0.1, fail_train: bool = False) -> list
                 f.write("x\n")
             if fail:
                 raise RuntimeError(f"injected failure in {name}")
-            (Path(out_dir) / "result.txt").write_text(name)
+            filesystem, path = filesystem_for(out_dir)  # out_dir is a path or a URI, like the work dir
+            with filesystem.open_output_stream(f"{path}/result.txt") as f:
+                f.write(name.encode())
             return {"out": out_dir, "upstream": sorted(upstream), "parent": parent}
 
         return fn
@@ -38,14 +42,21 @@ def env(tmp_path, ray_session):
     return counter, tmp_path / "work", f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
-def test_run_skip_change_fail_resume_force(env):
-    counter, work, uri = env
+@pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
+def test_run_skip_change_fail_resume_force(env, as_uri):
+    counter, local_work, uri = env
+    work = f"file://{local_work}" if as_uri else local_work  # the same folder either way, inspected locally
     logs: list[str] = []
 
     first = run_dag(_stages(counter), work, tracking_uri=uri, log=logs.append)
     assert first.ran == ["preprocess", "train", "evaluate"] and first.skipped == []
     assert first.outputs["evaluate"]["upstream"] == ["preprocess", "train"]
     assert first.outputs["train"]["parent"] == first.parent_run_id
+    # each stage got its folder in the work dir's own form, and its marker (no temporary left) and output are there
+    assert first.outputs["train"]["out"].startswith(f"{work}/train-")
+    done = sorted(p.parent.name.split("-")[0] for p in local_work.glob(f"*/{MARKER}"))
+    assert done == ["evaluate", "preprocess", "train"] and not list(local_work.glob(f"*/{MARKER}.tmp"))
+    assert (local_work / Path(first.outputs["train"]["out"]).name / "result.txt").read_text() == "train"
 
     second = run_dag(_stages(counter), work, tracking_uri=uri, log=logs.append)
     assert second.ran == [] and second.skipped == ["preprocess", "train", "evaluate"]
@@ -60,7 +71,7 @@ def test_run_skip_change_fail_resume_force(env):
     with pytest.raises(Exception, match="injected failure in train"):
         run_dag(_stages(counter, lr=0.3, fail_train=True), work, tracking_uri=uri, log=logs.append)
     assert _runs(counter) == {"preprocess": 1, "train": 3, "evaluate": 2}
-    failed_dirs = [d for d in work.iterdir() if d.name.startswith("train-") and not (d / MARKER).exists()]
+    failed_dirs = [d for d in local_work.iterdir() if d.name.startswith("train-") and not (d / MARKER).exists()]
     assert len(failed_dirs) == 1
     resumed = run_dag(_stages(counter, lr=0.3), work, tracking_uri=uri, log=logs.append)
     assert resumed.ran == ["train", "evaluate"] and resumed.skipped == ["preprocess"]
@@ -74,10 +85,30 @@ def test_run_skip_change_fail_resume_force(env):
     runs = client.search_runs([client.get_experiment_by_name("mrcnn-pipeline").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED"] + ["FINISHED"] * 5
     parent = client.get_run(forced.parent_run_id)
-    assert parent.data.params["train.key"] and parent.data.params["preprocess.out"].startswith(str(work))
+    assert parent.data.params["train.key"] and parent.data.params["preprocess.out"].startswith(f"{work}/preprocess-")
 
 
 def test_unknown_force_stage(env):
     counter, work, uri = env
     with pytest.raises(ValueError, match="--force 'trian'"):
         run_dag(_stages(counter), work, tracking_uri=uri, force="trian")
+
+
+def test_report_files_written_locally_reach_a_uri_work_dir(tmp_path):
+    """Stages that write with local file APIs (evaluate's report, the manifest MLflow logs) under a URI work dir."""
+    from pipelines.dag import _local_dir, _local_file
+
+    uri = f"file://{tmp_path / 'out'}"
+    with _local_dir(uri) as local:
+        assert "://" not in local and not Path(local).is_relative_to(tmp_path)
+        (Path(local) / "metrics.json").write_text('{"AP": 0.5}')
+        (Path(local) / "plots").mkdir()
+        (Path(local) / "plots" / "pr.png").write_bytes(b"png")
+    assert (tmp_path / "out" / "metrics.json").read_text() == '{"AP": 0.5}'
+    assert (tmp_path / "out" / "plots" / "pr.png").read_bytes() == b"png"
+    with _local_file(f"{uri}/metrics.json") as local_file:
+        assert "://" not in local_file and Path(local_file).read_text() == '{"AP": 0.5}'
+    assert not Path(local_file).exists()  # a temporary copy
+    plain = str(tmp_path / "plain")
+    with _local_dir(plain) as local, _local_file(f"{plain}/m.json") as local_file:
+        assert (local, local_file) == (plain, f"{plain}/m.json")  # local paths are used as they are
