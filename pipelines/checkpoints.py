@@ -6,18 +6,26 @@ A checkpoint is a directory:
     meta.json   step, epoch, config, category map, shard fingerprint, validation loss
 Written by rank 0 into a temporary directory and handed to `ray.train.report(checkpoint=...)`, which
 persists it to `RunConfig.storage_path` (local or s3://).
+
+Reading (`load_checkpoint`, `read_meta`, `find_latest_checkpoint`) takes a local path or a URI (`file://`,
+`s3://`, `gs://`, ...) through pyarrow filesystems: on a cluster a checkpoint lives where every node can read it.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import torch
+from pyarrow import fs as pafs
 from torch import nn
+
+from pipelines.shards import filesystem_for, join_uri
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -77,17 +85,22 @@ def save_checkpoint(
     return directory
 
 
-def load_checkpoint(directory: str | Path, *, map_location: str | torch.device = "cpu") -> TrainingState:
-    directory = Path(directory)
-    state_path, meta_path = directory / STATE_FILE, directory / META_FILE
-    if not state_path.is_file() or not meta_path.is_file():
-        raise CheckpointError(f"{directory}: not a checkpoint (needs {STATE_FILE} and {META_FILE})")
+def load_checkpoint(location: str | Path, *, map_location: str | torch.device = "cpu") -> TrainingState:
+    """A checkpoint directory given as a local path or a URI (`file:///shared/ckpt/...`, `s3://bucket/...`)."""
+    filesystem, root = _open(location)
+    state_path, meta_path = f"{root}/{STATE_FILE}", f"{root}/{META_FILE}"
+    if not _is_file(filesystem, state_path, location) or not _is_file(filesystem, meta_path, location):
+        raise CheckpointError(f"{location}: not a checkpoint (needs {STATE_FILE} and {META_FILE})")
+    # read whole, then unpickled from memory: the same code for every filesystem, and one request per file on
+    # object stores (torch's zip reader over a remote random-access file would make many small ranged reads)
+    data = _read(filesystem, state_path, location)
     try:
         # weights_only: a checkpoint is data, never code (DEVELOPERS.md, Security)
-        state = torch.load(state_path, map_location=map_location, weights_only=True)
+        state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
-        raise CheckpointError(f"{state_path}: cannot be loaded safely: {exc}") from exc
-    meta = json.loads(meta_path.read_text())
+        raise CheckpointError(f"{join_uri(os.fspath(location), STATE_FILE)}: cannot be loaded safely: {exc}") from exc
+    del data
+    meta = _parse_meta(_read(filesystem, meta_path, location), location)
     return TrainingState(
         step=int(state["step"]),
         epoch=int(state["epoch"]),
@@ -100,26 +113,86 @@ def load_checkpoint(directory: str | Path, *, map_location: str | torch.device =
     )
 
 
-def read_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{directory}: not a checkpoint (no {META_FILE})")
-    return json.loads(path.read_text())
+def read_meta(location: str | Path) -> dict[str, Any]:
+    """The meta.json of a checkpoint directory (local path or URI), without loading the weights."""
+    filesystem, root = _open(location)
+    path = f"{root}/{META_FILE}"
+    if not _is_file(filesystem, path, location):
+        raise CheckpointError(f"{location}: not a checkpoint (no {META_FILE})")
+    return _parse_meta(_read(filesystem, path, location), location)
 
 
-def find_latest_checkpoint(storage: str | Path, run_name: str | None = None) -> Path | None:
-    """The checkpoint with the highest step under `storage` (or `storage/run_name`), or None."""
-    root = Path(storage) / run_name if run_name else Path(storage)
-    if not root.is_dir():
-        return None
-    best: tuple[int, float] | None = None
+def find_latest_checkpoint(storage: str | Path, run_name: str | None = None) -> str | None:
+    """The checkpoint with the highest step (tie: the newest meta.json) in any `checkpoint_*` directory under
+    `storage` (or `storage/run_name`), as a path when `storage` is a path and a URI when it is a URI; None if
+    there is none. A directory without its state file (an upload cut short) is not a checkpoint."""
+    filesystem, root = _open(storage)
+    if run_name:  # joined inside the filesystem: a URI's query (s3 options) stays at its end
+        root = f"{root.rstrip('/')}/{run_name}"
+    location = join_uri(os.fspath(storage), run_name) if run_name else os.fspath(storage)  # for messages
+    try:
+        if filesystem.get_file_info(root).type != pafs.FileType.Directory:
+            return None
+        infos = filesystem.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
+    except OSError as exc:
+        raise CheckpointError(f"{location}: cannot list checkpoints: {exc}") from exc
+    files = {info.path: info for info in infos if info.type == pafs.FileType.File}
+    best: tuple[int, int] | None = None
     found = None
-    for meta_path in root.glob("**/checkpoint_*/" + META_FILE):
-        step = int(json.loads(meta_path.read_text()).get("step", -1))
-        key = (step, meta_path.stat().st_mtime)
+    for path, info in files.items():
+        directory, _, name = path.rpartition("/")
+        if name != META_FILE or not directory.rpartition("/")[2].startswith("checkpoint_"):
+            continue
+        if directory == root.rstrip("/") or f"{directory}/{STATE_FILE}" not in files:
+            continue
+        step = int(_parse_meta(_read(filesystem, path, location), location).get("step", -1))
+        key = (step, info.mtime_ns or 0)
         if best is None or key > best:
-            best, found = key, meta_path.parent
-    return found
+            best, found = key, directory
+    return None if found is None else uri_for(storage, found)
+
+
+def uri_for(location: str | Path, path: str) -> str:
+    """`path`, a path inside the filesystem of `location`, as `location` is written: a local path stays a path,
+    a URI keeps its scheme, its host where the filesystem's paths leave it out (file://, hdfs://) and its query
+    (s3 options such as endpoint_override)."""
+    location = os.fspath(location)
+    if "://" not in location:
+        return path
+    parts = urlsplit(location)
+    # object stores put the bucket in the path (bucket/key); filesystems with a host give an absolute path
+    head = f"{parts.scheme}://{parts.netloc}" if path.startswith("/") else f"{parts.scheme}://"
+    return head + path + (f"?{parts.query}" if parts.query else "")
+
+
+def _open(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    try:
+        filesystem, root = filesystem_for(os.fspath(location))
+    except (OSError, ValueError, NotImplementedError) as exc:  # unknown scheme, bad URI, no credentials
+        raise CheckpointError(f"{location}: cannot open: {exc}") from exc
+    return filesystem, root.rstrip("/") or "/"
+
+
+def _is_file(filesystem: pafs.FileSystem, path: str, location: str | Path) -> bool:
+    try:
+        return filesystem.get_file_info(path).type == pafs.FileType.File
+    except OSError as exc:
+        raise CheckpointError(f"{location}: cannot read: {exc}") from exc
+
+
+def _read(filesystem: pafs.FileSystem, path: str, location: str | Path) -> bytes:
+    try:
+        with filesystem.open_input_stream(path) as f:
+            return f.read()
+    except OSError as exc:
+        raise CheckpointError(f"{location}: cannot read {path.rpartition('/')[2]}: {exc}") from exc
+
+
+def _parse_meta(data: bytes, location: str | Path) -> dict[str, Any]:
+    try:
+        return json.loads(data)
+    except ValueError as exc:
+        raise CheckpointError(f"{join_uri(os.fspath(location), META_FILE)}: not valid JSON: {exc}") from exc
 
 
 def load_model_state(

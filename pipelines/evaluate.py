@@ -65,18 +65,35 @@ class ModelSpec:
     mlflow_uri: str | None = None
 
 
-def model_spec(model_path: str) -> ModelSpec:
-    """Read a checkpoint's meta.json, or an MLflow model's carried meta, without building the model."""
-    if "://" in model_path and not model_path.startswith("file://"):
-        model = _load_mlflow_model(model_path)
-        meta = model.mrcnn_meta  # set by pipelines/train.py when it logs the model
-        config = Config.from_dict(meta["config"])
-        return ModelSpec(config, meta["categories"], meta["num_classes"], mlflow_uri=model_path)
-    from pipelines.checkpoints import read_meta
+MLFLOW_MODEL_SCHEMES = ("runs", "models", "mlflow-artifacts")
 
-    meta = read_meta(model_path)
+
+def is_mlflow_model_uri(model_path: str) -> bool:
+    """`runs:/ID/model`, `models:/NAME/VERSION`, `mlflow-artifacts:/...`: an MLflow model. Anything else (a path,
+    `file:///...`, `s3://...`) is a checkpoint directory."""
+    scheme, sep, _ = model_path.partition(":")
+    return bool(sep) and scheme.lower() in MLFLOW_MODEL_SCHEMES
+
+
+def model_spec(model_path: str) -> ModelSpec:
+    """Read a checkpoint's meta.json (local path or URI), or an MLflow model's carried meta, without building
+    the model. A location without meta.json but with an MLmodel file (an MLflow model saved to a path or an
+    artifact store URI) is an MLflow model too."""
+    from pipelines.checkpoints import CheckpointError, read_meta
+
+    if not is_mlflow_model_uri(model_path):
+        try:
+            meta = read_meta(model_path)
+        except CheckpointError:
+            if not _has_mlmodel(model_path):
+                raise
+        else:
+            config = Config.from_dict(meta["config"])
+            return ModelSpec(config, meta["categories"], int(meta["num_classes"]), checkpoint=model_path)
+    model = _load_mlflow_model(model_path)
+    meta = model.mrcnn_meta  # set by pipelines/train.py when it logs the model
     config = Config.from_dict(meta["config"])
-    return ModelSpec(config, meta["categories"], int(meta["num_classes"]), checkpoint=model_path)
+    return ModelSpec(config, meta["categories"], meta["num_classes"], mlflow_uri=model_path)
 
 
 def load_model(spec: ModelSpec, *, device: torch.device | str = "cpu", min_confidence: float | None = None):
@@ -106,6 +123,16 @@ def check_model_fits(spec: ModelSpec, manifest: dict[str, Any]) -> None:
     diff = fingerprint_diff(manifest["shard_fields"], spec.config.shard_fields())
     if diff:
         raise ModelMismatchError("the model's geometry differs from the shards': " + "; ".join(diff))
+
+
+def _has_mlmodel(location: str) -> bool:
+    from pipelines.shards import exists, filesystem_for
+
+    try:
+        filesystem, root = filesystem_for(location)
+        return exists(filesystem, f"{root.rstrip('/')}/MLmodel")
+    except (OSError, ValueError, NotImplementedError):
+        return False
 
 
 def _load_mlflow_model(uri: str):

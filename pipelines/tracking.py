@@ -84,11 +84,27 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
 
 
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a local file or directory, or one given as a URI (`s3://...`, `file:///...`: copied to a temporary
+    directory first, as MLflow logs local files only)."""
     client = MlflowClient(tracking_uri)
+    path = os.fspath(path)
+    if "://" in path:
+        import tempfile
+
+        from pyarrow import fs as pafs
+
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        inner = inner.rstrip("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, inner.rpartition("/")[2] or "artifact")
+            # a file, or a directory copied recursively
+            pafs.copy_files(inner, local, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+            log_artifact(tracking_uri, run_id, local, artifact_path)
+        return
     if Path(path).is_dir():
-        client.log_artifacts(run_id, str(path), artifact_path)
+        client.log_artifacts(run_id, path, artifact_path)
     else:
-        client.log_artifact(run_id, str(path), artifact_path)
+        client.log_artifact(run_id, path, artifact_path)
 
 
 def flatten(prefix: str, value: Any) -> dict[str, Any]:

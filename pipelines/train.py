@@ -14,7 +14,7 @@ from typing import Any
 
 from mrcnn.config import Config
 from pipelines import tracking
-from pipelines.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state
+from pipelines.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
 from pipelines.coco_source import CategoryMap
 from pipelines.train_loop import total_steps_for, train_loop_per_worker
 
@@ -86,7 +86,7 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
 
     from pipelines.loader import batches_dataset
     from pipelines.ray_env import cluster_has_gpus, cluster_nodes, init_ray
-    from pipelines.shards import check_fingerprint, read_manifest
+    from pipelines.shards import absolute, check_fingerprint, read_manifest
 
     if request.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
@@ -112,10 +112,11 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
     )
     resume_from = None
     if request.resume:
-        latest = find_latest_checkpoint(storage) if "://" not in storage else None
+        # a path or a URI that every worker reads (pipelines.checkpoints reads both)
+        latest = find_latest_checkpoint(storage)
         if latest is None:
             raise ValueError(f"--resume: no checkpoint under {storage}")
-        resume_from = str(latest)
+        resume_from = latest
         print(f"[train] resuming from {latest}", flush=True)
     run_name = request.run_name or f"train-{manifest['fingerprint'][:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -157,8 +158,9 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
         "total_steps": total_steps,
         "steps_per_epoch": steps_per_epoch,
         "layers": config.train.layers,
-        "model_path": request.model_path,
-        "backbone_weights": request.backbone_weights,
+        # read by the workers, which do not share the driver's working directory: absolute, or a URI
+        "model_path": absolute(request.model_path) if request.model_path else None,
+        "backbone_weights": absolute(request.backbone_weights) if request.backbone_weights else None,
         "tracking_uri": tracking_uri,
         "mlflow_run_id": run_id,
         "has_val": val_split is not None,
@@ -201,8 +203,10 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
     if getattr(result, "error", None) is not None:
         tracking.finish_run(tracking_uri, run_id, failed=True)
         raise result.error
-    latest = result.checkpoint.path
-    best = min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))[0].path
+    # Ray's Checkpoint.path is a path inside its storage filesystem (no scheme): made a URI again here, so
+    # that the DAG's later stages, evaluate and predict read it from wherever they run
+    latest = checkpoint_uri(result.checkpoint, storage)
+    best = checkpoint_uri(min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))[0], storage)
     if request.log_model:
         log_final_model(tracking_uri, run_id, latest, config=config, num_classes=num_classes)
     tracking.log_artifact(tracking_uri, run_id, latest, "checkpoint")
@@ -216,6 +220,13 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
         metrics=dict(result.metrics or {}),
         total_steps=total_steps,
     )
+
+
+def checkpoint_uri(checkpoint: Any, storage: str) -> str:
+    """Where a Ray Train checkpoint (anything with `.path`, the path inside `storage`'s filesystem) lives, written
+    as `storage` is: a local path for a local storage, `scheme://...` for a URI storage (`s3://b/ckpt` ->
+    `s3://b/ckpt/run/checkpoint_000003`, `file:///shared/ckpt` -> `file:///shared/ckpt/run/checkpoint_000003`)."""
+    return uri_for(storage, checkpoint.path)
 
 
 def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, config: Config, num_classes: int) -> None:
