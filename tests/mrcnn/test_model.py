@@ -110,8 +110,13 @@ EXPECTED_LOSSES = {
 }
 
 
+# The settings EXPECTED_LOSSES were recorded with (the first `shapes` preset): pinned, so retuning the preset
+# does not change what this regression test guards (the model's computation).
+REGRESSION_CONFIG = ["rpn.anchor_scales=[8, 16, 32, 64, 128]", "rpn.positive_iou=0.7", "roi.rois_per_image=64"]
+
+
 def test_seeded_loss_regression():
-    model, config = _model(seed=0)
+    model, config = _model(seed=0, config=shapes().override(REGRESSION_CONFIG))
     # Wider box-delta init than Detectron's 0.001, so that loss_box is far from zero and would show a change.
     torch.nn.init.normal_(model.box_head.box_deltas.weight, std=0.05)
     batch = _shapes_batch(model, config, with_empty=True)
