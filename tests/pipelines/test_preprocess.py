@@ -111,6 +111,7 @@ def test_manifest_counts_match_the_source(synth_shards, synth_dataset):
 def test_rows_decode_to_a_direct_computation(synth_shards, synth_dataset):
     out, manifest, _ = synth_shards
     config = shapes()
+    rpn = config.rpn
     anchors = anchors_from_config(config)
     coder = BoxCoder(weights=(10.0, 10.0, 5.0, 5.0))
     checked_masks = 0
@@ -164,11 +165,12 @@ def test_rows_decode_to_a_direct_computation(synth_shards, synth_dataset):
             if len(gt):
                 iou = box_iou(anchors, gt)  # [A, G]
                 best, argmax = iou.max(dim=1)
-                positive = (best >= 0.7) | ((iou == iou.max(dim=0).values) & (iou.max(dim=0).values > 0)).any(1)
-                match[(best >= 0.3) & ~positive] = -1
+                positive = (best >= rpn.positive_iou) | (
+                    (iou == iou.max(dim=0).values) & (iou.max(dim=0).values > 0)).any(1)
+                match[(best >= rpn.negative_iou) & ~positive] = -1
                 deltas[positive] = coder.encode_single(gt[argmax[positive]], anchors[positive])
             if len(cxyxy):
-                match[(box_iou(anchors, torch.from_numpy(cxyxy)).max(dim=1).values >= 0.001) & ~positive] = -1
+                match[(box_iou(anchors, torch.from_numpy(cxyxy)).max(dim=1).values >= rpn.crowd_iou) & ~positive] = -1
             match[positive] = 1
             assert (got["rpn_match"] == match.numpy()).all(), row["image_id"]
             np.testing.assert_allclose(got["rpn_deltas"], deltas.numpy(), atol=1e-4)
