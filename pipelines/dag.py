@@ -178,8 +178,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
         )
         tracking.log_params(uri, run_id, {"fingerprint": config.fingerprint(), "dataset": request.dataset,
                                           **{f"annotations_sha256.{k}": v for k, v in annotations_hash.items()}})
-        with _local_file(manifest) as local_manifest:
-            tracking.log_artifact(uri, run_id, local_manifest)
+        tracking.log_artifact(uri, run_id, manifest)  # a path or a URI: log_artifact copies a URI locally first
         tracking.finish_run(uri, run_id)
         return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
 
@@ -240,20 +239,6 @@ def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
         experiment=request.experiment,
         run_name=f"pipeline-{config.name}",
     )
-
-
-@contextmanager
-def _local_file(path: str) -> Iterator[str]:
-    """`path` itself when local, else a temporary local copy of the file (MLflow logs artifacts from local files)."""
-    if "://" not in path:
-        yield path
-        return
-    filesystem, inner = filesystem_for(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        local = str(Path(tmp) / inner.rsplit("/", 1)[-1])
-        with filesystem.open_input_stream(inner) as src, open(local, "wb") as dst:
-            dst.write(src.read())
-        yield local
 
 
 @contextmanager

@@ -93,7 +93,9 @@ def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path
 
         from pyarrow import fs as pafs
 
-        filesystem, inner = pafs.FileSystem.from_uri(path)
+        from pipelines.shards import filesystem_for
+
+        filesystem, inner = filesystem_for(path)
         inner = inner.rstrip("/")
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, inner.rpartition("/")[2] or "artifact")
