@@ -80,7 +80,7 @@ def workers_compare(shards: str, config, steps: int, root: Path) -> None:
                                        storage=str(root / f"ckpt{workers}"), tracking_uri=uri))
         history = [m.value for m in MlflowClient(uri).get_metric_history(result.run_id, "images_per_s")][2:]
         rates[workers] = statistics.median(history)
-        print(f"{workers} worker(s): {rates[workers]:.1f} img/s (median over {len(history)} steps)")
+        print(f"{workers} worker(s): {rates[workers]:.3g} img/s (median over {len(history)} steps)")
     print(f"2 workers / 1 worker = x{rates[2] / rates[1]:.2f}")
 
 

@@ -81,7 +81,9 @@ def main() -> None:
 
     tc = config.train
     lr = scaled_lr(tc.lr, global_batch=tc.batch_size, reference_batch=tc.lr_reference_batch)
-    optimizer = build_optimizer(model, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(
+        model, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay, kind=tc.optimizer
+    )
     scheduler = build_scheduler(optimizer, total_steps=max(tc.steps, 1), warmup_steps=tc.warmup_steps,
                                 schedule=tc.schedule, decay_at=tc.decay_at, decay_factor=tc.decay_factor)
     runner = StepRunner(model=model, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"),

@@ -77,6 +77,7 @@ class RoIConfig:
     positive_iou: float = 0.5
     pool_size: int = 7
     mask_pool_size: int = 14
+    sampling_ratio: int = 2  # RoIAlign bilinear samples per bin side (torchvision's default 2; 0 = adaptive)
     fc_dim: int = 1024
     mask_conv_dim: int = 256
     mask_conv_layers: int = 4
@@ -101,6 +102,7 @@ class DetectionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
+    optimizer: str = "sgd"  # "sgd" or "adamw" (momentum is AdamW's beta1)
     lr: float = 0.02
     lr_reference_batch: int = 16  # lr is given per this many images, scaled linearly with the global batch
     momentum: float = 0.9

@@ -43,8 +43,9 @@ class MaskRCNN(nn.Module):
     proposal_settings: generate_proposals kwargs except post_nms_topk (pre_nms_topk, nms_threshold, bbox_std);
     post_nms_train / post_nms_test: proposals kept per image; rpn_sample_settings: rpn_losses kwargs
     (num_samples, positive_fraction); target_settings: sample_detection_targets kwargs; pool_settings:
-    pool_rois kwargs except output_size (strides, canonical_level, canonical_size); detection_settings: detect
-    kwargs; loss_weights: one weight per LOSS_KEYS entry. anchors: [A, 4]; flip_perm: int64 [A] or None.
+    pool_rois kwargs except output_size (strides, canonical_level, canonical_size, sampling_ratio);
+    detection_settings: detect kwargs; loss_weights: one weight per LOSS_KEYS entry. anchors: [A, 4];
+    flip_perm: int64 [A] or None.
     """
 
     def __init__(
@@ -219,6 +220,7 @@ def build_model(config: Config, num_classes: int) -> MaskRCNN:
             "strides": pool_strides,
             "canonical_level": roi.canonical_level,
             "canonical_size": roi.canonical_size,
+            "sampling_ratio": roi.sampling_ratio,
         },
         detection_settings={
             "bbox_std": roi.bbox_std,

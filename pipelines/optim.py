@@ -1,4 +1,4 @@
-"""Optimisation: stage-wise trainable layers, SGD, and the learning-rate schedule.
+"""Optimisation: stage-wise trainable layers, SGD or AdamW, and the learning-rate schedule.
 
 Pure helpers used by the per-worker training loop (pipelines/train_loop.py) and tested on their own.
 """
@@ -61,14 +61,24 @@ def scaled_lr(base_lr: float, *, global_batch: int, reference_batch: int) -> flo
     return base_lr * global_batch / reference_batch
 
 
-def build_optimizer(model: nn.Module, *, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
-    """SGD over trainable parameters; no weight decay on biases and norm parameters (1-d tensors)."""
+OPTIMIZERS = ("sgd", "adamw")
+
+
+def build_optimizer(
+    model: nn.Module, *, lr: float, momentum: float, weight_decay: float, kind: str = "sgd"
+) -> torch.optim.Optimizer:
+    """SGD (or AdamW, betas (momentum, 0.999)) over trainable parameters; no weight decay on biases and norm
+    parameters (1-d tensors)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer {kind!r}: choose one of {', '.join(OPTIMIZERS)}")
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
             continue
         (no_decay if param.ndim <= 1 else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=(momentum, 0.999))
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
 
 

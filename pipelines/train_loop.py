@@ -184,7 +184,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     global_batch = tc.batch_size * world
     lr = scaled_lr(tc.lr, global_batch=global_batch, reference_batch=tc.lr_reference_batch)
-    optimizer = build_optimizer(model, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay)
+    optimizer = build_optimizer(
+        model, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay, kind=tc.optimizer
+    )
     total_steps = loop_config["total_steps"]
     scheduler = build_scheduler(
         optimizer,

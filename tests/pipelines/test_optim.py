@@ -116,3 +116,23 @@ def test_no_weight_decay_on_biases():
     opt = build_optimizer(frozen, lr=0.1, momentum=0.9, weight_decay=1e-4)
     assert sum(len(g["params"]) for g in opt.param_groups) == 1
     assert torch.is_tensor(opt.param_groups[1]["params"][0])
+
+
+def test_adamw_takes_momentum_as_beta1_and_decays_weights_only():
+    model = nn.Linear(3, 2)
+    opt = build_optimizer(model, lr=1e-3, momentum=0.8, weight_decay=0.05, kind="adamw")
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.param_groups[0]["betas"] == (0.8, 0.999)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.05, 0.0]
+    # one step from zero gradients' moments: AdamW moves every weight by lr * (sign of grad) + decoupled decay
+    model.weight.grad = torch.ones_like(model.weight)
+    model.bias.grad = -torch.ones_like(model.bias)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    opt.step()
+    assert torch.allclose(model.weight, w0 * (1 - 1e-3 * 0.05) - 1e-3, atol=1e-6)
+    assert torch.allclose(model.bias, b0 + 1e-3, atol=1e-6)
+
+
+def test_unknown_optimizer_is_refused_by_name():
+    with pytest.raises(ValueError, match="train.optimizer 'lamb'"):
+        build_optimizer(nn.Linear(3, 2), lr=0.1, momentum=0.9, weight_decay=0.0, kind="lamb")

@@ -1,0 +1,88 @@
+"""What DDP's gradient all-reduce costs on a CPU box: 2 processes x 1 torch thread, batch 4 each, stepping
+the same model (a) independently, (b) under DistributedDataParallel over gloo, (c) under DDP with the fp16
+gradient-compression hook. Prints img/s per process and in total for each mode, run one after the other.
+
+    .venv/bin/python bench/bench_ddp.py --shards SHARDS [--config shapes] [--set roi.sampling_ratio=1 ...]
+
+SHARDS: preprocessed shards (`mrcnn-cli preprocess`) made with the same shard fields as the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+MODES = ("independent", "ddp", "ddp-fp16")
+BATCH, STEPS, WARMUP = 4, 12, 2
+
+
+def worker(rank: int, mode: str, args: argparse.Namespace, port: int, queue) -> None:
+    from tune_preset import load_rows, take
+
+    from mrcnn.config import load_config
+    from mrcnn.model import build_model
+    from pipelines.loader import ShardBatchDecoder, decoder_for
+    from pipelines.optim import build_optimizer, build_scheduler
+    from pipelines.train_loop import StepRunner
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = load_config(args.config, args.set)
+    rows = load_rows(args.shards, "train2017")
+    model = build_model(config, num_classes=4)
+    decoder = ShardBatchDecoder(**decoder_for(config, int(model.anchors.shape[0])))
+    flip_perm = model.flip_perm
+    if mode != "independent":
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        if mode == "ddp-fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    scheduler = build_scheduler(optimizer, total_steps=100, warmup_steps=0, schedule="cosine")
+    runner = StepRunner(model=model, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"),
+                        grad_clip=5.0, flip_perm=flip_perm, rank=rank)
+    # rank r takes batches r, r + 2, r + 4, ... of the split, as a 2-worker split would
+    batches = [take(rows, list(range((2 * i + rank) * BATCH, (2 * i + rank + 1) * BATCH)), decoder)
+               for i in range(WARMUP + STEPS)]
+    for step in range(WARMUP):
+        runner(batches[step], step)
+    started = time.perf_counter()
+    for step in range(WARMUP, WARMUP + STEPS):
+        runner(batches[step], step)
+    queue.put(STEPS * BATCH / (time.perf_counter() - started))
+    if mode != "independent":
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--config", default="shapes")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--port", type=int, default=29533)
+    args = parser.parse_args()
+    ctx = mp.get_context("spawn")
+    for mode in MODES:
+        queue = ctx.Queue()
+        procs = [ctx.Process(target=worker, args=(rank, mode, args, args.port, queue)) for rank in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        rates = [queue.get() for _ in procs]
+        print(f"{mode:12s} img/s per process {rates[0]:.2f}, {rates[1]:.2f}; total {sum(rates):.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
