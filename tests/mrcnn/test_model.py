@@ -112,7 +112,9 @@ EXPECTED_LOSSES = {
 
 # The settings EXPECTED_LOSSES were recorded with (the first `shapes` preset): pinned, so retuning the preset
 # does not change what this regression test guards (the model's computation).
-REGRESSION_CONFIG = ["rpn.anchor_scales=[8, 16, 32, 64, 128]", "rpn.positive_iou=0.7", "roi.rois_per_image=64"]
+REGRESSION_CONFIG = [
+    "rpn.anchor_scales=[8, 16, 32, 64, 128]", "rpn.positive_iou=0.7", "roi.rois_per_image=64", "roi.sampling_ratio=2"
+]
 
 
 def test_seeded_loss_regression():
