@@ -31,7 +31,7 @@ def worker(rank: int, mode: str, args: argparse.Namespace, port: int, queue) -> 
     from mrcnn.model import build_model
     from pipelines.loader import ShardBatchDecoder, decoder_for
     from pipelines.optim import build_optimizer, build_scheduler
-    from pipelines.train_loop import StepRunner
+    from pipelines.train_loop import StepRunner, compress_gradients
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -44,10 +44,7 @@ def worker(rank: int, mode: str, args: argparse.Namespace, port: int, queue) -> 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=2)
         model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-        if mode == "ddp-fp16":
-            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
-
-            model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        compress_gradients(model, "fp16" if mode == "ddp-fp16" else "none")
     optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
     scheduler = build_scheduler(optimizer, total_steps=100, warmup_steps=0, schedule="cosine")
     runner = StepRunner(model=model, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"),

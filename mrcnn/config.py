@@ -117,6 +117,8 @@ class TrainConfig:
     decay_factor: float = 0.1
     checkpoint_every: int = 500
     log_every: int = 20
+    val_every: int = 1  # validation loss after every this many epochs and after the last step; 0: the last only
+    grad_compression: str = "none"  # "fp16": DDP all-reduces gradients in half precision (fp16_compress_hook)
     num_to_keep: int = 3
     max_failures: int = 2
     max_nonfinite_in_a_row: int = 10
@@ -276,6 +278,10 @@ def shapes() -> Config:
             schedule="cosine",
             checkpoint_every=200,
             log_every=10,
+            # the demo's 2 workers share 2 cores: each epoch's validation re-streams the split (about 10 s a
+            # time) and the all-reduce costs a quarter of a step (fp16 gradients: +9% img/s); BENCHMARKS.md
+            val_every=0,
+            grad_compression="fp16",
         ),
         preprocess=PreprocessConfig(rows_per_shard=256, rows_per_row_group=16),
         evaluate=EvalConfig(batch_size=8),

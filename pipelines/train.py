@@ -16,7 +16,7 @@ from mrcnn.config import Config
 from pipelines import tracking
 from pipelines.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
 from pipelines.coco_source import CategoryMap
-from pipelines.train_loop import total_steps_for, train_loop_per_worker
+from pipelines.train_loop import GRAD_COMPRESSIONS, total_steps_for, train_loop_per_worker
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,9 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
     manifest = read_manifest(request.shards)
     check_fingerprint(manifest, config)  # before any work: shards made with another config are refused
     config = apply_request(config, request)
+    if config.train.grad_compression not in GRAD_COMPRESSIONS:  # before Ray starts, not in every worker
+        raise ValueError(f"train.grad_compression {config.train.grad_compression!r}: one of "
+                         f"{', '.join(GRAD_COMPRESSIONS)}")
     splits = manifest["splits"]
     if request.split not in splits:
         raise ValueError(f"split {request.split!r} is not in {request.shards} (has {', '.join(splits)})")

@@ -123,6 +123,30 @@ def validation_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor
     return mean
 
 
+def validation_due(epoch: int, *, done: bool, epoch_ended: bool, every: int) -> bool:
+    """Whether the validation loss is computed now, after `epoch` (0-based) ran to its end or was cut short by
+    the last step: always after the last step, else after every `every`-th epoch (`train.val_every`; 0 = never
+    before the last step: each validation re-streams the split, some 10 s on a small CPU box)."""
+    return done or (epoch_ended and every > 0 and (epoch + 1) % every == 0)
+
+
+GRAD_COMPRESSIONS = ("none", "fp16")
+
+
+def compress_gradients(model: nn.Module, kind: str) -> bool:
+    """`train.grad_compression`: "fp16" registers torch's `fp16_compress_hook` on a DDP model, halving what the
+    gradient all-reduce moves (gloo on CPUs sharing a box: about 9% more images/s, BENCHMARKS.md). Returns
+    whether a hook was registered (not for a single worker, which has no all-reduce)."""
+    if kind not in GRAD_COMPRESSIONS:
+        raise ValueError(f"train.grad_compression {kind!r}: choose one of {', '.join(GRAD_COMPRESSIONS)}")
+    if kind == "none" or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return False
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
+    return True
+
+
 def total_steps_for(config: Config, *, train_images: int, global_batch: int) -> tuple[int, int]:
     """(total steps, steps per epoch): `train.steps` when set, else `train.epochs` full epochs."""
     per_epoch = max(train_images // global_batch, 1)
@@ -181,6 +205,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     flip_perm = model.flip_perm.clone()
     # anchors, flip permutation and pixel statistics are constant buffers: no need to re-broadcast each step
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    compress_gradients(model, tc.grad_compression)
 
     global_batch = tc.batch_size * world
     lr = scaled_lr(tc.lr, global_batch=global_batch, reference_batch=tc.lr_reference_batch)
@@ -265,7 +290,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if exhausted and batch_in_epoch == skip == 0:
             raise RuntimeError(f"an epoch gave this worker no batch of {tc.batch_size}: fewer images than the batch")
         skip = 0
-        if val_shard is not None:
+        if val_shard is not None and validation_due(epoch, done=step >= stop_at, epoch_ended=exhausted,
+                                                    every=tc.val_every):
             val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=False, device="cpu")
             last_val = validation_losses(model, val_batches, device)
             if logger:

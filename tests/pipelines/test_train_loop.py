@@ -11,7 +11,14 @@ from mrcnn.config import shapes
 from mrcnn.model import build_model
 from pipelines.loader import ShardBatchDecoder, decoder_for
 from pipelines.optim import build_optimizer, build_scheduler
-from pipelines.train_loop import NonFiniteLossError, StepRunner, total_steps_for, validation_losses
+from pipelines.train_loop import (
+    NonFiniteLossError,
+    StepRunner,
+    compress_gradients,
+    total_steps_for,
+    validation_due,
+    validation_losses,
+)
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +103,49 @@ def test_total_steps_for():
     assert total_steps_for(replace(c, train=replace(c.train, steps=0, epochs=3)), train_images=10, global_batch=4) == (
         6, 2)
     assert total_steps_for(replace(c, train=replace(c.train, steps=7)), train_images=10, global_batch=4) == (7, 2)
+
+
+def test_validation_due_after_every_nth_epoch_and_always_after_the_last_step():
+    # every epoch (the default): after each completed epoch and after the last step
+    assert [validation_due(e, done=False, epoch_ended=True, every=1) for e in range(3)] == [True, True, True]
+    # every 2nd: epochs 1, 3 (0-based), i.e. after the 2nd and 4th
+    assert [validation_due(e, done=False, epoch_ended=True, every=2) for e in range(4)] == [False, True, False, True]
+    # 0: never before the last step
+    assert not any(validation_due(e, done=False, epoch_ended=True, every=0) for e in range(4))
+    # the last step always validates, even mid-epoch and with 0
+    assert validation_due(5, done=True, epoch_ended=False, every=0)
+    assert validation_due(0, done=True, epoch_ended=False, every=3)
+
+
+@pytest.fixture()
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _ddp_grads(kind: str) -> tuple[list[torch.Tensor], bool]:
+    torch.manual_seed(0)
+    net = nn.Linear(7, 3)
+    ddp = nn.parallel.DistributedDataParallel(net)
+    hooked = compress_gradients(ddp, kind)
+    x = torch.randn(5, 7) * 1000.0  # gradients far from fp16-representable values
+    (ddp(x) ** 2).sum().backward()
+    return [p.grad.clone() for p in net.parameters()], hooked
+
+
+def test_fp16_grad_compression_rounds_the_all_reduced_gradients_to_half(one_process_group):
+    plain, hooked_plain = _ddp_grads("none")
+    compressed, hooked = _ddp_grads("fp16")
+    assert not hooked_plain and hooked
+    for p, c in zip(plain, compressed, strict=True):
+        assert not torch.equal(p, c)  # the hook changed what arrived ...
+        assert torch.equal(c, p.half().float())  # ... by exactly the fp16 round trip (world size 1: sum / 1)
+
+
+def test_grad_compression_needs_ddp_and_a_known_kind():
+    assert not compress_gradients(nn.Linear(2, 2), "fp16")  # one worker: no all-reduce, nothing to hook
+    with pytest.raises(ValueError, match="grad_compression 'int8'"):
+        compress_gradients(nn.Linear(2, 2), "int8")
