@@ -151,6 +151,9 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
     datasets = {"train": batches_dataset(request.shards, request.split, config, _num_anchors(config))}
     if val_split:
         datasets["val"] = batches_dataset(request.shards, val_split, config, _num_anchors(config))
+    if config.train.cache_data:
+        print(f"[train] decoding {', '.join(datasets)} into the object store (train.cache_data)", flush=True)
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
     from ray.data import ExecutionOptions
 
     loop_config = {

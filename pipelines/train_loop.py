@@ -21,11 +21,10 @@ from torch import nn
 
 from mrcnn.config import Config
 from mrcnn.flip import flip_batch
+from mrcnn.model import LOSS_KEYS
 from pipelines.checkpoints import load_checkpoint, load_model_state, save_checkpoint, unwrap
 from pipelines.loader import to_device
 from pipelines.optim import build_optimizer, build_scheduler, scaled_lr, set_trainable_layers
-
-LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -101,25 +100,28 @@ class StepRunner:
 def validation_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict:
     """Mean loss terms over `batches` with no update: the model in training mode (losses need targets) but
     BatchNorm in eval mode so running statistics stay as they are, and the global RNG left untouched (the
-    samplers draw from it) so validation never changes the course of training."""
+    samplers draw from it) so validation never changes the course of training. Under torch.distributed every
+    rank must call it: the sums are all-reduced, so each rank returns the mean over every rank's batches."""
     was_training = model.training
     model.train()
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in norms:
         m.eval()
-    sums: dict[str, float] = {}
-    count = 0
+    sums = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64)  # the loss terms in LOSS_KEYS order, then count
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for batch in batches:
             losses = model(to_device(batch, device))
-            for k, v in losses.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
+            sums += torch.tensor([float(losses[k]) for k in LOSS_KEYS] + [1.0], dtype=torch.float64)
     model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reduced = sums.to(device)  # NCCL reduces CUDA tensors only
+        torch.distributed.all_reduce(reduced)
+        sums = reduced.cpu()
+    count = float(sums[-1])
     if count == 0:
         return {}
-    mean = {f"val_{k}": v / count for k, v in sums.items()}
-    mean["val_loss"] = sum(v / count for v in sums.values())
+    mean = {f"val_{k}": float(v) / count for k, v in zip(LOSS_KEYS, sums[:-1], strict=True)}
+    mean["val_loss"] = sum(mean.values())
     return mean
 
 

@@ -113,7 +113,8 @@ EXPECTED_LOSSES = {
 # The settings EXPECTED_LOSSES were recorded with (the first `shapes` preset): pinned, so retuning the preset
 # does not change what this regression test guards (the model's computation).
 REGRESSION_CONFIG = [
-    "rpn.anchor_scales=[8, 16, 32, 64, 128]", "rpn.positive_iou=0.7", "roi.rois_per_image=64", "roi.sampling_ratio=2"
+    "rpn.anchor_scales=[8, 16, 32, 64, 128]", "rpn.positive_iou=0.7", "roi.rois_per_image=64", "roi.sampling_ratio=2",
+    "roi.positive_fraction=0.33",
 ]
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mrcnn.config import shapes
-from mrcnn.model import build_model
+from mrcnn.model import LOSS_KEYS, build_model
 from pipelines.loader import ShardBatchDecoder, decoder_for
 from pipelines.optim import build_optimizer, build_scheduler
 from pipelines.train_loop import (
@@ -149,3 +149,32 @@ def test_grad_compression_needs_ddp_and_a_known_kind():
     assert not compress_gradients(nn.Linear(2, 2), "fp16")  # one worker: no all-reduce, nothing to hook
     with pytest.raises(ValueError, match="grad_compression 'int8'"):
         compress_gradients(nn.Linear(2, 2), "int8")
+
+
+class _LossesOfX(nn.Module):
+    """Stands in for the model: its loss terms are batch["x"] times 1..5, so means are known by hand."""
+
+    def forward(self, batch):
+        return {k: batch["x"].sum() * (i + 1) for i, k in enumerate(LOSS_KEYS)}
+
+
+def _validate_on_rank(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # rank 0 sees the values 1 and 2, rank 1 sees 6: the mean over all three batches is 3
+    mine = [[1.0, 2.0], [6.0]][rank]
+    val = validation_losses(_LossesOfX(), [{"x": torch.tensor([v])} for v in mine], torch.device("cpu"))
+    torch.save(val, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_validation_losses_are_the_mean_over_every_ranks_batches(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_validate_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "val")), nprocs=2)
+    for rank in range(2):
+        val = torch.load(tmp_path / f"val.{rank}", weights_only=True)
+        assert val["val_loss_rpn_cls"] == pytest.approx(3.0)  # (1 + 2 + 6) / 3, not rank 0's 1.5
+        assert val["val_loss_mask"] == pytest.approx(15.0)
+        assert val["val_loss"] == pytest.approx(3.0 * (1 + 2 + 3 + 4 + 5))
