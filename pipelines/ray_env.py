@@ -14,11 +14,21 @@ import mrcnn
 import pipelines
 
 
+def worker_env_vars() -> dict[str, str]:
+    """Environment of every Ray worker: Ray Data's progress bars as the caller's environment says, and Ray
+    Train's print patch off (it sends a train worker's `print` both to the console and through the logging
+    module, so each progress line reached the driver twice)."""
+    return {
+        "RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0"),
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+
+
 def runtime_env() -> dict[str, Any]:
-    """Ship `mrcnn/` and `pipelines/` to every worker; keep their logs quiet about tqdm bars."""
+    """Ship `mrcnn/` and `pipelines/` to every worker, with `worker_env_vars`."""
     return {
         "py_modules": [str(Path(mrcnn.__file__).parent), str(Path(pipelines.__file__).parent)],
-        "env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0")},
+        "env_vars": worker_env_vars(),
     }
 
 
@@ -37,7 +47,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
         ray.init(address=address, runtime_env=runtime_env(), log_to_driver=not quiet)
         return address
     cpus = num_cpus or max(os.cpu_count() or 1, 4)
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=True)
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True, configure_logging=True,
+             runtime_env={"env_vars": worker_env_vars()})  # the code is importable here: no py_modules
     return "local"
 
 
