@@ -120,7 +120,8 @@ class TrainConfig:
     val_every: int = 1  # validation loss after every this many epochs and after the last step; 0: the last only
     grad_compression: str = "none"  # "fp16": DDP all-reduces gradients in half precision (fp16_compress_hook)
     # decode the splits once into Ray's object store (`Dataset.materialize`) instead of re-reading the shards every
-    # epoch: for datasets that fit in memory (the demo's: an epoch then starts in under a second, not ~8 s)
+    # epoch: for datasets that fit in memory (the demo's: an epoch then starts in under a second, not ~8 s). On one
+    # node only: a lost node takes its cached blocks with it and training cannot restore (tests/cluster)
     cache_data: bool = False
     num_to_keep: int = 3
     max_failures: int = 2
@@ -283,10 +284,10 @@ def shapes() -> Config:
             schedule="cosine",
             checkpoint_every=200,
             log_every=10,
-            # the demo's 2 workers share 2 cores: each epoch's validation and each new stream of the shards cost
-            # about 10 s (BENCHMARKS.md), so validate once at the end and decode the small splits once
+            # the demo's 2 workers share 2 cores: each epoch's validation re-streams the split (about 10 s), so
+            # validate once at the end (the demo also sets train.cache_data, which a multi-node run must not:
+            # cached blocks die with their node)
             val_every=0,
-            cache_data=True,
         ),
         preprocess=PreprocessConfig(rows_per_shard=256, rows_per_row_group=16),
         evaluate=EvalConfig(batch_size=8),

@@ -27,7 +27,8 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # batch 1 on 2 workers: 5 steps per epoch over the ~10 training images, so 10 steps are 2 epochs (each
     # epoch starts a new Ray Data stream, ~10 s of fixed cost on 2 cores)
-    config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1)
+    # train.cache_data as the demo runs: the splits decoded once into the object store, not streamed per epoch
+    config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1, cache_data=True)
     result = train(
         config,
         TrainRequest(
@@ -69,8 +70,7 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
 
 
 def test_resume_and_fault_recovery_equal_an_uninterrupted_run(synth_shards, tmp_path):
-    # streamed from the shards every epoch (the preset caches its small splits; the two-worker test covers that)
-    config = _config(steps=8, lr=0.01, cache_data=False)
+    config = _config(steps=8, lr=0.01)  # streamed from the shards every epoch (the two-worker test caches)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def run(storage: str, **kw):
