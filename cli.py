@@ -29,7 +29,7 @@ AddressOpt = Annotated[
 
 
 def _placement(strategy: str) -> str:
-    from pipelines.train import PLACEMENT_STRATEGIES
+    from pipelines.training.train import PLACEMENT_STRATEGIES
 
     if strategy.upper() not in PLACEMENT_STRATEGIES:
         raise typer.BadParameter(f"{strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}",
@@ -57,7 +57,7 @@ def synth(
 
     Example: mrcnn-cli synth data/shapes --train 200 --val 50 --seed 0
     """
-    from pipelines.synth import make_synthetic_dataset
+    from pipelines.data.synth import make_synthetic_dataset
 
     info = make_synthetic_dataset(out, train=train, val=val, seed=seed)
     typer.echo(f"wrote {info}")
@@ -79,9 +79,9 @@ def preprocess(
 
     Example: mrcnn-cli preprocess --dataset data/shapes --split train2017 --split val2017 --out shards --config shapes
     """
-    from pipelines.coco_source import split_paths
-    from pipelines.preprocess import preprocess as run_preprocess
-    from pipelines.ray_env import init_ray
+    from pipelines.data.coco import split_paths
+    from pipelines.data.preprocess import preprocess as run_preprocess
+    from pipelines.infra.ray_env import init_ray
 
     cfg = _config(config, set_)
     if annotations or images:
@@ -125,8 +125,8 @@ def train(
 
     Example: mrcnn-cli train --shards shards --workers 2 --no-gpu --steps 200 --config shapes --storage ckpt
     """
-    from pipelines.train import TrainRequest
-    from pipelines.train import train as run_train
+    from pipelines.training.train import TrainRequest
+    from pipelines.training.train import train as run_train
 
     strategy = _placement(placement_strategy)
     cfg = _config(config, set_)
@@ -172,8 +172,8 @@ def evaluate(
 
     Example: mrcnn-cli evaluate --shards shards --split val2017 --model-path checkpoints/train/checkpoint_000003
     """
-    from pipelines.evaluate import EvaluateRequest
-    from pipelines.evaluate import evaluate as run_evaluate
+    from pipelines.evaluation.evaluate import EvaluateRequest
+    from pipelines.evaluation.evaluate import evaluate as run_evaluate
 
     result = run_evaluate(
         EvaluateRequest(
@@ -207,7 +207,7 @@ def run(
     Example: mrcnn-cli run --dataset data/shapes --config shapes --workers 1 --no-gpu
     """
     from pipelines.dag import PipelineRequest, run_pipeline
-    from pipelines.tracking import resolve_tracking_uri, ui_command
+    from pipelines.infra.tracking import resolve_tracking_uri, ui_command
 
     strategy = _placement(placement_strategy)
     cfg = _config(config, set_)
@@ -241,8 +241,8 @@ def demo(
     import time
 
     from pipelines.dag import PipelineRequest, run_pipeline
-    from pipelines.synth import make_synthetic_dataset
-    from pipelines.tracking import ui_command
+    from pipelines.data.synth import make_synthetic_dataset
+    from pipelines.infra.tracking import ui_command
 
     started = time.perf_counter()
     root = Path(out).resolve()
@@ -292,7 +292,7 @@ def inspect_command(
 
     Example: mrcnn-cli inspect rpn-targets --shards shards --split val2017 --index 3 --out rpn.png
     """
-    from pipelines.inspect import InspectRequest, run_inspect
+    from pipelines.inspection.command import InspectRequest, run_inspect
 
     if not (shards or dataset) and stage != "anchors":
         raise typer.BadParameter("give --shards SHARDS or --dataset DATASET (with --split)")
@@ -321,7 +321,7 @@ def predict_command(
 
     Example: mrcnn-cli predict photos/ street.jpg --model-path runs:/RUN_ID/model --out predictions --threshold 0.5
     """
-    from pipelines.predict import predict_images
+    from pipelines.evaluation.predict import predict_images
 
     device = None if gpu is None else ("cuda" if gpu else "cpu")
     try:

@@ -29,9 +29,9 @@ def worker(rank: int, mode: str, args: argparse.Namespace, port: int, queue) -> 
 
     from mrcnn.config import load_config
     from mrcnn.model import build_model
-    from pipelines.loader import ShardBatchDecoder, decoder_for
-    from pipelines.optim import build_optimizer, build_scheduler
-    from pipelines.train_loop import StepRunner, compress_gradients
+    from pipelines.data.loader import ShardBatchDecoder, decoder_for
+    from pipelines.training.loop import StepRunner, compress_gradients
+    from pipelines.training.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

@@ -43,7 +43,7 @@ def dataset(workdir: Path, images: int) -> tuple[str, str]:
     if COCO128.is_dir():
         src = json.loads((COCO128 / "annotations" / "instances_train2017.json").read_text())
         return _repeat(src, workdir / f"coco_{images}.json", images), str(COCO128 / "train2017")
-    from pipelines.synth import make_synthetic_dataset
+    from pipelines.data.synth import make_synthetic_dataset
 
     root = workdir / "synth"
     if not (root / "annotations" / "instances_train2017.json").exists():
@@ -124,8 +124,8 @@ def reference_loop(config, annotations: str, images_root: str) -> tuple[int, flo
 
 def row_maker_loop(config, annotations: str, images_root: str) -> tuple[int, float]:
     """`RowMaker.make` over the same records in this process, one thread; returns (images, seconds)."""
-    from pipelines.coco_source import read_split
-    from pipelines.preprocess import RowMaker
+    from pipelines.data.coco import read_split
+    from pipelines.data.rows import RowMaker
 
     records = [r for r in read_split(annotations, images_root).records
                if any(not a["iscrowd"] for a in r["annotations"])]

@@ -25,12 +25,12 @@ import torch
 
 from mrcnn.config import load_config
 from mrcnn.model import build_model
-from pipelines.coco_source import split_paths
-from pipelines.loader import batches_dataset
-from pipelines.optim import build_optimizer, build_scheduler
-from pipelines.preprocess import preprocess
-from pipelines.synth import make_synthetic_dataset
-from pipelines.train_loop import StepRunner
+from pipelines.data.coco import split_paths
+from pipelines.data.loader import batches_dataset
+from pipelines.data.preprocess import preprocess
+from pipelines.data.synth import make_synthetic_dataset
+from pipelines.training.loop import StepRunner
+from pipelines.training.optim import build_optimizer, build_scheduler
 
 
 def make_shards(root: Path, config, images: int) -> str:
@@ -70,7 +70,7 @@ def loader_vs_step(shards: str, config, batches: int) -> None:
 def workers_compare(shards: str, config, steps: int, root: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipelines.train import TrainRequest, train
+    from pipelines.training.train import TrainRequest, train
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     rates = {}

@@ -35,9 +35,9 @@ from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mrcnn.config import load_config
-from pipelines.coco_eval import evaluate_detections
-from pipelines.coco_source import load_image_rgb
-from pipelines.optim import build_optimizer, build_scheduler, scaled_lr
+from pipelines.data.coco import load_image_rgb
+from pipelines.evaluation.coco_eval import evaluate_detections
+from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr
 
 
 def our_head_settings(config, num_classes: int) -> dict:

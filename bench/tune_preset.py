@@ -22,13 +22,13 @@ import torch
 
 from mrcnn.config import load_config
 from mrcnn.model import build_model
-from pipelines.coco_eval import evaluate_detections
-from pipelines.coco_source import CategoryMap
-from pipelines.evaluate import to_coco_results
-from pipelines.loader import ShardBatchDecoder, decoder_for
-from pipelines.optim import build_optimizer, build_scheduler, scaled_lr
-from pipelines.shards import check_fingerprint, read_manifest
-from pipelines.train_loop import StepRunner
+from pipelines.data.categories import CategoryMap
+from pipelines.data.loader import ShardBatchDecoder, decoder_for
+from pipelines.data.shards import check_fingerprint, read_manifest
+from pipelines.evaluation.coco_eval import evaluate_detections
+from pipelines.evaluation.evaluate import to_coco_results
+from pipelines.training.loop import StepRunner
+from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr
 
 
 def load_rows(shards: str, split: str) -> dict[str, np.ndarray]:

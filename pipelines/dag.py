@@ -24,8 +24,8 @@ from typing import Any
 from pyarrow import fs as pafs
 
 from mrcnn.config import Config
-from pipelines import tracking
-from pipelines.shards import absolute, exists, filesystem_for, join_uri
+from pipelines.infra import tracking
+from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
 
 MARKER = "_COMPLETE.json"
 
@@ -161,7 +161,7 @@ class PipelineRequest:
 
 def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     """The three stages of `mrcnn-cli run` with what each one's output depends on."""
-    from pipelines.coco_source import split_paths
+    from pipelines.data.coco import split_paths
 
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
     annotations_hash = {name: _file_sha256(ann) for name, ann, _ in splits}
@@ -169,7 +169,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     cfg = config.to_dict()
 
     def preprocess_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-        from pipelines.preprocess import preprocess
+        from pipelines.data.preprocess import preprocess
 
         manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True)
         run_id = tracking.create_run(
@@ -183,7 +183,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
         return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
 
     def train_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-        from pipelines.train import TrainRequest, train
+        from pipelines.training.train import TrainRequest, train
 
         result = train(
             config,
@@ -199,7 +199,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
                 "model_uri": f"runs:/{result.run_id}/model"}
 
     def evaluate_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-        from pipelines.evaluate import EvaluateRequest, evaluate
+        from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 
         with _local_dir(out_dir) as local_out:
             result = evaluate(
@@ -225,7 +225,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
 def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
     import sys
 
-    from pipelines.ray_env import cluster_nodes, init_ray
+    from pipelines.infra.ray_env import cluster_nodes, init_ray
 
     init_ray(request.address)
     if "://" not in request.work_dir and cluster_nodes() > 1:
@@ -255,6 +255,6 @@ def _local_dir(out_dir: str) -> Iterator[str]:
 
 
 def _file_sha256(path: str) -> str:
-    from pipelines.coco_source import read_bytes
+    from pipelines.infra.storage import read_bytes
 
     return hashlib.sha256(read_bytes(path)).hexdigest()

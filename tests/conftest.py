@@ -63,7 +63,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def synth_dataset(tmp_path_factory) -> Path:
     """A small synthetic COCO-format dataset shared by the pipeline tests (12 train, 6 val images)."""
-    from pipelines.synth import make_synthetic_dataset
+    from pipelines.data.synth import make_synthetic_dataset
 
     out = tmp_path_factory.mktemp("synth")
     make_synthetic_dataset(out, train=12, val=6, seed=0)
@@ -74,8 +74,8 @@ def synth_dataset(tmp_path_factory) -> Path:
 def synth_shards(synth_dataset, ray_session, tmp_path_factory) -> str:
     """`synth_dataset` preprocessed at the `shapes` preset (train2017 and val2017)."""
     from mrcnn.config import shapes
-    from pipelines.coco_source import split_paths
-    from pipelines.preprocess import preprocess
+    from pipelines.data.coco import split_paths
+    from pipelines.data.preprocess import preprocess
 
     out = tmp_path_factory.mktemp("shards")
     splits = [(s, *split_paths(str(synth_dataset), s)) for s in ("train2017", "val2017")]

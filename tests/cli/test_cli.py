@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from cli import app
 from mrcnn.config import shapes
 from mrcnn.model import build_model
-from pipelines.checkpoints import save_checkpoint
-from pipelines.coco_source import read_split, split_paths
-from pipelines.inspect import panel_px, picture_size
+from pipelines.data.coco import read_split, split_paths
+from pipelines.inspection.panels import panel_px, picture_size
+from pipelines.training.checkpoints import save_checkpoint
 
 runner = CliRunner()
 

@@ -27,7 +27,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from pipelines.checkpoints import load_checkpoint
+from pipelines.training.checkpoints import load_checkpoint
 
 MIB = 1024 * 1024
 # 2 logical CPUs a worker node: one for its train worker, one for Ray Data (ingest, preprocess, evaluate actors)
@@ -257,7 +257,7 @@ def test_training_on_a_multi_node_cluster_requires_storage(cluster, shards):
 def test_placement_strategy_is_checked_before_any_work(tmp_path):
     from cli import app
     from mrcnn.config import shapes
-    from pipelines.train import TrainRequest, train
+    from pipelines.training.train import TrainRequest, train
 
     result = CliRunner().invoke(app, ["train", "--shards", str(tmp_path), "--placement-strategy", "sideways"])
     assert result.exit_code == 2 and "STRICT_SPREAD" in result.output

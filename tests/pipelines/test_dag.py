@@ -7,7 +7,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.dag import MARKER, Stage, run_dag
-from pipelines.shards import filesystem_for
+from pipelines.infra.storage import filesystem_for
 
 
 def _stages(counter: Path, *, lr: float = 0.1, fail_train: bool = False) -> list[Stage]:

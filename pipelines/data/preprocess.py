@@ -1,0 +1,407 @@
+"""`mrcnn-cli preprocess`: COCO-format splits -> Parquet shards + manifest.json, in Ray Data on CPUs.
+
+    manifest_uri = preprocess(coco(), splits=[("train2017", ann_json, images_dir)], out="s3://bucket/shards")
+
+The annotations are read and checked once on the driver (`pipelines.coco_source.read_split`, pycocotools).
+Their image records become ONE Ray Data dataset over all splits; an autoscaling pool of `RowMaker` actors
+(one CPU each, up to every CPU of the cluster) turns each record into one shard row (DESIGN.md, "What a
+shard row holds", schema v1): the decoded image resized and re-encoded, contiguous class ids, gt boxes from
+the annotation's `bbox`, bit-packed mini-masks, crowd boxes and sparse RPN targets from the model's own
+`compute_rpn_targets`. A `ShardDatasink` streams the rows into `<split>/part-*.parquet` files in the write
+tasks and hands back only counts and skip reports, so the driver never holds image rows and memory stays
+flat whatever the dataset size.
+
+Bad input never stops the run: what `read_split` refuses (duplicate ids, unsafe paths, unknown categories,
+degenerate polygons, bad boxes, ...) and what the workers find (missing, empty, corrupt or wrongly sized
+image files) is skipped, counted and listed in the manifest with image id, file and reason.
+
+Publishing is atomic at the manifest: everything is written under `OUT/.tmp-<uuid>/`, moved into place, and
+`manifest.json` comes last (temporary name, then a rename). An output without a manifest is incomplete;
+`read_manifest` refuses it and a rerun replaces it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from pyarrow import fs as pafs
+from ray.data import Datasink
+
+from mrcnn.config import Config
+from pipelines.data.rows import RowMaker
+from pipelines.data.shards import (
+    MANIFEST,
+    SCHEMA_VERSION,
+    SHARD_SCHEMA,
+)
+from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
+
+BATCH_SIZE = 8  # records per map_batches call: small, so a few slow images do not hold up a whole block
+
+
+MAX_INPUT_BLOCKS = 2000
+
+
+
+
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class OutputExistsError(FileExistsError):
+    """The output already holds a complete preprocess run (a manifest) and overwrite was not asked for."""
+
+
+def _new_stats() -> dict[str, Any]:
+    return {"files": [], "num_images": 0, "num_instances": 0, "num_crowd": 0, "num_empty": 0,
+            "instances_over_limit": 0, "reports": []}
+
+
+class _SplitWriter:
+    """Streams one split's rows of one write task into files of <= rows_per_shard rows, row groups of
+    rows_per_row_group rows (the last one of a task may be shorter)."""
+
+    def __init__(self, filesystem: pafs.FileSystem, folder: str, prefix: str, rows_per_shard: int,
+                 rows_per_row_group: int):
+        self.filesystem, self.folder, self.prefix = filesystem, folder, prefix
+        self.rows_per_shard, self.rows_per_row_group = rows_per_shard, rows_per_row_group
+        self.pending: list[pa.Table] = []
+        self.pending_rows = 0
+        self.writer: Any = None
+        self.rows_in_file = 0
+        self.files: list[str] = []  # base names
+
+    def append(self, table: pa.Table) -> None:
+        self.pending.append(table)
+        self.pending_rows += table.num_rows
+        while self.pending_rows >= self.rows_per_row_group:
+            self._write_group(self.rows_per_row_group)
+
+    def close(self) -> None:
+        while self.pending_rows:
+            self._write_group(self.pending_rows)
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def _write_group(self, rows: int) -> None:
+        import pyarrow.parquet as pq
+
+        rows = min(rows, self.rows_per_shard - self.rows_in_file)
+        if self.writer is None:
+            name = f"{self.prefix}-{len(self.files):03d}.parquet"
+            self.files.append(name)
+            self.filesystem.create_dir(self.folder, recursive=True)
+            self.writer = pq.ParquetWriter(f"{self.folder}/{name}", SHARD_SCHEMA, filesystem=self.filesystem)
+        table = pa.concat_tables(self.pending)
+        self.writer.write_table(table.slice(0, rows), row_group_size=rows)  # exactly one row group
+        rest = table.slice(rows)
+        self.pending = [rest] if rest.num_rows else []
+        self.pending_rows = rest.num_rows
+        self.rows_in_file += rows
+        if self.rows_in_file >= self.rows_per_shard:
+            self.writer.close()
+            self.writer, self.rows_in_file = None, 0
+
+
+class ShardDatasink(Datasink):
+    """Writes each split's good rows to `<out_root>/<split>/part-<task>-<k>.parquet` (SHARD_SCHEMA).
+
+    Each write task streams its blocks through a `_SplitWriter` per split and returns only counts and skip
+    reports; `on_write_complete` (on the driver) merges them into `.result` = {split: {"files" (relative to
+    out_root), "num_images", "num_instances", "num_crowd", "num_empty", "instances_over_limit", "reports"}}.
+    File names carry the write task's index, so a retried task overwrites its own files.
+    """
+
+    def __init__(self, out_root: str, *, rows_per_shard: int, rows_per_row_group: int):
+        self.out_root = out_root
+        self.rows_per_shard = rows_per_shard
+        self.rows_per_row_group = rows_per_row_group
+        self.result: dict[str, dict[str, Any]] = {}
+
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_shard
+
+    def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, dict[str, Any]]:
+        import pyarrow.compute as pc
+
+        filesystem, root = filesystem_for(self.out_root)
+        stats: dict[str, dict[str, Any]] = {}
+        writers: dict[str, _SplitWriter] = {}
+        for block in blocks:
+            table = block if isinstance(block, pa.Table) else pa.Table.from_pandas(block, preserve_index=False)
+            for split in pc.unique(table["_split"]).to_pylist():
+                part = table.filter(pc.equal(table["_split"], split))
+                s = stats.setdefault(split, _new_stats())
+                for text in part["_reports"].to_pylist():
+                    s["reports"].extend(json.loads(text))
+                s["instances_over_limit"] += int(pc.sum(part["_dropped"]).as_py() or 0)
+                good = part.filter(part["_ok"]).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
+                if not good.num_rows:
+                    continue
+                s["num_images"] += good.num_rows
+                s["num_instances"] += int(pc.sum(good["num_instances"]).as_py())
+                s["num_crowd"] += int(pc.sum(good["num_crowd"]).as_py())
+                s["num_empty"] += int(pc.sum(pc.equal(good["num_instances"], 0).cast(pa.int64())).as_py())
+                if split not in writers:
+                    writers[split] = _SplitWriter(filesystem, f"{root}/{split}", f"part-{ctx.task_idx:05d}",
+                                                  self.rows_per_shard, self.rows_per_row_group)
+                writers[split].append(good)
+        for split, writer in writers.items():
+            writer.close()
+            stats[split]["files"] = [f"{split}/{name}" for name in writer.files]
+        return stats
+
+    def on_write_complete(self, write_result: Any) -> None:
+        for stats in write_result.write_returns:
+            for split, s in (stats or {}).items():
+                total = self.result.setdefault(split, _new_stats())
+                for key, value in s.items():
+                    total[key] = total[key] + value
+
+
+def _move_dir(filesystem: pafs.FileSystem, src: str, dst: str) -> None:
+    """Rename a folder; object stores cannot, so there each file is moved (copy + delete) instead."""
+    try:
+        filesystem.move(src, dst)
+        return
+    except (OSError, NotImplementedError, pa.ArrowNotImplementedError):
+        pass
+    for info in filesystem.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            filesystem.move(info.path, dst + info.path[len(src):])
+    filesystem.delete_dir(src)
+
+
+def _delete(filesystem: pafs.FileSystem, path: str) -> None:
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        filesystem.delete_file(path)
+
+
+@dataclass(frozen=True)
+class _Split:
+    name: str
+    annotations: str
+    images_root: str
+    training: bool
+
+
+def _skip_sort_key(entry: dict[str, Any]) -> tuple:
+    def num(v):
+        return (0, v, "") if isinstance(v, int) else (1, 0, repr(v))
+
+    return (num(entry.get("image_id")), num(entry.get("annotation_id")), entry.get("reason", ""))
+
+
+def preprocess(
+    config: Config,
+    *,
+    splits: list[tuple[str, str, str]],
+    out: str,
+    overwrite: bool = False,
+    train_splits: set[str] | None = None,
+    progress: bool = True,
+    address: str | None = None,
+    max_workers: int | None = None,
+) -> str:
+    """Preprocess `splits` [(name, annotations JSON, images folder)] into `out` (local path or URI).
+
+    Training splits (`train_splits`, default: names starting with "train") drop images without instances
+    when `config.preprocess.drop_empty_train`; evaluation splits keep them; both count them. Raises
+    OutputExistsError if `out` holds a manifest and not `overwrite`, DatasetError (before any work) for a
+    missing or malformed annotations file. Uses the running Ray, else connects to `address` / RAY_ADDRESS or
+    starts a local one. `max_workers` caps the actor pool (default: every CPU of the cluster).
+    Returns the manifest's path / URI.
+    """
+    from pipelines.data.coco import read_split
+    from pipelines.data.errors import DatasetError
+
+    if config.image.resize_mode != "square":
+        raise ValueError(f"image.resize_mode {config.image.resize_mode!r}: only 'square' (resize, pad to max_dim)")
+    if config.image.encoding not in ("jpeg", "png"):
+        raise ValueError(f"image.encoding {config.image.encoding!r}: 'jpeg' or 'png'")
+    names = [s[0] for s in splits]
+    if not splits:
+        raise ValueError("preprocess: no splits given")
+    for name in names:
+        if not _SPLIT_NAME.match(name):
+            raise ValueError(f"split name {name!r}: letters, digits, '_', '.', '-' only, not starting with '.'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"split names repeat: {names}")
+    is_train = (lambda n: n in train_splits) if train_splits is not None else (lambda n: n.startswith("train"))
+    plan = [_Split(n, absolute(a), absolute(i), is_train(n)) for n, a, i in splits]
+
+    out = absolute(out)
+    filesystem, root = filesystem_for(out)
+    manifest_path = f"{root}/{MANIFEST}"
+    if exists(filesystem, manifest_path) and not overwrite:
+        raise OutputExistsError(f"{out} already holds a complete preprocess output ({MANIFEST}); "
+                                "pass overwrite=True (--overwrite) to replace it")
+
+    # Every annotations file is read and checked before any image work: a bad file fails here, fast.
+    sources = {s.name: read_split(s.annotations, s.images_root) for s in plan}
+    categories = sources[plan[0].name].categories
+    for s in plan[1:]:
+        if sources[s.name].categories != categories:
+            raise DatasetError(f"split {s.name!r} has other categories than {plan[0].name!r}: "
+                               "contiguous class ids would not agree")
+
+    items, dropped_empty = [], {}
+    for s in plan:
+        source = sources[s.name]
+        source.coco = None  # the pycocotools index is not needed here; free it
+        dropped = []
+        for record in sorted(source.records, key=lambda r: r["image_id"]):
+            if s.training and config.preprocess.drop_empty_train and not any(
+                    not a["iscrowd"] for a in record["annotations"]):
+                dropped.append(record["image_id"])
+                continue
+            items.append({"split": s.name, "record": json.dumps(record)})
+        dropped_empty[s.name] = dropped
+        source.records = []
+
+    _ensure_ray(address)
+    import ray
+
+    started = time.time()
+    if "://" not in out and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+        print(f"[preprocess] warning: {out} is a local path on a multi-node cluster; every node writes its own "
+              "disk unless it is a shared filesystem (use s3:// or gs://)", file=sys.stderr, flush=True)
+    if overwrite and exists(filesystem, manifest_path):
+        with filesystem.open_input_stream(manifest_path) as f:
+            old = json.loads(f.read() or b"{}")  # any schema version: it is being replaced
+        filesystem.delete_file(manifest_path)  # from here on the old output no longer looks complete
+        for name in old.get("splits", {}):
+            if isinstance(name, str) and _SPLIT_NAME.match(name):  # only folders the old run made
+                _delete(filesystem, f"{root}/{name}")
+    for info in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.base_name.startswith(".tmp-"):  # left by an interrupted run
+            _delete(filesystem, info.path)
+    tmp_name = f".tmp-{uuid.uuid4().hex[:12]}"
+    tmp_root = join_uri(out, tmp_name)
+    filesystem.create_dir(f"{root}/{tmp_name}", recursive=True)
+
+    written: dict[str, dict[str, Any]] = {}
+    if items:
+        written = _run(ray, config, items, tmp_root, progress=progress, max_workers=max_workers)
+
+    # Publish: split folders first, the manifest last (temporary name, then rename).
+    for s in plan:
+        _delete(filesystem, f"{root}/{s.name}")
+        src = f"{root}/{tmp_name}/{s.name}"
+        if exists(filesystem, src):
+            _move_dir(filesystem, src, f"{root}/{s.name}")
+        else:
+            filesystem.create_dir(f"{root}/{s.name}", recursive=True)
+    manifest = _manifest(config, plan, sources, written, dropped_empty, categories, time.time() - started)
+    tmp_manifest = f"{root}/{tmp_name}/{MANIFEST}"
+    with filesystem.open_output_stream(tmp_manifest) as f:
+        f.write(json.dumps(manifest, indent=1, sort_keys=False).encode())
+    filesystem.move(tmp_manifest, manifest_path)
+    _delete(filesystem, f"{root}/{tmp_name}")
+    if progress:
+        for s in plan:
+            m = manifest["splits"][s.name]
+            print(f"[preprocess] {s.name}: {m['num_images']} images, {m['num_instances']} instances, "
+                  f"{len(m['skipped'])} skip reports, {len(m['files'])} file(s)", file=sys.stderr, flush=True)
+    return join_uri(out, MANIFEST)
+
+
+def _ensure_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        from pipelines.infra.ray_env import init_ray
+
+        init_ray(address)
+
+
+def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *, progress: bool,
+         max_workers: int | None) -> dict[str, dict[str, Any]]:
+    """Run the Ray Data job over every split's records; returns the datasink's merged per-split result."""
+    from ray.data import ActorPoolStrategy, DataContext
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    workers = max(1, min(max_workers or cpus, cpus))
+    blocks = max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(items) / BATCH_SIZE)))
+    ctx = DataContext.get_current()
+    saved = ctx.enable_progress_bars
+    ctx.enable_progress_bars = progress
+    try:
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
+        ds = ds.map_batches(
+            RowMaker,
+            fn_constructor_kwargs={"config": config.to_dict()},
+            batch_size=BATCH_SIZE,
+            batch_format="numpy",
+            # all workers from the start: the job is CPU-bound and its size known; scaling up from one actor
+            # waits for the pool to look busy first
+            compute=ActorPoolStrategy(min_size=1, max_size=workers, initial_size=min(workers, blocks)),
+            num_cpus=1,
+        )
+        sink = ShardDatasink(tmp_root, rows_per_shard=config.preprocess.rows_per_shard,
+                             rows_per_row_group=config.preprocess.rows_per_row_group)
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0})  # writes are I/O: leave the CPUs to the actors
+    finally:
+        ctx.enable_progress_bars = saved
+    return sink.result
+
+
+def _manifest(config: Config, plan: list[_Split], sources: dict[str, Any], written: dict[str, dict[str, Any]],
+              dropped_empty: dict[str, list[int]], categories: Any, seconds: float) -> dict[str, Any]:
+    splits = {}
+    for s in plan:
+        source, w = sources[s.name], written.get(s.name, {})
+        skipped = sorted([*source.skipped, *w.get("reports", [])], key=_skip_sort_key)
+        image_skips = [e for e in skipped if e.get("annotation_id") is None and e.get("action") == "skipped"]
+        empty_kept = int(w.get("num_empty", 0))
+        splits[s.name] = {
+            "annotations": s.annotations,
+            "annotations_sha256": source.annotations_sha256,
+            "images_root": s.images_root,
+            "training": s.training,
+            "files": sorted(w.get("files", [])),
+            "num_images": int(w.get("num_images", 0)),
+            "num_instances": int(w.get("num_instances", 0)),
+            "num_crowd": int(w.get("num_crowd", 0)),
+            "num_images_source": source.num_images_total,
+            "num_annotations_source": source.num_annotations_total,
+            "empty_images": {"kept": empty_kept, "dropped": len(dropped_empty[s.name]),
+                             "dropped_ids": dropped_empty[s.name]},
+            "instances_over_limit": int(w.get("instances_over_limit", 0)),
+            "num_skipped_images": len(image_skips),
+            "skip_counts": dict(sorted(Counter(e["reason"].split(":")[0] for e in skipped).items())),
+            "skipped": skipped,
+        }
+    data_hash = hashlib.sha256(json.dumps(
+        [config.fingerprint()] + [splits[s.name]["annotations_sha256"] for s in plan]).encode()).hexdigest()[:16]
+    from mrcnn.anchors import anchors_from_config
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(seconds, 2),
+        "config": config.to_dict(),
+        "fingerprint": config.fingerprint(),
+        "shard_fields": config.shard_fields(),
+        "data_fingerprint": data_hash,
+        "num_anchors": int(anchors_from_config(config).shape[0]),
+        "columns": {f.name: str(f.type) for f in SHARD_SCHEMA},
+        "categories": {**categories.to_dict(), "coco_ids": list(categories.coco_ids),
+                       "names": list(categories.names), "num_classes": categories.num_classes},
+        "splits": splits,
+    }

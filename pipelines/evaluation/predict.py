@@ -1,0 +1,169 @@
+"""`mrcnn-cli predict`: a model on any JPEG / PNG files, no shards needed.
+
+The model carries its config and category names (a checkpoint's meta.json, or an MLflow model's
+`mrcnn_meta`), so each image goes through the same geometry as training: resized with
+`mrcnn.geometry.resize_geometry` (bilinear, as preprocessing resizes), placed at the top-left of the zero
+S x S canvas, detected in eval mode, and mapped back to original pixels by `pipelines.evaluate.to_coco_results`.
+
+Output folder:
+    predictions.json   COCO results: image_id, category_id (COCO ids), bbox [x, y, w, h] and RLE segmentation
+                       in original pixels, score
+    images.json        the COCO "images" entries of the inputs: id, file_name, height, width (and path)
+    NAME.png           per image: masks, boxes, class names and scores drawn on the original image
+
+Image ids are the file names' numbers when every name is a distinct number (COCO's 000000397133.jpg -> 397133,
+so the results evaluate against the COCO annotations), otherwise 1..N in sorted path order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+HEADER_PX = 36  # the picture's title band
+
+
+MAX_PICTURE_PX = 1024  # a picture's long side at most this (small images are enlarged up to 4x)
+
+
+@dataclass
+class PredictResult:
+    out: str
+    predictions: str  # path of predictions.json
+    pictures: list[str]
+    images: list[dict[str, Any]]  # the COCO "images" entries
+    num_detections: int
+
+
+def find_images(inputs: list[str | os.PathLike]) -> list[Path]:
+    """Files given, plus the JPEG / PNG files directly inside folders given; sorted, without duplicates."""
+    found: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found.extend(sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"no such image file or folder: {item}")
+    unique = list(dict.fromkeys(p.resolve() for p in found))
+    if not unique:
+        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {', '.join(map(str, inputs))}")
+    return sorted(unique)
+
+
+def image_ids(paths: list[Path]) -> list[int]:
+    """The numbers in the file names when they are all distinct numbers, otherwise 1..N."""
+    stems = [p.stem for p in paths]
+    if all(s.isdigit() for s in stems) and len({int(s) for s in stems}) == len(stems):
+        return [int(s) for s in stems]
+    return list(range(1, len(paths) + 1))
+
+
+def network_input(image: np.ndarray, *, min_dim: int, max_dim: int) -> tuple[np.ndarray, Any]:
+    """[H, W, 3] uint8 original -> ([3, S, S] uint8 canvas, Geometry): resized, top-left, zero padding."""
+    from PIL import Image
+
+    from mrcnn.geometry import resize_geometry
+
+    height, width = image.shape[:2]
+    geo = resize_geometry(height, width, min_dim=min_dim, max_dim=max_dim)
+    resized = Image.fromarray(image, "RGB")
+    if resized.size != (geo.new_w, geo.new_h):  # bilinear, as pipelines.preprocess.encode_image resizes
+        resized = resized.resize((geo.new_w, geo.new_h), Image.Resampling.BILINEAR)
+    canvas = np.zeros((3, max_dim, max_dim), np.uint8)
+    canvas[:, : geo.new_h, : geo.new_w] = np.asarray(resized).transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+    return canvas, geo
+
+
+def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | os.PathLike, *,
+                   threshold: float | None = None, device: str | torch.device | None = None,
+                   batch_size: int | None = None) -> PredictResult:
+    """Run the model of `model_path` (checkpoint directory or MLflow model URI) on the images in `inputs`
+    (files or folders); write predictions.json, images.json and one picture per image into `out`.
+
+    threshold: keep detections scoring at least this (default the model's detection.min_confidence).
+    """
+    from pipelines.data.categories import CategoryMap
+    from pipelines.data.coco import load_image_rgb
+    from pipelines.evaluation.evaluate import to_coco_results
+    from pipelines.models import load_model, model_spec
+
+    paths = find_images(inputs)
+    ids = image_ids(paths)
+    spec = model_spec(model_path)
+    config = spec.config
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(spec, device=device, min_confidence=threshold)
+    categories = CategoryMap.from_dict(spec.categories)
+    coco_ids = list(categories.coco_ids)
+    names = dict(zip(coco_ids, categories.names, strict=True))
+    min_score = model.detection_settings["min_confidence"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    results: list[dict[str, Any]] = []
+    images: list[dict[str, Any]] = []
+    pictures: list[str] = []
+    used: set[str] = set()
+    step = batch_size or config.evaluate.batch_size
+    for first in range(0, len(paths), step):
+        chunk = list(zip(paths[first : first + step], ids[first : first + step], strict=True))
+        originals = [load_image_rgb(p) for p, _ in chunk]
+        prepared = [network_input(im, min_dim=config.image.min_dim, max_dim=config.image.max_dim)
+                    for im in originals]
+        batch = {
+            "images": torch.as_tensor(np.stack([c for c, _ in prepared])).to(device),
+            "windows": torch.as_tensor([g.window for _, g in prepared], dtype=torch.int64).to(device),
+        }
+        with torch.no_grad():
+            detections = model(batch)
+        for (path, image_id), image, (_, geo), det in zip(chunk, originals, prepared, detections, strict=True):
+            height, width = image.shape[:2]
+            found = to_coco_results(det, image_id=image_id, scale=geo.scale, window=list(geo.window),
+                                    height=height, width=width, coco_ids=coco_ids)
+            results.extend(found)
+            images.append({"id": image_id, "file_name": path.name, "height": height, "width": width,
+                           "path": str(path)})
+            name = path.stem if path.stem not in used else f"{path.stem}_{image_id}"
+            used.add(name)
+            title = f"{path.name}: {len(found)} detections (score >= {min_score:g})"
+            pictures.append(detections_picture(image, found, names, out / f"{name}.png", title=title))
+
+    predictions = out / "predictions.json"
+    predictions.write_text(json.dumps(results))
+    (out / "images.json").write_text(json.dumps(images, indent=1))
+    return PredictResult(str(out), str(predictions), pictures, images, len(results))
+
+
+def detections_picture(image: np.ndarray, results: list[dict[str, Any]], names: dict[int, str],
+                       path: str | os.PathLike, *, title: str = "") -> str:
+    """One image's COCO results (original pixels, RLE masks) drawn on it, under a title band; returns the path.
+
+    The image is shown at zoom z = min(4, MAX_PICTURE_PX / max(H, W)): the PNG is round(W * z) x
+    (round(H * z) + HEADER_PX) pixels.
+    """
+    import pycocotools.mask as mask_util
+
+    from pipelines.pictures import draw_instances, save_figure
+
+    height, width = image.shape[:2]
+    zoom = min(4.0, MAX_PICTURE_PX / max(height, width))
+    w_px, h_px = round(width * zoom), round(height * zoom)
+    fig = Figure(figsize=(w_px / 100, (h_px + HEADER_PX) / 100), dpi=100)
+    ax = fig.add_axes((0, 0, 1, h_px / (h_px + HEADER_PX)))
+    boxes = np.asarray([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in results)]).reshape(-1, 4)
+    masks = np.stack([mask_util.decode(r["segmentation"]).astype(bool) for r in results]) if results else None
+    draw_instances(ax, image, boxes=boxes, masks=masks, labels=[names.get(r["category_id"], "?") for r in results],
+                   scores=[r["score"] for r in results])
+    fig.text(4 / w_px, 1 - 4 / (h_px + HEADER_PX), title, ha="left", va="top", fontsize=8, wrap=True)
+    return save_figure(fig, path)

@@ -1,0 +1,79 @@
+"""Storage: local paths and URIs (`s3://`, `gs://`, `file://`) through one set of functions.
+
+Every stage reads and writes through these, so a path may be a local folder on one machine or a bucket shared
+by a whole Ray cluster: `filesystem_for(uri)` gives the pyarrow filesystem and the path inside it, `absolute`
+makes local paths absolute (Ray workers do not share the driver's working directory), and `read_bytes` /
+`write_bytes` move whole files. Imports nothing from the rest of the project.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from pyarrow import fs as pafs
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def is_uri(path: str) -> bool:
+    return bool(_URI.match(path))
+
+
+def read_bytes(path: str | os.PathLike) -> bytes:
+    """Whole file from a local path or a URI (through pyarrow.fs). FileNotFoundError when absent."""
+    path = os.fspath(path)
+    if not is_uri(path):
+        with open(path, "rb") as f:
+            return f.read()
+    from pyarrow import fs as pafs
+
+    filesystem, inner = pafs.FileSystem.from_uri(path)
+    info = filesystem.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    with filesystem.open_input_stream(inner) as f:
+        return f.read()
+
+
+def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(pyarrow filesystem, path inside it) for a local path (made absolute) or a URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(uri)
+    return pafs.FileSystem.from_uri(uri)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """A URI as it is, a local path made absolute (Ray workers do not share the driver's working directory)."""
+    path = os.fspath(path)
+    return path if "://" in path else os.path.abspath(path)
+
+
+def join_uri(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write a whole file to a local path (parent folders made) or a URI (`s3://`, `gs://`, through
+    pyarrow.fs). Returns the path as a string."""
+    path = os.fspath(path)
+    if "://" in path:
+        from pyarrow import fs as pafs
+
+        filesystem, inner = pafs.FileSystem.from_uri(path)
+        parent = inner.rsplit("/", 1)[0]
+        if parent and parent != inner:
+            filesystem.create_dir(parent, recursive=True)
+        with filesystem.open_output_stream(inner) as f:
+            f.write(data)
+        return path
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path

@@ -1,0 +1,164 @@
+"""MLflow tracking shared by every stage (DESIGN.md, "MLflow").
+
+The tracking URI comes from `MLFLOW_TRACKING_URI`, else MLflow's own local default (SQLite `mlflow.db` in the
+working directory), made absolute on the driver so that Ray workers, whose working directory differs, log
+to the same store. The driver creates runs; workers attach to them by run id.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+
+DEFAULT_EXPERIMENT = "mrcnn-pipeline"
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on these runs, bound to 127.0.0.1 (DEVELOPERS.md, Security)."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri}"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    return client.create_experiment(name)
+
+
+def create_run(
+    tracking_uri: str,
+    *,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    parent_run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+) -> str:
+    """Create a run (nested under `parent_run_id` when given) and return its id; it stays RUNNING
+    until `finish_run`."""
+    client = MlflowClient(tracking_uri)
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    all_tags = {"mlflow.source.name": "mrcnn-pipeline", "code_version": code_version(), **(tags or {})}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+    return run.info.run_id
+
+
+def finish_run(tracking_uri: str, run_id: str, *, failed: bool = False) -> None:
+    MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    client = MlflowClient(tracking_uri)
+    from mlflow.entities import Param
+
+    items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=items[i : i + 100])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+    client = MlflowClient(tracking_uri)
+    for i in range(0, len(items), 500):
+        client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a local file or directory, or one given as a URI (`s3://...`, `file:///...`: copied to a temporary
+    directory first, as MLflow logs local files only)."""
+    client = MlflowClient(tracking_uri)
+    path = os.fspath(path)
+    if "://" in path:
+        import tempfile
+
+        from pyarrow import fs as pafs
+
+        from pipelines.infra.storage import filesystem_for
+
+        filesystem, inner = filesystem_for(path)
+        inner = inner.rstrip("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            local = os.path.join(tmp, inner.rpartition("/")[2] or "artifact")
+            # a file, or a directory copied recursively
+            pafs.copy_files(inner, local, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
+            log_artifact(tracking_uri, run_id, local, artifact_path)
+        return
+    if Path(path).is_dir():
+        client.log_artifacts(run_id, path, artifact_path)
+    else:
+        client.log_artifact(run_id, path, artifact_path)
+
+
+def flatten(prefix: str, value: Any) -> dict[str, Any]:
+    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}, for MLflow params."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
+        return out
+    return {prefix: value}
+
+
+def code_version() -> str:
+    """The git commit of the code when run from a checkout (with '-dirty' if modified), else the package version."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        if sha:
+            dirty = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mrcnn-pipeline")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _param_value(value: Any) -> str:
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return text[:6000]
+
+
+__all__ = [
+    "DEFAULT_EXPERIMENT",
+    "code_version",
+    "create_run",
+    "ensure_experiment",
+    "finish_run",
+    "flatten",
+    "log_artifact",
+    "log_metrics",
+    "log_params",
+    "resolve_tracking_uri",
+    "ui_command",
+]

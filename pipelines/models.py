@@ -1,0 +1,107 @@
+"""A trained model from wherever it lives: a checkpoint folder (local or URI) or an MLflow model URI.
+
+`model_spec(path)` reads what the model is (config, categories) without loading weights; `load_model(spec)`
+builds and loads it in eval mode; `check_model_fits(spec, manifest)` refuses shards of another geometry or
+another category set. Used by evaluate, predict and inspect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from mrcnn.config import Config, fingerprint_diff
+from pipelines.data.categories import CategoryMap
+
+
+class ModelMismatchError(ValueError):
+    """A model whose category map or geometry does not fit the shards it is asked to evaluate."""
+
+
+@dataclass
+class ModelSpec:
+    """What evaluation needs to know of a model: its config, categories and how to get its weights."""
+
+    config: Config
+    categories: dict[str, Any]
+    num_classes: int
+    checkpoint: str | None = None
+    mlflow_uri: str | None = None
+
+
+MLFLOW_MODEL_SCHEMES = ("runs", "models", "mlflow-artifacts")
+
+
+def is_mlflow_model_uri(model_path: str) -> bool:
+    """`runs:/ID/model`, `models:/NAME/VERSION`, `mlflow-artifacts:/...`: an MLflow model. Anything else (a path,
+    `file:///...`, `s3://...`) is a checkpoint directory."""
+    scheme, sep, _ = model_path.partition(":")
+    return bool(sep) and scheme.lower() in MLFLOW_MODEL_SCHEMES
+
+
+def model_spec(model_path: str) -> ModelSpec:
+    """Read a checkpoint's meta.json (local path or URI), or an MLflow model's carried meta, without building
+    the model. A location without meta.json but with an MLmodel file (an MLflow model saved to a path or an
+    artifact store URI) is an MLflow model too."""
+    from pipelines.training.checkpoints import CheckpointError, read_meta
+
+    if not is_mlflow_model_uri(model_path):
+        try:
+            meta = read_meta(model_path)
+        except CheckpointError:
+            if not _has_mlmodel(model_path):
+                raise
+        else:
+            config = Config.from_dict(meta["config"])
+            return ModelSpec(config, meta["categories"], int(meta["num_classes"]), checkpoint=model_path)
+    model = _load_mlflow_model(model_path)
+    meta = model.mrcnn_meta  # set by pipelines/train.py when it logs the model
+    config = Config.from_dict(meta["config"])
+    return ModelSpec(config, meta["categories"], meta["num_classes"], mlflow_uri=model_path)
+
+
+def load_model(spec: ModelSpec, *, device: torch.device | str = "cpu", min_confidence: float | None = None):
+    """The model in eval mode on `device`; weights from the checkpoint (weights_only) or the MLflow model."""
+    from mrcnn.model import build_model
+    from pipelines.training.checkpoints import load_checkpoint, load_model_state
+
+    config = spec.config
+    if min_confidence is not None:
+        config = replace(config, detection=replace(config.detection, min_confidence=min_confidence))
+    model = build_model(config, num_classes=spec.num_classes)
+    if spec.checkpoint:
+        load_model_state(model, load_checkpoint(spec.checkpoint).model)
+    else:
+        load_model_state(model, _load_mlflow_model(spec.mlflow_uri).state_dict())
+    return model.to(device).eval()
+
+
+def check_model_fits(spec: ModelSpec, manifest: dict[str, Any]) -> None:
+    """Refuse a model trained with another category map or another geometry than the shards."""
+    ours, theirs = CategoryMap.from_dict(spec.categories), CategoryMap.from_dict(manifest["categories"])
+    if ours.coco_ids != theirs.coco_ids:
+        raise ModelMismatchError(
+            f"the model's categories (COCO ids {list(ours.coco_ids)}) differ from the shards' "
+            f"(COCO ids {list(theirs.coco_ids)})"
+        )
+    diff = fingerprint_diff(manifest["shard_fields"], spec.config.shard_fields())
+    if diff:
+        raise ModelMismatchError("the model's geometry differs from the shards': " + "; ".join(diff))
+
+
+def _has_mlmodel(location: str) -> bool:
+    from pipelines.infra.storage import exists, filesystem_for
+
+    try:
+        filesystem, root = filesystem_for(location)
+        return exists(filesystem, f"{root.rstrip('/')}/MLmodel")
+    except (OSError, ValueError, NotImplementedError):
+        return False
+
+
+def _load_mlflow_model(uri: str):
+    import mlflow.pytorch
+
+    return mlflow.pytorch.load_model(uri, map_location="cpu")

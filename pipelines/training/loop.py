@@ -1,0 +1,433 @@
+"""The per-worker training loop of `mrcnn-cli train` and its parts.
+
+`train_loop_per_worker` runs in every Ray Train worker: it reads its dataset shard, steps the model and
+calls `ray.train.report` every `checkpoint_every` steps and at each epoch end (a barrier, so never every
+step). Rank 0 alone writes checkpoints, logs to MLflow and prints progress. The parts (`StepRunner`,
+`validation_losses`, `restore`) are plain functions and classes tested without Ray Train.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mrcnn.config import Config
+from mrcnn.flip import flip_batch
+from mrcnn.model import LOSS_KEYS
+from pipelines.data.loader import to_device
+from pipelines.training.checkpoints import load_checkpoint, load_model_state, save_checkpoint, unwrap
+from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr, set_trainable_layers
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps in a row produced a NaN/inf loss."""
+
+
+@dataclass
+class StepResult:
+    losses: dict[str, float]
+    total: float
+    finite: bool
+    lr: float
+
+
+@dataclass
+class StepRunner:
+    """One optimisation step: flip augmentation, forward under autocast, non-finite guard, clip, step."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    device: torch.device
+    grad_clip: float
+    flip: bool = True
+    flip_perm: torch.Tensor | None = None
+    seed: int = 0
+    rank: int = 0
+    max_nonfinite_in_a_row: int = 10
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    autocast: bool = field(default=False)
+
+    def flip_choice(self, step: int, n: int) -> torch.Tensor:
+        """Which images of the batch are flipped at `step`: a pure function of (seed, step, rank), so a
+        resumed run flips exactly as an uninterrupted one."""
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + self.rank)
+        return torch.rand(n, generator=gen) < 0.5
+
+    def __call__(self, batch: dict[str, torch.Tensor], step: int) -> StepResult:
+        batch = to_device(batch, self.device)
+        if self.flip and self.flip_perm is not None:
+            which = self.flip_choice(step, batch["images"].shape[0]).to(self.device)
+            batch = flip_batch(batch, flip_perm=self.flip_perm.to(self.device), which=which)
+        self.model.train()
+        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with amp:
+            loss_dict = self.model(batch)
+        total = sum(loss_dict.values())
+        lr = self.optimizer.param_groups[0]["lr"]
+        values = {k: float(v.detach()) for k, v in loss_dict.items()}
+        if not torch.isfinite(total):
+            # skip the step: no update from a NaN/inf gradient; give up after too many in a row
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_in_a_row >= self.max_nonfinite_in_a_row:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} steps in a row gave a non-finite loss (last: {values}); "
+                    "lower train.lr or check the data"
+                )
+            self.scheduler.step()
+            return StepResult(values, float("nan"), False, lr)
+        self.nonfinite_in_a_row = 0
+        self.optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        return StepResult(values, float(total.detach()), True, lr)
+
+
+def validation_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict:
+    """Mean loss terms over `batches` with no update: the model in training mode (losses need targets) but
+    BatchNorm in eval mode so running statistics stay as they are, and the global RNG left untouched (the
+    samplers draw from it) so validation never changes the course of training. Under torch.distributed every
+    rank must call it: the sums are all-reduced, so each rank returns the mean over every rank's batches."""
+    was_training = model.training
+    model.train()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.eval()
+    sums = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64)  # the loss terms in LOSS_KEYS order, then count
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for batch in batches:
+            losses = model(to_device(batch, device))
+            sums += torch.tensor([float(losses[k]) for k in LOSS_KEYS] + [1.0], dtype=torch.float64)
+    model.train(was_training)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        reduced = sums.to(device)  # NCCL reduces CUDA tensors only
+        torch.distributed.all_reduce(reduced)
+        sums = reduced.cpu()
+    count = float(sums[-1])
+    if count == 0:
+        return {}
+    mean = {f"val_{k}": float(v) / count for k, v in zip(LOSS_KEYS, sums[:-1], strict=True)}
+    mean["val_loss"] = sum(mean.values())
+    return mean
+
+
+def validation_due(epoch: int, *, done: bool, epoch_ended: bool, every: int) -> bool:
+    """Whether the validation loss is computed now, after `epoch` (0-based) ran to its end or was cut short by
+    the last step: always after the last step, else after every `every`-th epoch (`train.val_every`; 0 = never
+    before the last step: each validation re-streams the split, some 10 s on a small CPU box)."""
+    return done or (epoch_ended and every > 0 and (epoch + 1) % every == 0)
+
+
+GRAD_COMPRESSIONS = ("none", "fp16")
+
+
+def compress_gradients(model: nn.Module, kind: str) -> bool:
+    """`train.grad_compression`: "fp16" registers torch's `fp16_compress_hook` on a DDP model, halving what the
+    gradient all-reduce moves (gloo on CPUs sharing a box: about 9% more images/s, BENCHMARKS.md). Returns
+    whether a hook was registered (not for a single worker, which has no all-reduce)."""
+    if kind not in GRAD_COMPRESSIONS:
+        raise ValueError(f"train.grad_compression {kind!r}: choose one of {', '.join(GRAD_COMPRESSIONS)}")
+    if kind == "none" or not isinstance(model, nn.parallel.DistributedDataParallel):
+        return False
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
+    return True
+
+
+def total_steps_for(config: Config, *, train_images: int, global_batch: int) -> tuple[int, int]:
+    """(total steps, steps per epoch): `train.steps` when set, else `train.epochs` full epochs."""
+    per_epoch = max(train_images // global_batch, 1)
+    total = config.train.steps if config.train.steps > 0 else config.train.epochs * per_epoch
+    return total, per_epoch
+
+
+def restore(state_dir: str, model: nn.Module, optimizer, scheduler) -> tuple[int, int, int]:
+    """Load a training checkpoint into model/optimizer/scheduler/RNG; returns (step, epoch, batch_in_epoch)."""
+    state = load_checkpoint(state_dir)
+    load_model_state(unwrap(model), state.model)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    if state.scheduler is not None:
+        scheduler.load_state_dict(state.scheduler)
+    if state.rng is not None:
+        torch.set_rng_state(state.rng)
+    return state.step, state.epoch, state.batch_in_epoch
+
+
+def epoch_batches(shard, *, batch_size: int, seed: int, epoch: int, skip: int = 0) -> Iterator[dict]:
+    """One epoch of this worker's batches, shuffled locally with a seed that changes every epoch, skipping
+    the first `skip` batches (already consumed before a resume)."""
+    it = shard.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=True,
+        local_shuffle_buffer_size=batch_size * 8,
+        local_shuffle_seed=seed * 1000 + epoch,
+        device="cpu",
+    )
+    for i, batch in enumerate(it):
+        if i >= skip:
+            yield batch
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry point; `loop_config` is built by pipelines/train.py (`TrainPlan.loop_config`)."""
+    import ray.train
+    import ray.train.torch
+
+    from mrcnn.model import build_model
+
+    config = Config.from_dict(loop_config["config"])
+    tc = config.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # all_gather_object over NCCL uses the current device
+    record_placement(loop_config, rank, world)  # MLflow from rank 0 only
+    torch.manual_seed(tc.seed)  # identical initial weights on every rank
+
+    model = build_model(config, num_classes=loop_config["num_classes"])
+    init_messages = initialise(model, loop_config)
+    set_trainable_layers(model, loop_config.get("layers", tc.layers))
+    flip_perm = model.flip_perm.clone()
+    # anchors, flip permutation and pixel statistics are constant buffers: no need to re-broadcast each step
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    compress_gradients(model, tc.grad_compression)
+
+    global_batch = tc.batch_size * world
+    lr = scaled_lr(tc.lr, global_batch=global_batch, reference_batch=tc.lr_reference_batch)
+    optimizer = build_optimizer(
+        model, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay, kind=tc.optimizer
+    )
+    total_steps = loop_config["total_steps"]
+    scheduler = build_scheduler(
+        optimizer,
+        total_steps=total_steps,
+        warmup_steps=tc.warmup_steps,
+        schedule=tc.schedule,
+        decay_at=tc.decay_at,
+        decay_factor=tc.decay_factor,
+    )
+    step, epoch, skip = 0, 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None or loop_config.get("resume_from"):
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                step, epoch, skip = restore(d, model, optimizer, scheduler)
+        else:
+            step, epoch, skip = restore(loop_config["resume_from"], model, optimizer, scheduler)
+        if rank == 0:
+            print(f"[train] restored from checkpoint at step {step} (epoch {epoch}, batch {skip})", flush=True)
+    elif rank == 0:
+        for message in init_messages:
+            print(f"[train] {message}", flush=True)
+
+    runner = StepRunner(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        device=device,
+        grad_clip=tc.grad_clip,
+        flip=tc.flip,
+        flip_perm=flip_perm,
+        seed=tc.seed,
+        rank=rank,
+        max_nonfinite_in_a_row=tc.max_nonfinite_in_a_row,
+        autocast=device.type == "cuda",
+    )
+    logger = _RankZeroLogger(loop_config, total_steps) if rank == 0 else None
+    meta = {k: loop_config[k] for k in ("config", "categories", "fingerprint", "num_classes")}
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
+    last_val: dict[str, float] = {}
+
+    def report(batch_in_epoch: int, extra: dict[str, float]) -> None:
+        metrics = {"step": step, "epoch": epoch, **last_val, **extra}
+        metrics.setdefault("val_loss", float("inf"))  # the score attribute must exist in every report
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(
+                tmp, model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=epoch,
+                batch_in_epoch=batch_in_epoch, meta={**meta, **last_val},
+            )
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    # `stop_at`: end this run early (with a checkpoint) while keeping the schedule planned for total_steps,
+    # so a long run can be split across reservations and continued with --resume
+    stop_at = min(loop_config.get("stop_at") or total_steps, total_steps)
+    fault = FaultDrill(loop_config.get("fault_at_step"), loop_config.get("fault_marker"),
+                       loop_config.get("fault_mode") or "exit")
+    while step < stop_at:
+        batch_in_epoch, exhausted = skip, True
+        for batch in epoch_batches(train_shard, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch, skip=skip):
+            t0 = time.perf_counter()
+            result = runner(batch, step)
+            step += 1
+            batch_in_epoch += 1
+            if logger:
+                logger.step(step, epoch, result, global_batch / max(time.perf_counter() - t0, 1e-9), runner)
+            if step % tc.checkpoint_every == 0 and step < stop_at:
+                report(batch_in_epoch, {"loss": result.total})
+            fault.maybe_die(step, rank)
+            if step >= stop_at:
+                exhausted = False  # perhaps complete; a resume finds out (its iterator then yields nothing)
+                break
+        if exhausted and batch_in_epoch == skip == 0:
+            raise RuntimeError(f"an epoch gave this worker no batch of {tc.batch_size}: fewer images than the batch")
+        skip = 0
+        if val_shard is not None and validation_due(epoch, done=step >= stop_at, epoch_ended=exhausted,
+                                                    every=tc.val_every):
+            val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=False, device="cpu")
+            last_val = validation_losses(model, val_batches, device)
+            if logger:
+                logger.validation(step, epoch, last_val)
+        if exhausted:
+            epoch, batch_in_epoch = epoch + 1, 0
+        report(batch_in_epoch, {"nonfinite_steps": runner.nonfinite_total})
+    if logger:
+        logger.close()
+
+
+class FaultDrill:
+    """A fault-tolerance drill on rank 0, right after step `at_step` (after that step's checkpoint, if any, was
+    reported), once per `marker` file, so that Ray Train's restore-from-checkpoint path can be exercised.
+    Mode "exit": the process dies hard (as on an OOM kill). Mode "pause": it writes the marker (naming its Ray
+    node) and blocks for good, so that a test can take that node away at a known step (a lost node); it needs
+    the marker, and hangs the run if nobody does."""
+
+    def __init__(self, at_step: int | None, marker: str | None, mode: str = "exit"):
+        if mode not in ("exit", "pause"):
+            raise ValueError(f"fault drill mode {mode!r}: 'exit' or 'pause'")
+        if mode == "pause" and at_step is not None and not marker:
+            raise ValueError("the 'pause' fault drill needs a marker file: it is how the pause is seen")
+        self.at_step, self.marker, self.mode = at_step, marker, mode
+
+    def maybe_die(self, step: int, rank: int) -> None:
+        import os
+
+        if self.at_step is None or step != self.at_step or rank != 0:
+            return
+        if self.marker and os.path.exists(self.marker):
+            return
+        if self.mode == "pause":
+            import ray
+
+            node = ray.get_runtime_context().get_node_id()
+            with open(self.marker + ".tmp", "w") as f:  # renamed into place: a watcher never reads half of it
+                f.write(f"paused at step {step} on node {node}\n")
+            os.replace(self.marker + ".tmp", self.marker)
+            print(f"[train] fault drill: worker pauses at step {step} on node {node}", flush=True)
+            while True:
+                time.sleep(1)
+        if self.marker:
+            with open(self.marker, "w") as f:
+                f.write(f"killed at step {step}\n")
+        print(f"[train] fault drill: worker process exits at step {step}", flush=True)
+        os._exit(1)
+
+
+def record_placement(loop_config: dict[str, Any], rank: int, world: int) -> list[str]:
+    """The Ray node of every rank (gathered over the process group); rank 0 tags the MLflow run with them
+    (`worker_node.rank<r>`; a restart elsewhere overwrites them), so that where a run trained can be checked
+    afterwards. Returns the node ids by rank. Best effort on the MLflow side: never fails training."""
+    import ray
+    import torch.distributed as dist
+
+    nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        mine, nodes = nodes[0], [None] * world
+        dist.all_gather_object(nodes, mine)
+    if rank != 0 or not loop_config.get("mlflow_run_id"):
+        return nodes
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(loop_config["tracking_uri"])
+        for r, node in enumerate(nodes):
+            client.set_tag(loop_config["mlflow_run_id"], f"worker_node.rank{r}", node)
+    except Exception as exc:  # the tracking store is unreachable or busy: training matters more
+        print(f"[train] could not record the workers' nodes in MLflow: {exc}", flush=True)
+    return nodes
+
+
+def initialise(model: nn.Module, loop_config: dict[str, Any]) -> list[str]:
+    """`--model-path` (our checkpoint, fine-tuning) and `--backbone-weights` (torchvision ResNet state dict)."""
+    messages = []
+    if loop_config.get("model_path"):
+        state = load_checkpoint(loop_config["model_path"])
+        reinit = load_model_state(model, state.model, reinit_class_layers=True)
+        messages.append(f"initialised from {loop_config['model_path']} (step {state.step})")
+        if reinit:
+            messages.append(
+                f"different number of classes: re-initialised the class-specific layers {', '.join(reinit)}"
+            )
+    if loop_config.get("backbone_weights"):
+        from mrcnn.backbone import load_backbone_weights
+
+        load_backbone_weights(model, loop_config["backbone_weights"])
+        messages.append(f"backbone weights from {loop_config['backbone_weights']}")
+    return messages
+
+
+class _RankZeroLogger:
+    """Console progress and MLflow metrics, from rank 0 only."""
+
+    def __init__(self, loop_config: dict[str, Any], total_steps: int):
+        self.every = Config.from_dict(loop_config["config"]).train.log_every
+        self.tracking_uri = loop_config.get("tracking_uri")
+        self.run_id = loop_config.get("mlflow_run_id")
+        self.total = total_steps
+        self.start = time.perf_counter()
+        self.first_step: int | None = None
+
+    def step(self, step: int, epoch: int, result: StepResult, images_per_s: float, runner: StepRunner) -> None:
+        from pipelines.infra import tracking
+
+        if self.first_step is None:
+            self.first_step = step - 1
+        if step % self.every and step != self.total:
+            return
+        elapsed = time.perf_counter() - self.start
+        done = step - self.first_step
+        eta = elapsed / max(done, 1) * (self.total - step)
+        losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in result.losses.items())
+        print(
+            f"[train] step {step}/{self.total} epoch {epoch} loss={result.total:.4f} {losses} lr={result.lr:.5f} "
+            f"{images_per_s:.1f} img/s eta {eta:.0f}s",
+            flush=True,
+        )
+        if self.run_id:
+            metrics = {**result.losses, "lr": result.lr, "images_per_s": images_per_s, "epoch": epoch}
+            metrics["nonfinite_steps"] = runner.nonfinite_total
+            if math.isfinite(result.total):
+                metrics["loss"] = result.total
+            tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=step)
+
+    def validation(self, step: int, epoch: int, val: dict[str, float]) -> None:
+        from pipelines.infra import tracking
+
+        if not val:
+            return
+        print(f"[train] validation after epoch {epoch}: val_loss={val['val_loss']:.4f}", flush=True)
+        if self.run_id:
+            tracking.log_metrics(self.tracking_uri, self.run_id, val, step=step)
+
+    def close(self) -> None:
+        print(f"[train] done in {time.perf_counter() - self.start:.0f}s", flush=True)

@@ -1,0 +1,274 @@
+"""`mrcnn-cli train`: Ray Train data-parallel training from the Parquet shards.
+
+The driver side only: it checks the shards against the config, plans the run (steps, lr scaling), creates
+the MLflow run, builds the Ray Data datasets and the `TorchTrainer`, and after `fit()` logs the final model.
+The per-worker loop is pipelines/train_loop.py.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from mrcnn.config import Config
+from pipelines.data.categories import CategoryMap
+from pipelines.infra import tracking
+from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
+from pipelines.training.loop import GRAD_COMPRESSIONS, total_steps_for, train_loop_per_worker
+
+
+@dataclass(frozen=True)
+class TrainRequest:
+    """What `mrcnn-cli train` was asked; None means "as the config says"."""
+
+    shards: str
+    split: str = "train2017"
+    val_split: str | None = "val2017"
+    workers: int = 1
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    epochs: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    layers: str | None = None
+    model_path: str | None = None
+    backbone_weights: str | None = None
+    resume: bool = False
+    storage: str | None = None
+    run_name: str | None = None
+    experiment: str = tracking.DEFAULT_EXPERIMENT
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # of the workers' placement group; STRICT_SPREAD: one worker per node
+    address: str | None = None
+    log_model: bool = True
+    stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
+    fault_at_step: int | None = None  # fault drill: rank 0's process dies after this step, once
+    fault_marker: str | None = None  # file marking that the drill already happened
+    fault_mode: str = "exit"  # "exit": the process dies; "pause": it blocks (until its node is taken away)
+    extra_tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainResult:
+    checkpoint: str  # the latest checkpoint (the final weights)
+    best_checkpoint: str | None  # lowest validation loss
+    run_id: str
+    run_name: str
+    storage: str
+    metrics: dict[str, Any]
+    total_steps: int
+
+
+def apply_request(config: Config, request: TrainRequest) -> Config:
+    """Fold the command-line training settings into the config (one typed config everywhere after this)."""
+    changes: dict[str, Any] = {}
+    if request.steps is not None:
+        changes["steps"] = request.steps
+    if request.epochs is not None:
+        changes["epochs"] = request.epochs
+        changes.setdefault("steps", 0)  # --epochs means epochs
+    if request.batch_size is not None:
+        changes["batch_size"] = request.batch_size
+    if request.layers is not None:
+        changes["layers"] = request.layers
+    return replace(config, train=replace(config.train, **changes)) if changes else config
+
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def train(config: Config, request: TrainRequest) -> TrainResult:
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.data.loader import batches_dataset
+    from pipelines.data.shards import check_fingerprint, read_manifest
+    from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
+    from pipelines.infra.storage import absolute
+
+    if request.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
+    manifest = read_manifest(request.shards)
+    check_fingerprint(manifest, config)  # before any work: shards made with another config are refused
+    config = apply_request(config, request)
+    if config.train.grad_compression not in GRAD_COMPRESSIONS:  # before Ray starts, not in every worker
+        raise ValueError(f"train.grad_compression {config.train.grad_compression!r}: one of "
+                         f"{', '.join(GRAD_COMPRESSIONS)}")
+    splits = manifest["splits"]
+    if request.split not in splits:
+        raise ValueError(f"split {request.split!r} is not in {request.shards} (has {', '.join(splits)})")
+    val_split = request.val_split if request.val_split in splits else None
+    categories = manifest["categories"]
+    num_classes = CategoryMap.from_dict(categories).num_classes
+
+    init_ray(request.address)
+    use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu
+    if request.storage is None and cluster_nodes() > 1:
+        raise ValueError("--storage is required on a multi-node cluster: a path or URI every node can read")
+    storage = request.storage or str(Path("checkpoints").resolve())
+
+    global_batch = config.train.batch_size * request.workers
+    total_steps, steps_per_epoch = total_steps_for(
+        config, train_images=int(splits[request.split]["num_images"]), global_batch=global_batch
+    )
+    resume_from = None
+    if request.resume:
+        # a path or a URI that every worker reads (pipelines.checkpoints reads both)
+        latest = find_latest_checkpoint(storage)
+        if latest is None:
+            raise ValueError(f"--resume: no checkpoint under {storage}")
+        resume_from = latest
+        print(f"[train] resuming from {latest}", flush=True)
+    run_name = request.run_name or f"train-{manifest['fingerprint'][:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+    tracking_uri = tracking.resolve_tracking_uri(request.tracking_uri)
+    run_id = tracking.create_run(
+        tracking_uri,
+        experiment=request.experiment,
+        run_name=run_name,
+        parent_run_id=request.parent_run_id,
+        tags={"stage": "train", "shards": request.shards, "fingerprint": manifest["fingerprint"], **request.extra_tags},
+    )
+    tracking.log_params(
+        tracking_uri,
+        run_id,
+        {
+            **tracking.flatten("", config.to_dict()),
+            "dataset_fingerprint": manifest["fingerprint"],
+            "annotations_sha256": splits[request.split].get("annotations_sha256", ""),
+            "shards": request.shards,
+            "workers": request.workers,
+            "placement_strategy": request.placement_strategy,
+            "global_batch": global_batch,
+            "total_steps": total_steps,
+            "use_gpu": use_gpu,
+            "code_version": tracking.code_version(),
+        },
+    )
+
+    datasets = {"train": batches_dataset(request.shards, request.split, config, _num_anchors(config))}
+    if val_split:
+        datasets["val"] = batches_dataset(request.shards, val_split, config, _num_anchors(config))
+    if config.train.cache_data:
+        # the val split too, even when validated once: streaming it fresh at the end of training cost the demo
+        # 18 s (train workers holding the CPUs), decoding it here 6 s
+        print(f"[train] decoding {', '.join(datasets)} into the object store (train.cache_data)", flush=True)
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    from ray.data import ExecutionOptions
+
+    loop_config = {
+        "config": config.to_dict(),
+        "categories": categories,
+        "fingerprint": manifest["fingerprint"],
+        "num_classes": num_classes,
+        "total_steps": total_steps,
+        "steps_per_epoch": steps_per_epoch,
+        "layers": config.train.layers,
+        # read by the workers, which do not share the driver's working directory: absolute, or a URI
+        "model_path": absolute(request.model_path) if request.model_path else None,
+        "backbone_weights": absolute(request.backbone_weights) if request.backbone_weights else None,
+        "tracking_uri": tracking_uri,
+        "mlflow_run_id": run_id,
+        "has_val": val_split is not None,
+        "stop_at": request.stop_at,
+        # loaded by the loop when Ray Train has no checkpoint of this run yet (Ray's recommended replacement
+        # for the deprecated resume_from_checkpoint; after a worker failure Ray's own latest one wins)
+        "resume_from": resume_from,
+        "fault_at_step": request.fault_at_step,
+        "fault_marker": request.fault_marker,
+        "fault_mode": request.fault_mode,
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=request.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": request.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=request.placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.train.num_to_keep,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+        ),
+        datasets=datasets,
+        # order preserved so that a resumed run sees the batches an uninterrupted one would
+        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.finish_run(tracking_uri, run_id, failed=True)
+        raise
+    if getattr(result, "error", None) is not None:
+        tracking.finish_run(tracking_uri, run_id, failed=True)
+        raise result.error
+    # Ray's Checkpoint.path is a path inside its storage filesystem (no scheme): made a URI again here, so
+    # that the DAG's later stages, evaluate and predict read it from wherever they run
+    latest = checkpoint_uri(result.checkpoint, storage)
+    best = checkpoint_uri(min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))[0], storage)
+    if request.log_model:
+        log_final_model(tracking_uri, run_id, latest, config=config, num_classes=num_classes)
+    tracking.log_artifact(tracking_uri, run_id, latest, "checkpoint")
+    tracking.finish_run(tracking_uri, run_id)
+    return TrainResult(
+        checkpoint=latest,
+        best_checkpoint=best,
+        run_id=run_id,
+        run_name=run_name,
+        storage=storage,
+        metrics=dict(result.metrics or {}),
+        total_steps=total_steps,
+    )
+
+
+def checkpoint_uri(checkpoint: Any, storage: str) -> str:
+    """Where a Ray Train checkpoint (anything with `.path`, the path inside `storage`'s filesystem) lives, written
+    as `storage` is: a local path for a local storage, `scheme://...` for a URI storage (`s3://b/ckpt` ->
+    `s3://b/ckpt/run/checkpoint_000003`, `file:///shared/ckpt` -> `file:///shared/ckpt/run/checkpoint_000003`)."""
+    return uri_for(storage, checkpoint.path)
+
+
+def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, config: Config, num_classes: int) -> None:
+    """The final weights as an MLflow PyTorch model, loadable with `mlflow.pytorch.load_model`; the model
+    carries its config and category map (`model.mrcnn_meta`) so it predicts without the shards."""
+    import mlflow
+    import mlflow.pytorch
+
+    import mrcnn
+    import pipelines
+    from mrcnn.model import build_model
+
+    state = load_checkpoint(checkpoint_dir)
+    model = build_model(config, num_classes=num_classes)
+    load_model_state(model, state.model)
+    model.eval()
+    model.mrcnn_meta = {"config": config.to_dict(), "categories": state.meta["categories"], "num_classes": num_classes}
+    mlflow.set_tracking_uri(tracking_uri)
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(
+            model,
+            name="model",
+            # pickle: the model's forward takes a Batch dict, which the traced "pt2" format cannot express
+            serialization_format="pickle",
+            code_paths=[str(Path(mrcnn.__file__).parent), str(Path(pipelines.__file__).parent)],
+            # given, not inferred: inference imports the model in a subprocess, slow and pointless here
+            pip_requirements=[
+                "torch==2.14.1", "torchvision==0.29.1", "pycocotools>=2.0.11", "numpy>=2.4", "pyyaml>=6",
+            ],
+        )
+
+
+def _num_anchors(config: Config) -> int:
+    from mrcnn.anchors import anchors_from_config
+
+    return int(anchors_from_config(config).shape[0])

@@ -1,0 +1,141 @@
+"""`predict`: a trained tiny model on plain image files writes COCO results that pycocotools loads and evaluates,
+through the same geometry as preprocessing; pictures of a known size; image ids from COCO file names."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mrcnn.anchors import anchors_from_config
+from mrcnn.config import shapes
+from mrcnn.model import build_model
+from pipelines.data.coco import load_image_rgb, read_split, split_paths
+from pipelines.data.loader import ShardBatchDecoder, decoder_for
+from pipelines.data.rows import RowMaker
+from pipelines.data.shards import decode_row
+from pipelines.evaluation.predict import (
+    HEADER_PX,
+    MAX_PICTURE_PX,
+    find_images,
+    image_ids,
+    network_input,
+    predict_images,
+)
+from pipelines.training.checkpoints import save_checkpoint
+
+STEPS, BATCH = 30, 2
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one torch thread (conftest)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(synth_dataset, tmp_path_factory) -> str:
+    """A `shapes` model trained in-process for STEPS plain SGD steps on batches made by RowMaker and
+    ShardBatchDecoder (the shard writer's and the loader's code, without Ray); its checkpoint directory."""
+    config = shapes()
+    source = read_split(*split_paths(str(synth_dataset), "train2017"))
+    maker = RowMaker(config.to_dict(), torch_threads=None)
+    rows = [row for row, _ in map(maker.make, source.records) if row is not None and row["num_instances"]]
+    decoder = ShardBatchDecoder(**decoder_for(config, len(anchors_from_config(config))))
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=source.categories.num_classes).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    first = last = None
+    for step in range(STEPS):
+        chunk = [rows[(step * BATCH + i) % len(rows)] for i in range(BATCH)]
+        batch = {k: torch.as_tensor(v) for k, v in decoder({k: [r[k] for r in chunk] for k in chunk[0]}).items()}
+        loss = sum(model(batch).values())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        last = float(loss.detach())
+        first = last if first is None else first
+    assert last < first, f"training did not lower the loss: {first:.3f} -> {last:.3f}"
+    meta = {"config": config.to_dict(), "categories": source.categories.to_dict(),
+            "num_classes": source.categories.num_classes}
+    out = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    return str(save_checkpoint(out, model=model.eval(), optimizer=None, scheduler=None, step=STEPS, epoch=0,
+                               batch_in_epoch=0, meta=meta))
+
+
+
+@pytest.mark.slow  # trains the tiny model first
+def test_predict_writes_coco_results_that_pycocotools_loads_and_evaluates(tiny_model, synth_dataset, tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    annotations, images = split_paths(str(synth_dataset), "val2017")
+    result = predict_images([images], tiny_model, tmp_path / "out", threshold=0.0)
+    gt = COCO(annotations)
+    # COCO file names give the image ids, so the results line up with the annotations
+    assert sorted(i["id"] for i in result.images) == sorted(gt.getImgIds())
+    detections = json.loads(Path(result.predictions).read_text())
+    assert len(detections) == result.num_detections > 0  # threshold 0: every image has detections
+    sizes = {i["id"]: (i["height"], i["width"]) for i in result.images}
+    for d in detections:
+        height, width = sizes[d["image_id"]]
+        x, y, w, h = d["bbox"]
+        assert 0 <= x and 0 <= y and x + w <= width + 0.01 and y + h <= height + 0.01  # original pixels
+        assert d["segmentation"]["size"] == [height, width] and isinstance(d["segmentation"]["counts"], str)
+        assert d["category_id"] in gt.getCatIds() and 0.0 <= d["score"] <= 1.0
+    dt = gt.loadRes(result.predictions)
+    assert len(dt.anns) == len(detections)
+    for iou_type in ("bbox", "segm"):
+        evaluator = COCOeval(gt, dt, iou_type)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+        assert len(evaluator.stats) == 12 and -1.0 <= evaluator.stats[0] <= 1.0
+
+
+@pytest.mark.slow
+def test_one_picture_per_image_of_the_documented_size(tiny_model, synth_dataset, tmp_path):
+    _, images = split_paths(str(synth_dataset), "val2017")
+    files = sorted(Path(images).glob("*.jpg"))[:2]
+    result = predict_images(files, tiny_model, tmp_path / "out")  # the model's own threshold
+    assert len(result.pictures) == 2
+    for picture, info in zip(result.pictures, result.images, strict=True):
+        zoom = min(4.0, MAX_PICTURE_PX / max(info["height"], info["width"]))
+        with Image.open(picture) as im:
+            assert im.size == (round(info["width"] * zoom), round(info["height"] * zoom) + HEADER_PX)
+
+
+def test_network_input_is_the_preprocessed_image(synth_dataset):
+    """The same resize as the shard writer: with lossless PNG shards the pixels agree exactly."""
+    config = shapes().override(["image.encoding=png"])
+    source = read_split(*split_paths(str(synth_dataset), "val2017"))
+    record = source.records[1]
+    row = decode_row(RowMaker(config.to_dict(), torch_threads=None).make(record)[0])
+    canvas, geo = network_input(load_image_rgb(record["path"]), min_dim=128, max_dim=128)
+    assert canvas.shape == (3, 128, 128) and canvas.dtype == np.uint8
+    assert tuple(geo.window) == tuple(row["window"]) and geo.scale == pytest.approx(row["scale"], rel=1e-6)
+    x1, y1, x2, y2 = geo.window
+    np.testing.assert_array_equal(canvas[:, y1:y2, x1:x2].transpose(1, 2, 0), row["image"])
+    assert not canvas[:, y2:, :].any() and not canvas[:, :, x2:].any()  # zero padding bottom / right
+
+
+def test_image_ids_from_coco_file_names_else_positions(tmp_path):
+    assert image_ids([Path("000000397133.jpg"), Path("a/000000000042.png")]) == [397133, 42]
+    assert image_ids([Path("cat.jpg"), Path("000000000042.png")]) == [1, 2]
+    assert image_ids([Path("1.jpg"), Path("001.png")]) == [1, 2]  # the same number twice
+
+
+def test_find_images_takes_files_and_folders(tmp_path):
+    for name in ("b.JPG", "a.png", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.jpeg").write_bytes(b"x")
+    found = find_images([tmp_path, tmp_path / "sub" / "c.jpeg", tmp_path / "a.png"])
+    assert [p.name for p in found] == ["a.png", "b.JPG", "c.jpeg"]  # sorted, no duplicates, no .txt
+    with pytest.raises(FileNotFoundError, match="missing"):
+        find_images([tmp_path / "missing"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .jpg"):
+        find_images([tmp_path / "empty"])

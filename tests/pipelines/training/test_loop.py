@@ -1,0 +1,180 @@
+"""The per-worker loop's parts, without Ray Train: one step, the non-finite guard, flips, validation."""
+
+from dataclasses import replace
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from torch import nn
+
+from mrcnn.config import shapes
+from mrcnn.model import LOSS_KEYS, build_model
+from pipelines.data.loader import ShardBatchDecoder, decoder_for
+from pipelines.training.loop import (
+    NonFiniteLossError,
+    StepRunner,
+    compress_gradients,
+    total_steps_for,
+    validation_due,
+    validation_losses,
+)
+from pipelines.training.optim import build_optimizer, build_scheduler
+
+
+@pytest.fixture(scope="module")
+def batch(synth_shards):
+    table = pq.read_table(f"{synth_shards}/train2017").slice(0, 2)
+    rows = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    config = shapes()
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=4)
+    decoded = ShardBatchDecoder(**decoder_for(config, model.anchors.shape[0]))(rows)
+    return {k: torch.as_tensor(v) for k, v in decoded.items()}
+
+
+def _runner(model, **kw):
+    opt = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    sched = build_scheduler(opt, total_steps=10, warmup_steps=0, schedule="cosine")
+    return StepRunner(model=model, optimizer=opt, scheduler=sched, device=torch.device("cpu"), grad_clip=5.0,
+                      flip_perm=getattr(model, "flip_perm", None), **kw)
+
+
+def test_one_step_updates_the_model_and_the_schedule(batch):
+    torch.manual_seed(0)
+    model = build_model(shapes(), num_classes=4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = _runner(model)
+    result = runner(batch, step=0)
+    assert result.finite and set(result.losses) == {"loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"}
+    assert result.total == pytest.approx(sum(result.losses.values()), rel=1e-5)
+    changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
+    assert any("rpn" in k for k in changed) and any("mask" in k for k in changed)
+    assert runner.scheduler.last_epoch == 1
+
+
+class _NaNModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, batch):
+        return {"loss_cls": self.w * float("nan")}
+
+
+def test_non_finite_steps_are_skipped_counted_then_stop(batch):
+    model = _NaNModel()
+    runner = _runner(model, flip=False, max_nonfinite_in_a_row=3)
+    for step in range(2):
+        result = runner(batch, step)
+        assert not result.finite
+    assert model.w.item() == 1.0 and runner.nonfinite_total == 2  # no update from a NaN
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+        runner(batch, 2)
+
+
+def test_flip_choice_is_a_function_of_seed_step_and_rank():
+    model = nn.Linear(1, 1)
+    a = StepRunner(model=model, optimizer=None, scheduler=None, device=torch.device("cpu"), grad_clip=0, seed=1)
+    b = StepRunner(model=model, optimizer=None, scheduler=None, device=torch.device("cpu"), grad_clip=0, seed=1)
+    c = StepRunner(model=model, optimizer=None, scheduler=None, device=torch.device("cpu"), grad_clip=0, seed=1, rank=1)
+    assert torch.equal(a.flip_choice(5, 64), b.flip_choice(5, 64))
+    assert not torch.equal(a.flip_choice(5, 64), a.flip_choice(6, 64))
+    assert not torch.equal(a.flip_choice(5, 64), c.flip_choice(5, 64))
+    assert 16 < int(a.flip_choice(5, 64).sum()) < 48
+
+
+def test_validation_changes_neither_weights_nor_bn_stats_nor_rng(batch):
+    torch.manual_seed(0)
+    model = build_model(shapes(), num_classes=4)  # shapes: trainable BatchNorm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    val = validation_losses(model, [batch, batch], torch.device("cpu"))
+    assert set(val) == {"val_loss", "val_loss_rpn_cls", "val_loss_rpn_box", "val_loss_cls", "val_loss_box",
+                        "val_loss_mask"}
+    assert val["val_loss"] == pytest.approx(sum(v for k, v in val.items() if k != "val_loss"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training
+
+
+def test_total_steps_for():
+    c = shapes()
+    assert total_steps_for(replace(c, train=replace(c.train, steps=0, epochs=3)), train_images=10, global_batch=4) == (
+        6, 2)
+    assert total_steps_for(replace(c, train=replace(c.train, steps=7)), train_images=10, global_batch=4) == (7, 2)
+
+
+def test_validation_due_after_every_nth_epoch_and_always_after_the_last_step():
+    # every epoch (the default): after each completed epoch and after the last step
+    assert [validation_due(e, done=False, epoch_ended=True, every=1) for e in range(3)] == [True, True, True]
+    # every 2nd: epochs 1, 3 (0-based), i.e. after the 2nd and 4th
+    assert [validation_due(e, done=False, epoch_ended=True, every=2) for e in range(4)] == [False, True, False, True]
+    # 0: never before the last step
+    assert not any(validation_due(e, done=False, epoch_ended=True, every=0) for e in range(4))
+    # the last step always validates, even mid-epoch and with 0
+    assert validation_due(5, done=True, epoch_ended=False, every=0)
+    assert validation_due(0, done=True, epoch_ended=False, every=3)
+
+
+@pytest.fixture()
+def one_process_group(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _ddp_grads(kind: str) -> tuple[list[torch.Tensor], bool]:
+    torch.manual_seed(0)
+    net = nn.Linear(7, 3)
+    ddp = nn.parallel.DistributedDataParallel(net)
+    hooked = compress_gradients(ddp, kind)
+    x = torch.randn(5, 7) * 1000.0  # gradients far from fp16-representable values
+    (ddp(x) ** 2).sum().backward()
+    return [p.grad.clone() for p in net.parameters()], hooked
+
+
+def test_fp16_grad_compression_rounds_the_all_reduced_gradients_to_half(one_process_group):
+    plain, hooked_plain = _ddp_grads("none")
+    compressed, hooked = _ddp_grads("fp16")
+    assert not hooked_plain and hooked
+    for p, c in zip(plain, compressed, strict=True):
+        assert not torch.equal(p, c)  # the hook changed what arrived ...
+        assert torch.equal(c, p.half().float())  # ... by exactly the fp16 round trip (world size 1: sum / 1)
+
+
+def test_grad_compression_needs_ddp_and_a_known_kind():
+    assert not compress_gradients(nn.Linear(2, 2), "fp16")  # one worker: no all-reduce, nothing to hook
+    with pytest.raises(ValueError, match="grad_compression 'int8'"):
+        compress_gradients(nn.Linear(2, 2), "int8")
+
+
+class _LossesOfX(nn.Module):
+    """Stands in for the model: its loss terms are batch["x"] times 1..5, so means are known by hand."""
+
+    def forward(self, batch):
+        return {k: batch["x"].sum() * (i + 1) for i, k in enumerate(LOSS_KEYS)}
+
+
+def _validate_on_rank(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # rank 0 sees the values 1 and 2, rank 1 sees 6: the mean over all three batches is 3
+    mine = [[1.0, 2.0], [6.0]][rank]
+    val = validation_losses(_LossesOfX(), [{"x": torch.tensor([v])} for v in mine], torch.device("cpu"))
+    torch.save(val, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_validation_losses_are_the_mean_over_every_ranks_batches(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_validate_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "val")), nprocs=2)
+    for rank in range(2):
+        val = torch.load(tmp_path / f"val.{rank}", weights_only=True)
+        assert val["val_loss_rpn_cls"] == pytest.approx(3.0)  # (1 + 2 + 6) / 3, not rank 0's 1.5
+        assert val["val_loss_mask"] == pytest.approx(15.0)
+        assert val["val_loss"] == pytest.approx(3.0 * (1 + 2 + 3 + 4 + 5))
