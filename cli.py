@@ -1,7 +1,9 @@
 """mrcnn-cli: the command line of mrcnn-pipeline.
 
 Thin by design: each command checks its arguments, builds the typed config and calls a plain function in
-`pipelines/` that tests import without the CLI.
+`pipelines/` that tests import without the CLI. Results go to stdout; the stages' progress lines go through
+`pipelines.infra.logs` (stderr, `[stage] message`). Each command imports its stage when it runs, so that
+`mrcnn-cli --help` and argument errors answer without importing torch, Ray or MLflow.
 """
 
 from __future__ import annotations
@@ -11,11 +13,18 @@ from typing import Annotated
 
 import typer
 
+from pipelines.infra.logs import setup_logging
+
 app = typer.Typer(
     no_args_is_help=True,
     help="Mask R-CNN training as a distributed pipeline on Ray.\n\n"
     "Example: mrcnn-cli demo --out demo_out   (synthetic data -> shards -> training -> COCO evaluation)",
 )
+
+@app.callback()
+def _main() -> None:
+    setup_logging()
+
 
 ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes) or a YAML file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, repeatable: section.field=value.")]

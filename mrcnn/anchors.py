@@ -1,6 +1,6 @@
 """Anchor boxes for the FPN levels, and their left-right mirror permutation.
 
-Order (DESIGN.md, "Geometry"): level by level (P2 first), then row i, then column j, then ratio in config order.
+Order (docs/design.md, "Geometry"): level by level (P2 first), then row i, then column j, then ratio in config order.
 On a level of feature stride f, with d = anchor_stride * f, there are n = ceil(image_size / d) positions per side
 and anchor centres sit at ((j + 0.5) * d, (i + 0.5) * d). An anchor of scale s and ratio r (= width / height) is
 w = s * sqrt(r), h = s / sqrt(r). Anchors are (x1, y1, x2, y2) float32 in padded-image pixels.

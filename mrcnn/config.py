@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """Geometry of the network input (DESIGN.md, "Geometry").
+    """Geometry of the network input (docs/design.md, "Geometry").
 
     Each image is resized keeping its aspect ratio (short side towards `min_dim`, long side at most
     `max_dim`) and zero-padded at the bottom/right to `max_dim x max_dim`.
@@ -208,7 +208,7 @@ class Config:
 
     # ----------------------------------------------------------------- fingerprint
     def shard_fields(self) -> dict[str, Any]:
-        """Every field that changes preprocessed shard content (DESIGN.md, "The manifest")."""
+        """Every field that changes preprocessed shard content (docs/design.md, "The manifest")."""
         img, rpn, mask = self.image, self.rpn, self.mask
         return {
             "image.min_dim": img.min_dim,

@@ -5,7 +5,7 @@ the anchor set is symmetric (anchors.flip_permutation), so anchor i of the flipp
 flip_perm[i] of the original and inherits its label, with dx negated (dy, dw, dh are unchanged by a mirror).
 A flipped image's window therefore moves to the right edge: (S - x2, y1, S - x1, y2).
 
-Batch keys (CONTRACT.md, "Batch"; missing keys are skipped, unknown keys passed through):
+Batch keys (docs/design.md, "The training batch"; missing keys are skipped, unknown keys passed through):
 images uint8 [N, 3, S, S]; windows int64 [N, 4]; gt_class_ids int64 [N, G] (0 = padding);
 gt_boxes float32 [N, G, 4]; gt_mini_masks uint8 [N, G, m, m]; crowd_boxes float32 [N, C, 4] (zero rows = padding);
 rpn_match int8 [N, A]; rpn_deltas float32 [N, A, 4]. Boxes are (x1, y1, x2, y2) in padded-image pixels.

@@ -1,7 +1,7 @@
 """Resize-and-pad geometry: original image pixels <-> padded network-input pixels.
 
 Each image is resized keeping its aspect ratio (short side towards `min_dim`, long side at most `max_dim`) and
-placed at the TOP-LEFT of a `max_dim x max_dim` zero canvas (DESIGN.md, "Geometry"). So
+placed at the TOP-LEFT of a `max_dim x max_dim` zero canvas (docs/design.md, "Geometry"). So
 
     padded = original * scale + (window x1, window y1)        (the offset is (0, 0) for this layout)
 

@@ -7,7 +7,7 @@ one every node can read, since the stages run wherever Ray places them. A rerun 
 nothing changed skips every stage and says so; a changed training setting changes the train and evaluate
 keys only; a failed stage leaves no marker, stops the stages after it, and the next run resumes at it.
 Not Ray Workflows (deprecated): plain Ray tasks with `num_cpus=0`, since a stage only launches Ray Data or
-Ray Train work and must not hold the CPU its own workers wait for (DESIGN.md, "Ray").
+Ray Train work and must not hold the CPU its own workers wait for (docs/design.md, "Ray").
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from pyarrow import fs as pafs
 
 from mrcnn.config import Config
 from pipelines.infra import tracking
+from pipelines.infra.logs import get_logger
+from pipelines.infra.ray_env import cluster_nodes, init_ray
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
+
+log = get_logger("run")
 
 MARKER = "_COMPLETE.json"
 
@@ -223,14 +227,10 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
 
 
 def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
-    import sys
-
-    from pipelines.infra.ray_env import cluster_nodes, init_ray
-
     init_ray(request.address)
     if "://" not in request.work_dir and cluster_nodes() > 1:
-        print(f"[run] warning: work dir {request.work_dir} is a local path on a multi-node cluster; the stages run "
-              "on any node, so it must be a shared filesystem (else use s3:// or gs://)", file=sys.stderr, flush=True)
+        log.warning("work dir %s is a local path on a multi-node cluster; the stages run on any node, so it must be "
+                    "a shared filesystem (else use s3:// or gs://)", request.work_dir)
     return run_dag(
         pipeline_stages(config, request),
         request.work_dir,

@@ -44,7 +44,7 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session, with more logical CPUs than the 2 real ones so that
-    Ray Data and Ray Train workers can run side by side (DEVELOPERS.md: leave CPU for Ray Data)."""
+    Ray Data and Ray Train workers can run side by side (else a dataset job can hang waiting for CPU)."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")

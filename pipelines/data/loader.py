@@ -1,7 +1,7 @@
 """From Parquet shards to fixed-size training batches, in Ray Data on CPUs.
 
 JPEG decoding, mini-mask unpacking, densifying the sparse RPN targets and padding every tensor to a fixed
-shape happen here, in `map_batches` on CPU workers, never in the GPU process (DESIGN.md, "Ray"). The
+shape happen here, in `map_batches` on CPU workers, never in the GPU process (docs/design.md, "Ray"). The
 result is exactly the Batch of the model (mrcnn/model.py):
 
     images        uint8   [N, 3, S, S]   RGB, image at the top-left, zero padding

@@ -2,9 +2,9 @@
 
     manifest_uri = preprocess(coco(), splits=[("train2017", ann_json, images_dir)], out="s3://bucket/shards")
 
-The annotations are read and checked once on the driver (`pipelines.coco_source.read_split`, pycocotools).
+The annotations are read and checked once on the driver (`pipelines.data.coco.read_split`, pycocotools).
 Their image records become ONE Ray Data dataset over all splits; an autoscaling pool of `RowMaker` actors
-(one CPU each, up to every CPU of the cluster) turns each record into one shard row (DESIGN.md, "What a
+(one CPU each, up to every CPU of the cluster) turns each record into one shard row (docs/design.md, "What a
 shard row holds", schema v1): the decoded image resized and re-encoded, contiguous class ids, gt boxes from
 the annotation's `bbox`, bit-packed mini-masks, crowd boxes and sparse RPN targets from the model's own
 `compute_rpn_targets`. A `ShardDatasink` streams the rows into `<split>/part-*.parquet` files in the write
@@ -26,7 +26,6 @@ import hashlib
 import json
 import math
 import re
-import sys
 import time
 import uuid
 from collections import Counter
@@ -45,7 +44,10 @@ from pipelines.data.shards import (
     SCHEMA_VERSION,
     SHARD_SCHEMA,
 )
+from pipelines.infra.logs import get_logger
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
+
+log = get_logger("preprocess")
 
 BATCH_SIZE = 8  # records per map_batches call: small, so a few slow images do not hold up a whole block
 
@@ -279,8 +281,8 @@ def preprocess(
 
     started = time.time()
     if "://" not in out and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
-        print(f"[preprocess] warning: {out} is a local path on a multi-node cluster; every node writes its own "
-              "disk unless it is a shared filesystem (use s3:// or gs://)", file=sys.stderr, flush=True)
+        log.warning("%s is a local path on a multi-node cluster; every node writes its own disk unless it is a "
+                    "shared filesystem (use s3:// or gs://)", out)
     if overwrite and exists(filesystem, manifest_path):
         with filesystem.open_input_stream(manifest_path) as f:
             old = json.loads(f.read() or b"{}")  # any schema version: it is being replaced
@@ -316,8 +318,8 @@ def preprocess(
     if progress:
         for s in plan:
             m = manifest["splits"][s.name]
-            print(f"[preprocess] {s.name}: {m['num_images']} images, {m['num_instances']} instances, "
-                  f"{len(m['skipped'])} skip reports, {len(m['files'])} file(s)", file=sys.stderr, flush=True)
+            log.info("%s: %d images, %d instances, %d skip reports, %d file(s)", s.name, m["num_images"],
+                     m["num_instances"], len(m["skipped"]), len(m["files"]))
     return join_uri(out, MANIFEST)
 
 

@@ -1,6 +1,6 @@
-"""The preprocessed shard format, schema v1 (DESIGN.md, "What a shard row holds" and "The manifest").
+"""The preprocessed shard format, schema v1 (docs/design.md, "What a shard row holds" and "The manifest").
 
-    SHARDS/manifest.json                 written last by `pipelines.preprocess`: its presence marks a complete run
+    SHARDS/manifest.json                 written last by `pipelines.data.preprocess`: its presence marks a complete run
     SHARDS/<split>/part-*.parquet        one row per image, the columns of SHARD_SCHEMA
 
 The reading side lives here, shared by the stages that consume shards: `read_manifest`, `check_fingerprint`
@@ -30,7 +30,7 @@ MANIFEST = "manifest.json"
 DEFAULT_MINI_MASK_SIZE = 56
 
 
-# DESIGN.md schema v1, plus num_instances / num_crowd. Ragged values are plain lists with explicit counts
+# docs/design.md schema v1, plus num_instances / num_crowd. Ragged values are plain lists with explicit counts
 # (flat, 4 floats a box); no Ray tensor extension types, which have known bugs with ragged data in Parquet.
 SHARD_SCHEMA = pa.schema(
     [

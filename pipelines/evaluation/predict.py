@@ -3,7 +3,8 @@
 The model carries its config and category names (a checkpoint's meta.json, or an MLflow model's
 `mrcnn_meta`), so each image goes through the same geometry as training: resized with
 `mrcnn.geometry.resize_geometry` (bilinear, as preprocessing resizes), placed at the top-left of the zero
-S x S canvas, detected in eval mode, and mapped back to original pixels by `pipelines.evaluate.to_coco_results`.
+S x S canvas, detected in eval mode, and mapped back to original pixels by
+`pipelines.evaluation.evaluate.to_coco_results`.
 
 Output folder:
     predictions.json   COCO results: image_id, category_id (COCO ids), bbox [x, y, w, h] and RLE segmentation
@@ -78,7 +79,7 @@ def network_input(image: np.ndarray, *, min_dim: int, max_dim: int) -> tuple[np.
     height, width = image.shape[:2]
     geo = resize_geometry(height, width, min_dim=min_dim, max_dim=max_dim)
     resized = Image.fromarray(image, "RGB")
-    if resized.size != (geo.new_w, geo.new_h):  # bilinear, as pipelines.preprocess.encode_image resizes
+    if resized.size != (geo.new_w, geo.new_h):  # bilinear, as pipelines.data.rows.encode_image resizes
         resized = resized.resize((geo.new_w, geo.new_h), Image.Resampling.BILINEAR)
     canvas = np.zeros((3, max_dim, max_dim), np.uint8)
     canvas[:, : geo.new_h, : geo.new_w] = np.asarray(resized).transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)

@@ -1,7 +1,7 @@
 """Connecting to Ray the same way from every stage: `--address` / `RAY_ADDRESS`, else a local Ray.
 
 Code reaches the workers of a remote cluster through `runtime_env` (`py_modules`: our two packages), so
-a cluster needs only the dependencies installed, not this checkout (DESIGN.md, "Ray").
+a cluster needs only the dependencies installed, not this checkout (docs/design.md, "Ray").
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     """Connect to `address` (or RAY_ADDRESS) or start a local Ray; a no-op when Ray is already up.
 
     Returns where Ray runs ("local" or the address). A local Ray started here advertises at least 4 logical
-    CPUs so that Ray Data keeps CPU while train workers run on a 2-core machine (DEVELOPERS.md).
+    CPUs so that Ray Data keeps CPU while train workers run on a 2-core machine (else a dataset job can hang).
     """
     import ray
 

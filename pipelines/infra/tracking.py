@@ -1,18 +1,25 @@
-"""MLflow tracking shared by every stage (DESIGN.md, "MLflow").
+"""MLflow tracking shared by every stage (docs/design.md, "MLflow").
 
 The tracking URI comes from `MLFLOW_TRACKING_URI`, else MLflow's own local default (SQLite `mlflow.db` in the
 working directory), made absolute on the driver so that Ray workers, whose working directory differs, log
 to the same store. The driver creates runs; workers attach to them by run id.
+
+MLflow is imported when a function is called, not with this module: the training loop imports it, and the
+GPU tests and benchmarks run it on machines without MLflow.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from mlflow.tracking import MlflowClient
+from pyarrow import fs as pafs
+
+from pipelines.infra.storage import filesystem_for, is_uri
 
 DEFAULT_EXPERIMENT = "mrcnn-pipeline"
 
@@ -25,14 +32,19 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 
 
 def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on these runs, bound to 127.0.0.1 (DEVELOPERS.md, Security)."""
+    """The command that opens the MLflow UI on these runs, bound to 127.0.0.1 (never on all interfaces)."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
     return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
+def _client(tracking_uri: str):
+
+    return _client(tracking_uri)
+
+
 def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
@@ -49,7 +61,7 @@ def create_run(
 ) -> str:
     """Create a run (nested under `parent_run_id` when given) and return its id; it stays RUNNING
     until `finish_run`."""
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     experiment_id = ensure_experiment(tracking_uri, experiment)
     all_tags = {"mlflow.source.name": "mrcnn-pipeline", "code_version": code_version(), **(tags or {})}
     if parent_run_id:
@@ -59,26 +71,28 @@ def create_run(
 
 
 def finish_run(tracking_uri: str, run_id: str, *, failed: bool = False) -> None:
-    MlflowClient(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+    _client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+
+
+def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
+    _client(tracking_uri).set_tag(run_id, key, value)
 
 
 def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
-    client = MlflowClient(tracking_uri)
-    from mlflow.entities import Param
+    from mlflow.entities import Param  # see the module docstring
 
+    client = _client(tracking_uri)
     items = [Param(k, _param_value(v)) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):  # MLflow's batch limit
         client.log_batch(run_id, params=items[i : i + 100])
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
-    import time
-
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric  # see the module docstring
 
     now = int(time.time() * 1000)
     items = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i : i + 500])
 
@@ -86,15 +100,9 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
     """Log a local file or directory, or one given as a URI (`s3://...`, `file:///...`: copied to a temporary
     directory first, as MLflow logs local files only)."""
-    client = MlflowClient(tracking_uri)
+    client = _client(tracking_uri)
     path = os.fspath(path)
-    if "://" in path:
-        import tempfile
-
-        from pyarrow import fs as pafs
-
-        from pipelines.infra.storage import filesystem_for
-
+    if is_uri(path):
         filesystem, inner = filesystem_for(path)
         inner = inner.rstrip("/")
         with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +129,7 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
 
 def code_version() -> str:
     """The git commit of the code when run from a checkout (with '-dirty' if modified), else the package version."""
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     try:
         sha = subprocess.run(
             ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
@@ -159,6 +167,7 @@ __all__ = [
     "log_artifact",
     "log_metrics",
     "log_params",
+    "set_tag",
     "resolve_tracking_uri",
     "ui_command",
 ]

@@ -11,7 +11,7 @@ Stages (`STAGES`), each a plain function `*_picture(..., path) -> dict` of the n
                        pipelines/inspect_model.py (batch: a training batch exactly as the trainer receives it)
 
 The image comes from the shards (`--shards --split`, the row the trainer reads) or straight from a COCO split
-(`--dataset --split`), whose record goes through `pipelines.preprocess.RowMaker`, the code that writes the
+(`--dataset --split`), whose record goes through `pipelines.data.rows.RowMaker`, the code that writes the
 shards; `batch` needs the shards. `run_inspect` dispatches, writes `all` into a folder and logs to MLflow.
 
 Layout: a title band of TITLE_PX holding the numbers, then a grid of square panels, each with a caption band

@@ -70,7 +70,7 @@ class ModelRun:
 
 def model_run(sample: Sample, *, spec: Any = None, threshold: float | None = None, seed: int = 0,
               device: str | torch.device | None = None) -> ModelRun:
-    """The model of `spec` (pipelines.evaluate.ModelSpec), or a fresh one seeded with `seed`, in eval mode.
+    """The model of `spec` (pipelines.models.ModelSpec), or a fresh one seeded with `seed`, in eval mode.
 
     threshold: the detection score threshold (default the config's detection.min_confidence).
     """

@@ -70,7 +70,7 @@ class Sample:
         return [self.categories.name(c) for c in self.row["gt_class_ids"]]
 
     def batch(self) -> dict[str, torch.Tensor]:
-        """A one-image Batch (CONTRACT.md) from this row, through the loader's own decoder."""
+        """A one-image batch (docs/design.md, "The training batch") from this row, through the loader's own decoder."""
         from pipelines.data.loader import ShardBatchDecoder, decoder_for
 
         decoder = ShardBatchDecoder(**decoder_for(self.config, len(self.anchors)))

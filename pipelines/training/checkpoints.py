@@ -97,7 +97,7 @@ def load_checkpoint(location: str | Path, *, map_location: str | torch.device = 
     # object stores (torch's zip reader over a remote random-access file would make many small ranged reads)
     data = _read(filesystem, state_path, location)
     try:
-        # weights_only: a checkpoint is data, never code (DEVELOPERS.md, Security)
+        # weights_only: a checkpoint is data, never code
         state = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad checkpoint
         raise CheckpointError(f"{join_uri(os.fspath(location), STATE_FILE)}: cannot be loaded safely: {exc}") from exc

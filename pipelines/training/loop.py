@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,12 +19,52 @@ from typing import Any
 import torch
 from torch import nn
 
+from mrcnn.backbone import load_backbone_weights
 from mrcnn.config import Config
 from mrcnn.flip import flip_batch
-from mrcnn.model import LOSS_KEYS
+from mrcnn.model import LOSS_KEYS, build_model
 from pipelines.data.loader import to_device
+from pipelines.infra import tracking
+from pipelines.infra.logs import get_logger, setup_logging
 from pipelines.training.checkpoints import load_checkpoint, load_model_state, save_checkpoint, unwrap
 from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr, set_trainable_layers
+
+log = get_logger("train")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker needs, planned once by the driver (`pipelines.training.train.train`).
+
+    Paths are absolute or URIs: the workers do not share the driver's working directory.
+    """
+
+    config: Config
+    categories: dict[str, Any]  # CategoryMap.to_dict() of the shards
+    fingerprint: str  # of the shards
+    num_classes: int
+    total_steps: int  # the schedule's length
+    steps_per_epoch: int
+    model_path: str | None = None  # our checkpoint to fine-tune from
+    backbone_weights: str | None = None  # a torchvision ResNet state dict
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None  # rank 0 logs metrics and tags here
+    has_val: bool = False  # a "val" dataset shard exists
+    # end this run early (with a checkpoint) while keeping the schedule planned for total_steps, so a long run
+    # can be split across reservations and continued with --resume
+    stop_at: int | None = None
+    # loaded when Ray Train has no checkpoint of this run yet (Ray's recommended replacement for the deprecated
+    # resume_from_checkpoint; after a worker failure Ray's own latest one wins)
+    resume_from: str | None = None
+    # called by every worker as `after_step(step, rank)` after each step and its checkpoint report; None in
+    # production. Tests hang their fault drills here (tests/support/fault_drill.py).
+    after_step: Callable[[int, int], None] | None = None
+
+    @property
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What every checkpoint carries besides the tensors, so a model loads without the shards."""
+        return {"config": self.config.to_dict(), "categories": self.categories, "fingerprint": self.fingerprint,
+                "num_classes": self.num_classes}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -184,14 +224,14 @@ def epoch_batches(shard, *, batch_size: int, seed: int, epoch: int, skip: int = 
             yield batch
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry point; `loop_config` is built by pipelines/train.py (`TrainPlan.loop_config`)."""
-    import ray.train
+def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
+    """Ray Train entry point; `train_loop_config` is {"loop": LoopConfig}, planned by the driver."""
+    import ray.train  # the worker's imports: the driver needs none of Ray Train's worker side
     import ray.train.torch
 
-    from mrcnn.model import build_model
-
-    config = Config.from_dict(loop_config["config"])
+    setup_logging()
+    loop_config = train_loop_config["loop"]
+    config = loop_config.config
     tc = config.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -201,9 +241,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     record_placement(loop_config, rank, world)  # MLflow from rank 0 only
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
 
-    model = build_model(config, num_classes=loop_config["num_classes"])
+    model = build_model(config, num_classes=loop_config.num_classes)
     init_messages = initialise(model, loop_config)
-    set_trainable_layers(model, loop_config.get("layers", tc.layers))
+    set_trainable_layers(model, tc.layers)
     flip_perm = model.flip_perm.clone()
     # anchors, flip permutation and pixel statistics are constant buffers: no need to re-broadcast each step
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -214,7 +254,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(
         model, lr=lr, momentum=tc.momentum, weight_decay=tc.weight_decay, kind=tc.optimizer
     )
-    total_steps = loop_config["total_steps"]
+    total_steps = loop_config.total_steps
     scheduler = build_scheduler(
         optimizer,
         total_steps=total_steps,
@@ -225,17 +265,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
     step, epoch, skip = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None or loop_config.get("resume_from"):
+    if checkpoint is not None or loop_config.resume_from:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
                 step, epoch, skip = restore(d, model, optimizer, scheduler)
         else:
-            step, epoch, skip = restore(loop_config["resume_from"], model, optimizer, scheduler)
+            step, epoch, skip = restore(loop_config.resume_from, model, optimizer, scheduler)
         if rank == 0:
-            print(f"[train] restored from checkpoint at step {step} (epoch {epoch}, batch {skip})", flush=True)
+            log.info("restored from checkpoint at step %d (epoch %d, batch %d)", step, epoch, skip)
     elif rank == 0:
         for message in init_messages:
-            print(f"[train] {message}", flush=True)
+            log.info("%s", message)
 
     runner = StepRunner(
         model=model,
@@ -251,9 +291,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         autocast=device.type == "cuda",
     )
     logger = _RankZeroLogger(loop_config, total_steps) if rank == 0 else None
-    meta = {k: loop_config[k] for k in ("config", "categories", "fingerprint", "num_classes")}
+    meta = loop_config.checkpoint_meta
     train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
+    val_shard = ray.train.get_dataset_shard("val") if loop_config.has_val else None
     last_val: dict[str, float] = {}
 
     def report(batch_in_epoch: int, extra: dict[str, float]) -> None:
@@ -269,11 +309,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    # `stop_at`: end this run early (with a checkpoint) while keeping the schedule planned for total_steps,
-    # so a long run can be split across reservations and continued with --resume
-    stop_at = min(loop_config.get("stop_at") or total_steps, total_steps)
-    fault = FaultDrill(loop_config.get("fault_at_step"), loop_config.get("fault_marker"),
-                       loop_config.get("fault_mode") or "exit")
+    stop_at = min(loop_config.stop_at or total_steps, total_steps)
     while step < stop_at:
         batch_in_epoch, exhausted = skip, True
         for batch in epoch_batches(train_shard, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch, skip=skip):
@@ -285,7 +321,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 logger.step(step, epoch, result, global_batch / max(time.perf_counter() - t0, 1e-9), runner)
             if step % tc.checkpoint_every == 0 and step < stop_at:
                 report(batch_in_epoch, {"loss": result.total})
-            fault.maybe_die(step, rank)
+            if loop_config.after_step is not None:
+                loop_config.after_step(step, rank)
             if step >= stop_at:
                 exhausted = False  # perhaps complete; a resume finds out (its iterator then yields nothing)
                 break
@@ -305,101 +342,56 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         logger.close()
 
 
-class FaultDrill:
-    """A fault-tolerance drill on rank 0, right after step `at_step` (after that step's checkpoint, if any, was
-    reported), once per `marker` file, so that Ray Train's restore-from-checkpoint path can be exercised.
-    Mode "exit": the process dies hard (as on an OOM kill). Mode "pause": it writes the marker (naming its Ray
-    node) and blocks for good, so that a test can take that node away at a known step (a lost node); it needs
-    the marker, and hangs the run if nobody does."""
-
-    def __init__(self, at_step: int | None, marker: str | None, mode: str = "exit"):
-        if mode not in ("exit", "pause"):
-            raise ValueError(f"fault drill mode {mode!r}: 'exit' or 'pause'")
-        if mode == "pause" and at_step is not None and not marker:
-            raise ValueError("the 'pause' fault drill needs a marker file: it is how the pause is seen")
-        self.at_step, self.marker, self.mode = at_step, marker, mode
-
-    def maybe_die(self, step: int, rank: int) -> None:
-        import os
-
-        if self.at_step is None or step != self.at_step or rank != 0:
-            return
-        if self.marker and os.path.exists(self.marker):
-            return
-        if self.mode == "pause":
-            import ray
-
-            node = ray.get_runtime_context().get_node_id()
-            with open(self.marker + ".tmp", "w") as f:  # renamed into place: a watcher never reads half of it
-                f.write(f"paused at step {step} on node {node}\n")
-            os.replace(self.marker + ".tmp", self.marker)
-            print(f"[train] fault drill: worker pauses at step {step} on node {node}", flush=True)
-            while True:
-                time.sleep(1)
-        if self.marker:
-            with open(self.marker, "w") as f:
-                f.write(f"killed at step {step}\n")
-        print(f"[train] fault drill: worker process exits at step {step}", flush=True)
-        os._exit(1)
-
-
-def record_placement(loop_config: dict[str, Any], rank: int, world: int) -> list[str]:
+def record_placement(loop_config: LoopConfig, rank: int, world: int) -> list[str]:
     """The Ray node of every rank (gathered over the process group); rank 0 tags the MLflow run with them
     (`worker_node.rank<r>`; a restart elsewhere overwrites them), so that where a run trained can be checked
     afterwards. Returns the node ids by rank. Best effort on the MLflow side: never fails training."""
-    import ray
+    import ray  # worker side only
     import torch.distributed as dist
 
     nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
     if world > 1 and dist.is_available() and dist.is_initialized():
         mine, nodes = nodes[0], [None] * world
         dist.all_gather_object(nodes, mine)
-    if rank != 0 or not loop_config.get("mlflow_run_id"):
+    if rank != 0 or not loop_config.mlflow_run_id:
         return nodes
-    from mlflow.tracking import MlflowClient
-
     try:
-        client = MlflowClient(loop_config["tracking_uri"])
         for r, node in enumerate(nodes):
-            client.set_tag(loop_config["mlflow_run_id"], f"worker_node.rank{r}", node)
-    except Exception as exc:  # the tracking store is unreachable or busy: training matters more
-        print(f"[train] could not record the workers' nodes in MLflow: {exc}", flush=True)
+            tracking.set_tag(loop_config.tracking_uri, loop_config.mlflow_run_id, f"worker_node.rank{r}", node)
+    except Exception as exc:  # the tracking store is unreachable or busy: training matters more; said, not hidden
+        log.warning("could not record the workers' nodes in MLflow: %s: %s", type(exc).__name__, exc)
     return nodes
 
 
-def initialise(model: nn.Module, loop_config: dict[str, Any]) -> list[str]:
+def initialise(model: nn.Module, loop_config: LoopConfig) -> list[str]:
     """`--model-path` (our checkpoint, fine-tuning) and `--backbone-weights` (torchvision ResNet state dict)."""
     messages = []
-    if loop_config.get("model_path"):
-        state = load_checkpoint(loop_config["model_path"])
+    if loop_config.model_path:
+        state = load_checkpoint(loop_config.model_path)
         reinit = load_model_state(model, state.model, reinit_class_layers=True)
-        messages.append(f"initialised from {loop_config['model_path']} (step {state.step})")
+        messages.append(f"initialised from {loop_config.model_path} (step {state.step})")
         if reinit:
             messages.append(
                 f"different number of classes: re-initialised the class-specific layers {', '.join(reinit)}"
             )
-    if loop_config.get("backbone_weights"):
-        from mrcnn.backbone import load_backbone_weights
-
-        load_backbone_weights(model, loop_config["backbone_weights"])
-        messages.append(f"backbone weights from {loop_config['backbone_weights']}")
+    if loop_config.backbone_weights:
+        load_backbone_weights(model, loop_config.backbone_weights)
+        messages.append(f"backbone weights from {loop_config.backbone_weights}")
     return messages
 
 
 class _RankZeroLogger:
     """Console progress and MLflow metrics, from rank 0 only."""
 
-    def __init__(self, loop_config: dict[str, Any], total_steps: int):
-        self.every = Config.from_dict(loop_config["config"]).train.log_every
-        self.tracking_uri = loop_config.get("tracking_uri")
-        self.run_id = loop_config.get("mlflow_run_id")
+    def __init__(self, loop_config: LoopConfig, total_steps: int):
+        self.every = loop_config.config.train.log_every
+        self.tracking_uri = loop_config.tracking_uri
+        self.run_id = loop_config.mlflow_run_id
         self.total = total_steps
         self.start = time.perf_counter()
         self.first_step: int | None = None
 
     def step(self, step: int, epoch: int, result: StepResult, images_per_s: float, runner: StepRunner) -> None:
-        from pipelines.infra import tracking
-
         if self.first_step is None:
             self.first_step = step - 1
         if step % self.every and step != self.total:
@@ -408,11 +400,8 @@ class _RankZeroLogger:
         done = step - self.first_step
         eta = elapsed / max(done, 1) * (self.total - step)
         losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in result.losses.items())
-        print(
-            f"[train] step {step}/{self.total} epoch {epoch} loss={result.total:.4f} {losses} lr={result.lr:.5f} "
-            f"{images_per_s:.1f} img/s eta {eta:.0f}s",
-            flush=True,
-        )
+        log.info("step %d/%d epoch %d loss=%.4f %s lr=%.5f %.1f img/s eta %.0fs", step, self.total, epoch,
+                 result.total, losses, result.lr, images_per_s, eta)
         if self.run_id:
             metrics = {**result.losses, "lr": result.lr, "images_per_s": images_per_s, "epoch": epoch}
             metrics["nonfinite_steps"] = runner.nonfinite_total
@@ -421,13 +410,11 @@ class _RankZeroLogger:
             tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=step)
 
     def validation(self, step: int, epoch: int, val: dict[str, float]) -> None:
-        from pipelines.infra import tracking
-
         if not val:
             return
-        print(f"[train] validation after epoch {epoch}: val_loss={val['val_loss']:.4f}", flush=True)
+        log.info("validation after epoch %d: val_loss=%.4f", epoch, val["val_loss"])
         if self.run_id:
             tracking.log_metrics(self.tracking_uri, self.run_id, val, step=step)
 
     def close(self) -> None:
-        print(f"[train] done in {time.perf_counter() - self.start:.0f}s", flush=True)
+        log.info("done in %.0fs", time.perf_counter() - self.start)

@@ -2,21 +2,30 @@
 
 The driver side only: it checks the shards against the config, plans the run (steps, lr scaling), creates
 the MLflow run, builds the Ray Data datasets and the `TorchTrainer`, and after `fit()` logs the final model.
-The per-worker loop is pipelines/train_loop.py.
+The per-worker loop is `pipelines.training.loop`.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
 from pipelines.data.categories import CategoryMap
+from pipelines.data.loader import batches_dataset
+from pipelines.data.shards import check_fingerprint, read_manifest
 from pipelines.infra import tracking
+from pipelines.infra.logs import get_logger
+from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
+from pipelines.infra.storage import absolute
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
-from pipelines.training.loop import GRAD_COMPRESSIONS, total_steps_for, train_loop_per_worker
+from pipelines.training.loop import GRAD_COMPRESSIONS, LoopConfig, total_steps_for, train_loop_per_worker
+
+log = get_logger("train")
 
 
 @dataclass(frozen=True)
@@ -45,9 +54,6 @@ class TrainRequest:
     address: str | None = None
     log_model: bool = True
     stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
-    fault_at_step: int | None = None  # fault drill: rank 0's process dies after this step, once
-    fault_marker: str | None = None  # file marking that the drill already happened
-    fault_mode: str = "exit"  # "exit": the process dies; "pause": it blocks (until its node is taken away)
     extra_tags: dict[str, str] = field(default_factory=dict)
 
 
@@ -80,14 +86,17 @@ def apply_request(config: Config, request: TrainRequest) -> Config:
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
-def train(config: Config, request: TrainRequest) -> TrainResult:
+def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, int], None] | None = None
+          ) -> TrainResult:
+    """Train `config` as `request` says; returns the checkpoints and the MLflow run.
+
+    after_step: called by every worker after each step as `after_step(step, rank)` (`LoopConfig.after_step`);
+    for tests (fault drills), None otherwise. It is pickled to the workers.
+    """
+    # Ray is imported when training starts: `mrcnn-cli --help` and the GPU tests import this module without it
+    from ray.data import ExecutionOptions
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from pipelines.data.loader import batches_dataset
-    from pipelines.data.shards import check_fingerprint, read_manifest
-    from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
-    from pipelines.infra.storage import absolute
 
     if request.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
@@ -116,12 +125,12 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
     )
     resume_from = None
     if request.resume:
-        # a path or a URI that every worker reads (pipelines.checkpoints reads both)
+        # a path or a URI that every worker reads (pipelines.training.checkpoints reads both)
         latest = find_latest_checkpoint(storage)
         if latest is None:
             raise ValueError(f"--resume: no checkpoint under {storage}")
         resume_from = latest
-        print(f"[train] resuming from {latest}", flush=True)
+        log.info("resuming from %s", latest)
     run_name = request.run_name or f"train-{manifest['fingerprint'][:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     tracking_uri = tracking.resolve_tracking_uri(request.tracking_uri)
@@ -155,35 +164,27 @@ def train(config: Config, request: TrainRequest) -> TrainResult:
     if config.train.cache_data:
         # the val split too, even when validated once: streaming it fresh at the end of training cost the demo
         # 18 s (train workers holding the CPUs), decoding it here 6 s
-        print(f"[train] decoding {', '.join(datasets)} into the object store (train.cache_data)", flush=True)
+        log.info("decoding %s into the object store (train.cache_data)", ", ".join(datasets))
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    from ray.data import ExecutionOptions
-
-    loop_config = {
-        "config": config.to_dict(),
-        "categories": categories,
-        "fingerprint": manifest["fingerprint"],
-        "num_classes": num_classes,
-        "total_steps": total_steps,
-        "steps_per_epoch": steps_per_epoch,
-        "layers": config.train.layers,
-        # read by the workers, which do not share the driver's working directory: absolute, or a URI
-        "model_path": absolute(request.model_path) if request.model_path else None,
-        "backbone_weights": absolute(request.backbone_weights) if request.backbone_weights else None,
-        "tracking_uri": tracking_uri,
-        "mlflow_run_id": run_id,
-        "has_val": val_split is not None,
-        "stop_at": request.stop_at,
-        # loaded by the loop when Ray Train has no checkpoint of this run yet (Ray's recommended replacement
-        # for the deprecated resume_from_checkpoint; after a worker failure Ray's own latest one wins)
-        "resume_from": resume_from,
-        "fault_at_step": request.fault_at_step,
-        "fault_marker": request.fault_marker,
-        "fault_mode": request.fault_mode,
-    }
+    loop = LoopConfig(
+        config=config,
+        categories=categories,
+        fingerprint=manifest["fingerprint"],
+        num_classes=num_classes,
+        total_steps=total_steps,
+        steps_per_epoch=steps_per_epoch,
+        model_path=absolute(request.model_path) if request.model_path else None,
+        backbone_weights=absolute(request.backbone_weights) if request.backbone_weights else None,
+        tracking_uri=tracking_uri,
+        mlflow_run_id=run_id,
+        has_val=val_split is not None,
+        stop_at=request.stop_at,
+        resume_from=resume_from,
+        after_step=after_step,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"loop": loop},
         scaling_config=ScalingConfig(
             num_workers=request.workers,
             use_gpu=use_gpu,
@@ -269,6 +270,4 @@ def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, conf
 
 
 def _num_anchors(config: Config) -> int:
-    from mrcnn.anchors import anchors_from_config
-
     return int(anchors_from_config(config).shape[0])

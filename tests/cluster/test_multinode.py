@@ -35,8 +35,11 @@ WORKER_NODE = {"num_cpus": 2, "object_store_memory": 128 * MIB}
 TIMEOUT_S = 420  # generous: a stuck run fails the test instead of hanging CI
 
 
+REPO = Path(__file__).resolve().parents[2]
+
 def _env(tracking_uri: str) -> dict[str, str]:
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # tests.support
     env.pop("RAY_ADDRESS", None)  # the address is given explicitly: --address is what is tested
     return env
 
@@ -120,11 +123,13 @@ DRIVER = """
 import json, sys
 from dataclasses import replace
 from mrcnn.config import shapes
-from pipelines.train import TrainRequest, train
+from pipelines.training.train import TrainRequest, train
+from tests.support.fault_drill import FaultDrill
 args = json.loads(sys.argv[1])
 config = shapes()
 config = replace(config, train=replace(config.train, **args.pop("train")))
-result = train(config, TrainRequest(**args))
+drill = FaultDrill(**args.pop("fault"))
+result = train(config, TrainRequest(**args), after_step=drill)
 print("RESULT " + json.dumps({"checkpoint": result.checkpoint, "step": result.metrics["step"]}))
 """
 
@@ -153,7 +158,7 @@ def node_loss_run(cluster, shards) -> NodeLossRun:
                   "num_to_keep": 10, "max_failures": 2},
         "shards": shards_uri, "workers": 2, "use_gpu": False, "val_split": None, "storage": str(storage),
         "placement_strategy": "STRICT_SPREAD", "address": cluster.address, "run_name": "node-loss",
-        "log_model": False, "fault_at_step": 4, "fault_marker": str(marker), "fault_mode": "pause",
+        "log_model": False, "fault": {"at_step": 4, "marker": str(marker), "mode": "pause"},
     }
     before = {n.node_id: n for n in cluster.worker_nodes}
     with open(log, "w") as out:

@@ -13,6 +13,7 @@ from mrcnn.config import shapes
 from pipelines.data.shards import FingerprintMismatch
 from pipelines.training.checkpoints import load_checkpoint
 from pipelines.training.train import TrainRequest, train
+from tests.support.fault_drill import FaultDrill
 
 pytestmark = pytest.mark.slow
 
@@ -73,16 +74,16 @@ def test_resume_and_fault_recovery_equal_an_uninterrupted_run(synth_shards, tmp_
     config = _config(steps=8, lr=0.01)  # streamed from the shards every epoch (the two-worker test caches)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
-    def run(storage: str, **kw):
+    def run(storage: str, after_step=None, **kw):
         base = dict(shards=synth_shards, workers=1, use_gpu=False, storage=str(tmp_path / storage), val_split=None,
                     tracking_uri=uri, log_model=False)
-        return train(config, TrainRequest(**{**base, **kw}))
+        return train(config, TrainRequest(**{**base, **kw}), after_step=after_step)
 
     straight = run("straight", run_name="straight")
     first = run("sliced", run_name="first-half", stop_at=4)
     assert load_checkpoint(first.checkpoint).step == 4
     marker = tmp_path / "fault-marker"
-    resumed = run("sliced", run_name="second-half", resume=True, fault_at_step=7, fault_marker=str(marker))
+    resumed = run("sliced", run_name="second-half", resume=True, after_step=FaultDrill(7, str(marker)))
     assert marker.read_text().startswith("killed at step 7")  # the worker really died once
 
     a, b = load_checkpoint(straight.checkpoint), load_checkpoint(resumed.checkpoint)
