@@ -24,10 +24,14 @@ from typing import Any
 from pyarrow import fs as pafs
 
 from mrcnn.config import Config
+from pipelines.data.coco import split_paths
+from pipelines.data.preprocess import preprocess
+from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_nodes, init_ray
-from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
+from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_bytes
+from pipelines.training.train import TrainRequest, train
 
 log = get_logger("run")
 
@@ -165,7 +169,6 @@ class PipelineRequest:
 
 def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     """The three stages of `mrcnn-cli run` with what each one's output depends on."""
-    from pipelines.data.coco import split_paths
 
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
     annotations_hash = {name: _file_sha256(ann) for name, ann, _ in splits}
@@ -173,7 +176,6 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     cfg = config.to_dict()
 
     def preprocess_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-        from pipelines.data.preprocess import preprocess
 
         manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True)
         run_id = tracking.create_run(
@@ -187,7 +189,6 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
         return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
 
     def train_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-        from pipelines.training.train import TrainRequest, train
 
         result = train(
             config,
@@ -203,7 +204,6 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
                 "model_uri": f"runs:/{result.run_id}/model"}
 
     def evaluate_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-        from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 
         with _local_dir(out_dir) as local_out:
             result = evaluate(
@@ -255,6 +255,5 @@ def _local_dir(out_dir: str) -> Iterator[str]:
 
 
 def _file_sha256(path: str) -> str:
-    from pipelines.infra.storage import read_bytes
 
     return hashlib.sha256(read_bytes(path)).hexdigest()

@@ -13,7 +13,10 @@ from typing import Any
 import torch
 
 from mrcnn.config import Config, fingerprint_diff
+from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
+from pipelines.infra.storage import exists, filesystem_for
+from pipelines.training.checkpoints import CheckpointError, load_checkpoint, load_model_state, read_meta
 
 
 class ModelMismatchError(ValueError):
@@ -45,7 +48,6 @@ def model_spec(model_path: str) -> ModelSpec:
     """Read a checkpoint's meta.json (local path or URI), or an MLflow model's carried meta, without building
     the model. A location without meta.json but with an MLmodel file (an MLflow model saved to a path or an
     artifact store URI) is an MLflow model too."""
-    from pipelines.training.checkpoints import CheckpointError, read_meta
 
     if not is_mlflow_model_uri(model_path):
         try:
@@ -57,15 +59,13 @@ def model_spec(model_path: str) -> ModelSpec:
             config = Config.from_dict(meta["config"])
             return ModelSpec(config, meta["categories"], int(meta["num_classes"]), checkpoint=model_path)
     model = _load_mlflow_model(model_path)
-    meta = model.mrcnn_meta  # set by pipelines/train.py when it logs the model
+    meta = model.mrcnn_meta  # set by pipelines/training/train.py when it logs the model
     config = Config.from_dict(meta["config"])
     return ModelSpec(config, meta["categories"], meta["num_classes"], mlflow_uri=model_path)
 
 
 def load_model(spec: ModelSpec, *, device: torch.device | str = "cpu", min_confidence: float | None = None):
     """The model in eval mode on `device`; weights from the checkpoint (weights_only) or the MLflow model."""
-    from mrcnn.model import build_model
-    from pipelines.training.checkpoints import load_checkpoint, load_model_state
 
     config = spec.config
     if min_confidence is not None:
@@ -92,7 +92,6 @@ def check_model_fits(spec: ModelSpec, manifest: dict[str, Any]) -> None:
 
 
 def _has_mlmodel(location: str) -> bool:
-    from pipelines.infra.storage import exists, filesystem_for
 
     try:
         filesystem, root = filesystem_for(location)

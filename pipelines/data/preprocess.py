@@ -34,10 +34,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
 from pyarrow import fs as pafs
-from ray.data import Datasink
+from ray.data import ActorPoolStrategy, DataContext, Datasink
 
+from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
+from pipelines.data.coco import read_split
+from pipelines.data.errors import DatasetError
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import (
     MANIFEST,
@@ -45,6 +51,7 @@ from pipelines.data.shards import (
     SHARD_SCHEMA,
 )
 from pipelines.infra.logs import get_logger
+from pipelines.infra.ray_env import init_ray
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
 
 log = get_logger("preprocess")
@@ -97,7 +104,6 @@ class _SplitWriter:
             self.writer = None
 
     def _write_group(self, rows: int) -> None:
-        import pyarrow.parquet as pq
 
         rows = min(rows, self.rows_per_shard - self.rows_in_file)
         if self.writer is None:
@@ -136,7 +142,6 @@ class ShardDatasink(Datasink):
         return self.rows_per_shard
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, dict[str, Any]]:
-        import pyarrow.compute as pc
 
         filesystem, root = filesystem_for(self.out_root)
         stats: dict[str, dict[str, Any]] = {}
@@ -229,8 +234,6 @@ def preprocess(
     starts a local one. `max_workers` caps the actor pool (default: every CPU of the cluster).
     Returns the manifest's path / URI.
     """
-    from pipelines.data.coco import read_split
-    from pipelines.data.errors import DatasetError
 
     if config.image.resize_mode != "square":
         raise ValueError(f"image.resize_mode {config.image.resize_mode!r}: only 'square' (resize, pad to max_dim)")
@@ -277,7 +280,6 @@ def preprocess(
         source.records = []
 
     _ensure_ray(address)
-    import ray
 
     started = time.time()
     if "://" not in out and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
@@ -324,10 +326,8 @@ def preprocess(
 
 
 def _ensure_ray(address: str | None) -> None:
-    import ray
 
     if not ray.is_initialized():
-        from pipelines.infra.ray_env import init_ray
 
         init_ray(address)
 
@@ -335,7 +335,6 @@ def _ensure_ray(address: str | None) -> None:
 def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *, progress: bool,
          max_workers: int | None) -> dict[str, dict[str, Any]]:
     """Run the Ray Data job over every split's records; returns the datasink's merged per-split result."""
-    from ray.data import ActorPoolStrategy, DataContext
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     workers = max(1, min(max_workers or cpus, cpus))
@@ -391,7 +390,6 @@ def _manifest(config: Config, plan: list[_Split], sources: dict[str, Any], writt
         }
     data_hash = hashlib.sha256(json.dumps(
         [config.fingerprint()] + [splits[s.name]["annotations_sha256"] for s in plan]).encode()).hexdigest()[:16]
-    from mrcnn.anchors import anchors_from_config
 
     return {
         "schema_version": SCHEMA_VERSION,

@@ -13,8 +13,16 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
+from PIL import Image
 
+from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
+from mrcnn.geometry import coco_bbox_to_box, resize_geometry
+from mrcnn.mini_masks import mini_mask_boxes, minimize_masks, pack_masks
+from mrcnn.rpn_targets import compute_rpn_targets
+from pipelines.data.coco import annotation_mask, load_image_rgb
+from pipelines.data.errors import ImageError
 from pipelines.data.shards import (
     SHARD_SCHEMA,
 )
@@ -55,9 +63,7 @@ class RowMaker:
     """
 
     def __init__(self, config: dict[str, Any], *, torch_threads: int | None = 1):
-        import torch
 
-        from mrcnn.anchors import anchors_from_config
 
         if torch_threads:
             torch.set_num_threads(torch_threads)  # one actor per CPU: intra-op threads would only oversubscribe
@@ -86,13 +92,7 @@ class RowMaker:
 
     # ------------------------------------------------------------------ one record
     def make(self, record: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-        import torch
 
-        from mrcnn.geometry import coco_bbox_to_box, resize_geometry
-        from mrcnn.mini_masks import mini_mask_boxes, minimize_masks, pack_masks
-        from mrcnn.rpn_targets import compute_rpn_targets
-        from pipelines.data.coco import annotation_mask, load_image_rgb
-        from pipelines.data.errors import ImageError
 
         cfg = self.config
         height, width = int(record["height"]), int(record["width"])
@@ -168,7 +168,6 @@ class RowMaker:
 
 def encode_image(pixels: np.ndarray, new_w: int, new_h: int, *, encoding: str = "jpeg", quality: int = 95) -> bytes:
     """[H, W, 3] uint8 RGB -> bytes of the image resized to new_w x new_h (bilinear, antialiased), unpadded."""
-    from PIL import Image
 
     img = Image.fromarray(pixels, "RGB")
     if img.size != (new_w, new_h):

@@ -17,8 +17,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
 
 from mrcnn.config import Config, fingerprint_diff
+from mrcnn.mini_masks import unpack_masks
+from mrcnn.rpn_targets import dense_rpn_targets
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
 
 SCHEMA_VERSION = 1
@@ -101,9 +105,7 @@ def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask
     checking every index is below num_anchors (ValueError: shards of another anchor set).
     `mini_mask_size` defaults to the size the packed bytes imply (56 for an image without instances).
     """
-    from PIL import Image
 
-    from mrcnn.mini_masks import unpack_masks
 
     with Image.open(io.BytesIO(bytes(row["image"]))) as img:
         image = np.asarray(img.convert("RGB"))
@@ -129,7 +131,6 @@ def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask
         "rpn_ignore_idx": np.asarray(row["rpn_ignore_idx"], np.int64).reshape(-1),
     }
     if num_anchors is not None:
-        from mrcnn.rpn_targets import dense_rpn_targets
 
         for key in ("rpn_pos_idx", "rpn_ignore_idx"):
             if len(out[key]) and (out[key].min() < 0 or out[key].max() >= num_anchors):
@@ -145,10 +146,7 @@ def read_rows(shards: str, split: str, *, start: int = 0, count: int = 1, image_
 
     Read with pyarrow row group by row group, no Ray: a picture needs a few rows, not the split.
     """
-    import pyarrow.parquet as pq
 
-    from pipelines.data.shards import read_manifest, shard_uris
-    from pipelines.infra.storage import filesystem_for
 
     manifest = read_manifest(shards)
     if split not in manifest["splits"]:

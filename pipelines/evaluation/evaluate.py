@@ -17,9 +17,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrcnn.anchors import anchors_from_config
+from mrcnn.detections import detections_to_original
 from pipelines.data.categories import CategoryMap
+from pipelines.data.coco import load_image_rgb, safe_image_path
+from pipelines.data.loader import ShardBatchDecoder, decoder_for, read_split
+from pipelines.data.shards import read_manifest
+from pipelines.evaluation.coco_eval import evaluate_detections, pr_curve_figure
 from pipelines.infra import tracking
+from pipelines.infra.ray_env import cluster_has_gpus, init_ray
 from pipelines.models import ModelSpec, check_model_fits, load_model, model_spec
+from pipelines.pictures import predictions_grid
 
 
 @dataclass(frozen=True)
@@ -53,8 +61,6 @@ class Predictor:
     """Callable class for `map_batches`: shard rows -> one COCO-results JSON string per image."""
 
     def __init__(self, *, spec: ModelSpec, min_confidence: float, use_gpu: bool):
-        from mrcnn.anchors import anchors_from_config
-        from pipelines.data.loader import ShardBatchDecoder, decoder_for
 
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model(spec, device=self.device, min_confidence=min_confidence)
@@ -97,7 +103,6 @@ def to_coco_results(
     original image pixels, COCO category ids."""
     import pycocotools.mask as mask_util
 
-    from mrcnn.detections import detections_to_original
 
     original = detections_to_original(
         {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()},
@@ -130,7 +135,6 @@ def predict_split(
 ) -> list[dict[str, Any]]:
     import ray.data
 
-    from pipelines.data.loader import read_split
 
     ds = read_split(shards, split)
     if limit:
@@ -158,9 +162,6 @@ def predict_split(
 
 
 def evaluate(request: EvaluateRequest) -> EvaluateResult:
-    from pipelines.data.shards import read_manifest
-    from pipelines.evaluation.coco_eval import evaluate_detections, pr_curve_figure
-    from pipelines.infra.ray_env import cluster_has_gpus, init_ray
 
     manifest = read_manifest(request.shards)
     spec = model_spec(request.model_path)
@@ -211,8 +212,6 @@ def _prediction_pictures(request, spec: ModelSpec, manifest, detections, path: P
     """A grid of predictions (masks, boxes, class names, scores) on the first images, in original pixels."""
     import pycocotools.mask as mask_util
 
-    from pipelines.data.coco import load_image_rgb, safe_image_path
-    from pipelines.pictures import predictions_grid
 
     split_info = manifest["splits"][request.split]
     categories = CategoryMap.from_dict(spec.categories)

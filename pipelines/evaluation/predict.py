@@ -27,6 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from PIL import Image
+
+from mrcnn.geometry import resize_geometry
+from pipelines.data.categories import CategoryMap
+from pipelines.data.coco import load_image_rgb
+from pipelines.evaluation.evaluate import to_coco_results
+from pipelines.models import load_model, model_spec
+from pipelines.pictures import draw_instances, save_figure
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
@@ -72,9 +80,7 @@ def image_ids(paths: list[Path]) -> list[int]:
 
 def network_input(image: np.ndarray, *, min_dim: int, max_dim: int) -> tuple[np.ndarray, Any]:
     """[H, W, 3] uint8 original -> ([3, S, S] uint8 canvas, Geometry): resized, top-left, zero padding."""
-    from PIL import Image
 
-    from mrcnn.geometry import resize_geometry
 
     height, width = image.shape[:2]
     geo = resize_geometry(height, width, min_dim=min_dim, max_dim=max_dim)
@@ -94,10 +100,6 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
 
     threshold: keep detections scoring at least this (default the model's detection.min_confidence).
     """
-    from pipelines.data.categories import CategoryMap
-    from pipelines.data.coco import load_image_rgb
-    from pipelines.evaluation.evaluate import to_coco_results
-    from pipelines.models import load_model, model_spec
 
     paths = find_images(inputs)
     ids = image_ids(paths)
@@ -155,7 +157,6 @@ def detections_picture(image: np.ndarray, results: list[dict[str, Any]], names: 
     """
     import pycocotools.mask as mask_util
 
-    from pipelines.pictures import draw_instances, save_figure
 
     height, width = image.shape[:2]
     zoom = min(4.0, MAX_PICTURE_PX / max(height, width))

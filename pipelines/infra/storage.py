@@ -26,7 +26,6 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     if not is_uri(path):
         with open(path, "rb") as f:
             return f.read()
-    from pyarrow import fs as pafs
 
     filesystem, inner = pafs.FileSystem.from_uri(path)
     info = filesystem.get_file_info(inner)
@@ -62,7 +61,6 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> str:
     pyarrow.fs). Returns the path as a string."""
     path = os.fspath(path)
     if "://" in path:
-        from pyarrow import fs as pafs
 
         filesystem, inner = pafs.FileSystem.from_uri(path)
         parent = inner.rsplit("/", 1)[0]

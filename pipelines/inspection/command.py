@@ -8,7 +8,7 @@ Stages (`STAGES`), each a plain function `*_picture(..., path) -> dict` of the n
     mini-masks         per instance: original mask, mini-mask, mini-mask expanded back, and their IoU
     deltas             positive anchors, and the boxes their stored deltas decode to (they land on the gt)
     proposals, detection-targets, predictions, batch     the model's and the trainer's stages, in
-                       pipelines/inspect_model.py (batch: a training batch exactly as the trainer receives it)
+                       pipelines/inspection/model_stages.py (batch: a training batch exactly as the trainer receives it)
 
 The image comes from the shards (`--shards --split`, the row the trainer reads) or straight from a COCO split
 (`--dataset --split`), whose record goes through `pipelines.data.rows.RowMaker`, the code that writes the
@@ -28,6 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from mrcnn.config import Config
+from pipelines.data.shards import read_manifest
+from pipelines.infra import tracking
+from pipelines.inspection import model_stages as inspect_model
 from pipelines.inspection.data_stages import (
     anchors_picture,
     deltas_picture,
@@ -36,6 +39,7 @@ from pipelines.inspection.data_stages import (
     rpn_targets_picture,
 )
 from pipelines.inspection.samples import load_sample
+from pipelines.models import check_model_fits, model_spec
 
 STAGES = ("gt", "anchors", "rpn-targets", "mini-masks", "deltas", "proposals", "detection-targets", "batch",
           "predictions")
@@ -67,7 +71,6 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
     """Write the stage's picture (every stage's, into a folder, for "all"); returns {stage: numbers}, and
     "mlflow_run" when the pictures were logged (to --mlflow-run, or to a new run for "all"). Under "all" a stage
     that cannot be drawn (batch without shards, original annotations out of reach) is {"skipped": why}."""
-    from pipelines.inspection import model_stages as inspect_model
 
     if request.stage not in (*STAGES, "all"):
         raise ValueError(f"unknown stage {request.stage!r}: one of {', '.join(STAGES)}, all")
@@ -75,8 +78,6 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
     uses_model = any(s in MODEL_STAGES for s in stages)
     spec = None
     if request.model_path and uses_model:
-        from pipelines.data.shards import read_manifest
-        from pipelines.models import check_model_fits, model_spec
 
         spec = model_spec(request.model_path)
         if request.shards:
@@ -117,7 +118,6 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
             except (ValueError, OSError) as exc:  # one stage out of reach must not cost the others
                 results[stage] = {"skipped": f"{type(exc).__name__}: {exc}"}
     if request.mlflow_run or request.stage == "all":
-        from pipelines.infra import tracking
 
         uri = tracking.resolve_tracking_uri(request.tracking_uri)
         run_id = request.mlflow_run or tracking.create_run(

@@ -9,8 +9,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from torchvision.ops import box_iou
 
+from mrcnn.anchors import anchors_per_level, generate_anchors
+from mrcnn.box_coder import decode
 from mrcnn.config import Config
+from mrcnn.geometry import coco_bbox_to_box
+from mrcnn.mini_masks import expand_masks, mini_mask_boxes
+from mrcnn.rpn_targets import sample_anchors
+from pipelines.data.coco import annotation_mask
 from pipelines.inspection.panels import (
     DRAWN_SAMPLE,
     GT,
@@ -58,7 +65,6 @@ def _anchor_kwargs(config: Config) -> dict[str, Any]:
 def anchors_picture(config: Config, path: str | os.PathLike, sample: Sample | None = None) -> dict[str, Any]:
     """Anchors of every ratio at three positions of each level (centre, and a quarter in from two corners),
     every anchor centre of the coarser levels as a dot, and the counts; on the sample's image when given."""
-    from mrcnn.anchors import anchors_per_level, generate_anchors
 
     kwargs = _anchor_kwargs(config)
     anchors = generate_anchors(**kwargs).numpy()
@@ -98,7 +104,6 @@ def anchors_picture(config: Config, path: str | os.PathLike, sample: Sample | No
 
 def rpn_targets_picture(sample: Sample, path: str | os.PathLike, *, seed: int = 0) -> dict[str, Any]:
     """Anchor labels from the stored RPN targets, then the per-step balanced sample (`sample_anchors`)."""
-    from mrcnn.rpn_targets import sample_anchors
 
     rpn = sample.config.rpn
     match = torch.as_tensor(sample.row["rpn_match"])  # [A] int8, 1 / 0 / -1
@@ -134,9 +139,6 @@ def rpn_targets_picture(sample: Sample, path: str | os.PathLike, *, seed: int = 
 def mini_masks_picture(sample: Sample, path: str | os.PathLike, *, max_instances: int = 6) -> dict[str, Any]:
     """Per instance: its original-resolution mask (from the COCO record), the stored mini-mask, and the
     mini-mask expanded back to original pixels over (mini box / scale); IoU of original and expanded."""
-    from mrcnn.geometry import coco_bbox_to_box
-    from mrcnn.mini_masks import expand_masks, mini_mask_boxes
-    from pipelines.data.coco import annotation_mask
 
     r = sample.row
     height, width, scale = r["height"], r["width"], r["scale"]
@@ -196,9 +198,7 @@ def mini_masks_picture(sample: Sample, path: str | os.PathLike, *, max_instances
 def deltas_picture(sample: Sample, path: str | os.PathLike) -> dict[str, Any]:
     """Positive anchors, and the boxes their stored deltas decode to, coloured by the gt box each is matched to
     (highest IoU): the decoded boxes must land on the gt boxes."""
-    from torchvision.ops import box_iou
 
-    from mrcnn.box_coder import decode
 
     r = sample.row
     pos = torch.as_tensor(r["rpn_pos_idx"])

@@ -2,8 +2,8 @@
 predictions, and batch (a training batch exactly as the trainer receives it, flips included).
 
 The model's stages take a `ModelRun` (a model, the image as a one-image Batch, and the features computed once);
-each writes one PNG laid out as in pipelines/inspect.py. Without `--model-path` the model is freshly initialised
-(seeded) and every title says "untrained model". The model runs in eval mode, so BatchNorm uses its running
+each writes one PNG laid out as in `pipelines.inspection.panels`. Without `--model-path` the model is freshly
+initialised (seeded) and every title says "untrained model". The model runs in eval mode, so BatchNorm uses its running
 statistics.
 Boxes are (x1, y1, x2, y2) in padded-image pixels.
 """
@@ -19,9 +19,17 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
+from mrcnn.anchors import anchors_from_config, flip_permutation_from_config
+from mrcnn.box_coder import decode
 from mrcnn.config import Config
+from mrcnn.detection_targets import sample_detection_targets
+from mrcnn.detections import paste_masks_in_image
+from mrcnn.flip import flip_batch
+from mrcnn.model import build_model
+from mrcnn.proposals import generate_proposals
 from pipelines.data.categories import CategoryMap
-from pipelines.data.shards import read_rows
+from pipelines.data.loader import ShardBatchDecoder, decoder_for
+from pipelines.data.shards import read_manifest, read_rows
 from pipelines.inspection.panels import (
     GT,
     NEGATIVE,
@@ -35,7 +43,9 @@ from pipelines.inspection.panels import (
     text_panel,
 )
 from pipelines.inspection.samples import Sample, expanded_masks
+from pipelines.models import ModelMismatchError, load_model
 from pipelines.pictures import draw_instances
+from pipelines.training.loop import StepRunner
 
 TOP_PROPOSALS = 20  # drawn with their scores
 
@@ -74,8 +84,6 @@ def model_run(sample: Sample, *, spec: Any = None, threshold: float | None = Non
 
     threshold: the detection score threshold (default the config's detection.min_confidence).
     """
-    from mrcnn.model import build_model
-    from pipelines.models import ModelMismatchError, load_model
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if spec is not None:
@@ -93,14 +101,12 @@ def model_run(sample: Sample, *, spec: Any = None, threshold: float | None = Non
 
 
 def _coco_ids(categories: dict[str, Any]) -> tuple[int, ...]:
-    from pipelines.data.categories import CategoryMap
 
     return CategoryMap.from_dict(categories).coco_ids
 
 
 def _proposals(run: ModelRun, post_nms_topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(boxes [P, 4], scores [P]) of the proposal layer for the image, best first."""
-    from mrcnn.proposals import generate_proposals
 
     _, objectness, deltas = run.features
     boxes, scores = generate_proposals(objectness, deltas, run.model.anchors, run.batch["windows"],
@@ -153,8 +159,6 @@ def detection_targets_picture(run: ModelRun, path: str | os.PathLike, *, seed: i
                               mask_panels: int = 4) -> dict[str, Any]:
     """The RoIs sampled for the heads from training-time proposals (post_nms_train) plus the gt boxes: positives,
     negatives, the positives refined by their target deltas (they land on the gt), and mask targets."""
-    from mrcnn.box_coder import decode
-    from mrcnn.detection_targets import sample_detection_targets
 
     model, sample, batch = run.model, run.sample, run.batch
     proposals, _ = _proposals(run, model.post_nms_train)
@@ -207,7 +211,6 @@ def detection_targets_picture(run: ModelRun, path: str | os.PathLike, *, seed: i
 
 def predictions_picture(run: ModelRun, path: str | os.PathLike) -> dict[str, Any]:
     """The model's final detections (masks pasted, class names, scores) next to the ground truth."""
-    from mrcnn.detections import paste_masks_in_image
 
     model, sample = run.model, run.sample
     with torch.no_grad():
@@ -238,11 +241,6 @@ def batch_picture(shards: str, split: str, path: str | os.PathLike, *, index: in
                   config: Config | None = None) -> dict[str, Any]:
     """`train.batch_size` consecutive rows from `index`, decoded by the loader's ShardBatchDecoder and flipped as
     the trainer flips step `step` (StepRunner.flip_choice with train.seed, rank 0, then flip_batch)."""
-    from mrcnn.anchors import anchors_from_config, flip_permutation_from_config
-    from mrcnn.flip import flip_batch
-    from pipelines.data.loader import ShardBatchDecoder, decoder_for
-    from pipelines.data.shards import read_manifest
-    from pipelines.training.loop import StepRunner
 
     config = config or Config.from_dict(read_manifest(shards)["config"])
     rows, manifest = read_rows(shards, split, start=index, count=config.train.batch_size)

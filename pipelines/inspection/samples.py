@@ -11,9 +11,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
+from mrcnn.mini_masks import expand_masks, mini_mask_boxes
 from pipelines.data.categories import CategoryMap
-from pipelines.data.shards import read_rows
+from pipelines.data.coco import load_image_rgb, read_split, split_paths
+from pipelines.data.errors import DatasetError
+from pipelines.data.loader import ShardBatchDecoder, decoder_for
+from pipelines.data.rows import RowMaker
+from pipelines.data.shards import decode_row, read_rows
 
 
 @dataclass
@@ -34,13 +40,11 @@ class Sample:
 
     @cached_property
     def anchors(self) -> torch.Tensor:
-        from mrcnn.anchors import anchors_from_config
 
         return anchors_from_config(self.config)  # [A, 4]
 
     @cached_property
     def row(self) -> dict[str, Any]:
-        from pipelines.data.shards import decode_row
 
         return decode_row(self.raw, num_anchors=len(self.anchors), mini_mask_size=self.config.mask.mini_mask_size)
 
@@ -71,7 +75,6 @@ class Sample:
 
     def batch(self) -> dict[str, torch.Tensor]:
         """A one-image batch (docs/design.md, "The training batch") from this row, through the loader's own decoder."""
-        from pipelines.data.loader import ShardBatchDecoder, decoder_for
 
         decoder = ShardBatchDecoder(**decoder_for(self.config, len(self.anchors)))
         return {k: torch.as_tensor(v) for k, v in decoder({k: [v] for k, v in self.raw.items()}).items()}
@@ -79,7 +82,6 @@ class Sample:
     def coco_record(self) -> dict[str, Any]:
         """The image's record in the original COCO split (original-resolution annotations)."""
         if self.record is None:
-            from pipelines.data.coco import read_split
 
             if not self.annotations:
                 raise ValueError(f"{self.source}: no annotations file recorded, cannot read the original masks")
@@ -92,8 +94,6 @@ class Sample:
 
     def original_image(self) -> np.ndarray | None:
         """[H, W, 3] uint8 original image of the COCO record, or None when it cannot be read."""
-        from pipelines.data.coco import load_image_rgb
-        from pipelines.data.errors import DatasetError
 
         try:
             return load_image_rgb(self.coco_record()["path"])
@@ -103,7 +103,6 @@ class Sample:
 
 def expanded_masks(mini: np.ndarray, gt_boxes: np.ndarray, size: int) -> np.ndarray:
     """mini [G, m, m] bool, gt_boxes [G, 4] -> [G, size, size] bool, each pasted into its mini box."""
-    from mrcnn.mini_masks import expand_masks, mini_mask_boxes
 
     if not len(gt_boxes):
         return np.zeros((0, size, size), bool)
@@ -122,8 +121,6 @@ def load_sample(*, shards: str | None = None, dataset: str | None = None, split:
                       rows[0], f"shards {shards} [{split}]", info.get("annotations"), info.get("images_root"))
     if not dataset:
         raise ValueError("give --shards SHARDS or --dataset DATASET (with --split)")
-    from pipelines.data.coco import read_split, split_paths
-    from pipelines.data.rows import RowMaker
 
     config = config or Config()
     annotations, images_root = split_paths(dataset, split)

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from mrcnn.backbone import load_backbone_weights
 from mrcnn.config import Config
@@ -183,7 +185,6 @@ def compress_gradients(model: nn.Module, kind: str) -> bool:
         raise ValueError(f"train.grad_compression {kind!r}: choose one of {', '.join(GRAD_COMPRESSIONS)}")
     if kind == "none" or not isinstance(model, nn.parallel.DistributedDataParallel):
         return False
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
     model.register_comm_hook(state=None, hook=default_hooks.fp16_compress_hook)
     return True
@@ -347,7 +348,6 @@ def record_placement(loop_config: LoopConfig, rank: int, world: int) -> list[str
     (`worker_node.rank<r>`; a restart elsewhere overwrites them), so that where a run trained can be checked
     afterwards. Returns the node ids by rank. Best effort on the MLflow side: never fails training."""
     import ray  # worker side only
-    import torch.distributed as dist
 
     nodes: list[Any] = [ray.get_runtime_context().get_node_id()]
     if world > 1 and dist.is_available() and dist.is_initialized():

@@ -13,8 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import mrcnn
+import pipelines
 from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
+from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import batches_dataset
 from pipelines.data.shards import check_fingerprint, read_manifest
@@ -245,9 +248,6 @@ def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, conf
     import mlflow
     import mlflow.pytorch
 
-    import mrcnn
-    import pipelines
-    from mrcnn.model import build_model
 
     state = load_checkpoint(checkpoint_dir)
     model = build_model(config, num_classes=num_classes)

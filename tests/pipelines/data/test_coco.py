@@ -1,4 +1,4 @@
-"""pipelines/coco_source.py: split paths, safe joins, the category map, record checks, masks and pixels."""
+"""pipelines/data/coco.py: split paths, safe joins, the category map, record checks, masks and pixels."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipelines/preprocess.py: shards that decode back to a direct computation, bad input reported, atomic output.
+"""pipelines/data/preprocess.py: shards that decode back to a direct computation, bad input reported, atomic output.
 
 The Ray tests share the conftest's local Ray and one small synthetic dataset (12 train / 6 val images at the
 `shapes` preset); expected values are computed here independently of the stage: geometry by hand, masks with

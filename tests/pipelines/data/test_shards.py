@@ -1,4 +1,4 @@
-"""pipelines/shards.py: decoding one shard row, reading and checking the manifest (no Ray)."""
+"""pipelines/data/shards.py: decoding one shard row, reading and checking the manifest (no Ray)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pipelines/synth.py: the synthetic COCO dataset, checked through pycocotools."""
+"""pipelines/data/synth.py: the synthetic COCO dataset, checked through pycocotools."""
 
 from __future__ import annotations
 
