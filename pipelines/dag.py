@@ -176,7 +176,6 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     cfg = config.to_dict()
 
     def preprocess_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-
         manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True)
         run_id = tracking.create_run(
             uri, experiment=request.experiment, run_name="preprocess", parent_run_id=parent,
@@ -189,7 +188,6 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
         return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
 
     def train_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-
         result = train(
             config,
             TrainRequest(
@@ -204,7 +202,6 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
                 "model_uri": f"runs:/{result.run_id}/model"}
 
     def evaluate_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-
         with _local_dir(out_dir) as local_out:
             result = evaluate(
                 EvaluateRequest(
@@ -255,5 +252,4 @@ def _local_dir(out_dir: str) -> Iterator[str]:
 
 
 def _file_sha256(path: str) -> str:
-
     return hashlib.sha256(read_bytes(path)).hexdigest()

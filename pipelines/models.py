@@ -92,7 +92,6 @@ def check_model_fits(spec: ModelSpec, manifest: dict[str, Any]) -> None:
 
 
 def _has_mlmodel(location: str) -> bool:
-
     try:
         filesystem, root = filesystem_for(location)
         return exists(filesystem, f"{root.rstrip('/')}/MLmodel")

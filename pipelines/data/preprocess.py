@@ -104,7 +104,6 @@ class _SplitWriter:
             self.writer = None
 
     def _write_group(self, rows: int) -> None:
-
         rows = min(rows, self.rows_per_shard - self.rows_in_file)
         if self.writer is None:
             name = f"{self.prefix}-{len(self.files):03d}.parquet"
@@ -142,7 +141,6 @@ class ShardDatasink(Datasink):
         return self.rows_per_shard
 
     def write(self, blocks: Iterable[Any], ctx: Any) -> dict[str, dict[str, Any]]:
-
         filesystem, root = filesystem_for(self.out_root)
         stats: dict[str, dict[str, Any]] = {}
         writers: dict[str, _SplitWriter] = {}
@@ -326,7 +324,6 @@ def preprocess(
 
 
 def _ensure_ray(address: str | None) -> None:
-
     if not ray.is_initialized():
 
         init_ray(address)

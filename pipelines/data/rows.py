@@ -63,8 +63,6 @@ class RowMaker:
     """
 
     def __init__(self, config: dict[str, Any], *, torch_threads: int | None = 1):
-
-
         if torch_threads:
             torch.set_num_threads(torch_threads)  # one actor per CPU: intra-op threads would only oversubscribe
         self.config = Config.from_dict(config)
@@ -92,8 +90,6 @@ class RowMaker:
 
     # ------------------------------------------------------------------ one record
     def make(self, record: dict[str, Any]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
-
-
         cfg = self.config
         height, width = int(record["height"]), int(record["width"])
         try:

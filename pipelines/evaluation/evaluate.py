@@ -61,7 +61,6 @@ class Predictor:
     """Callable class for `map_batches`: shard rows -> one COCO-results JSON string per image."""
 
     def __init__(self, *, spec: ModelSpec, min_confidence: float, use_gpu: bool):
-
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         self.model = load_model(spec, device=self.device, min_confidence=min_confidence)
         self.coco_ids = list(CategoryMap.from_dict(spec.categories).coco_ids)
@@ -162,7 +161,6 @@ def predict_split(
 
 
 def evaluate(request: EvaluateRequest) -> EvaluateResult:
-
     manifest = read_manifest(request.shards)
     spec = model_spec(request.model_path)
     check_model_fits(spec, manifest)

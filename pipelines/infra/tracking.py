@@ -40,8 +40,9 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient  # see the module docstring: MLflow only when used
 
-    return _client(tracking_uri)
+    return MlflowClient(tracking_uri)
 
 
 def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:

@@ -32,7 +32,7 @@ from pipelines.inspection.panels import (
     subsample,
     text_panel,
 )
-from pipelines.inspection.samples import Sample, _describe
+from pipelines.inspection.samples import Sample, describe
 from pipelines.pictures import draw_instances, overlay_color
 
 
@@ -40,7 +40,7 @@ def gt_picture(sample: Sample, path: str | os.PathLike) -> dict[str, Any]:
     """The stored image with its gt masks (mini-masks expanded), boxes, class names and crowd regions."""
     r = sample.row
     g, c = len(r["gt_class_ids"]), len(r["crowd_boxes"])
-    title = (f"gt: {g} instances, {c} crowd regions\n{_describe(sample)}\n"
+    title = (f"gt: {g} instances, {c} crowd regions\n{describe(sample)}\n"
              f"input {sample.size}x{sample.size} (image top-left, zero padding); dashed: window, crowd regions")
     pic = Picture(1, 2, panel=panel_px(sample.size), title=title)
     ax = pic.axes(0, 0, "image as stored, gt masks, boxes and classes")
@@ -116,7 +116,7 @@ def rpn_targets_picture(sample: Sample, path: str | os.PathLike, *, seed: int = 
     title = (f"rpn-targets: {len(anchors):,} anchors -> {len(pos)} positive, {len(neg):,} negative, {len(ign):,} "
              f"ignored (IoU >= {rpn.positive_iou:g} / < {rpn.negative_iou:g})\n"
              f"sampled {rpn.anchors_per_image} (at most {rpn.positive_fraction:.0%} positive, seed {seed}): "
-             f"{len(s_pos)} positive + {len(s_neg)} negative\n{_describe(sample)}")
+             f"{len(s_pos)} positive + {len(s_neg)} negative\n{describe(sample)}")
     pic = Picture(1, 2, panel=panel_px(sample.size), title=title)
     gt = sample.row["gt_boxes"]
     ax = pic.axes(0, 0, f"before sampling: all {len(pos)} positives (green), gt (white)\n"
@@ -165,7 +165,7 @@ def mini_masks_picture(sample: Sample, path: str | os.PathLike, *, max_instances
     summary = f"mean {np.mean(valid):.3f}, min {np.min(valid):.3f}" if valid else "no instances"
     m = sample.config.mask.mini_mask_size
     title = (f"mini-masks: {g} instances, {m}x{m} mini-masks; IoU(original, expanded back): {summary}\n"
-             f"{_describe(sample)}\nshowing {shown} of {g}; expanded: white both, red original only, "
+             f"{describe(sample)}\nshowing {shown} of {g}; expanded: white both, red original only, "
              f"blue expanded only")
     pic = Picture(max(shown, 1), 3, panel=panel_px(sample.size), title=title)
     image = sample.original_image()
@@ -214,7 +214,7 @@ def deltas_picture(sample: Sample, path: str | os.PathLike) -> dict[str, Any]:
     colors = [rgb(int(g)) for g in match]
     title = (f"deltas: {len(pos)} positive anchors, their stored deltas (std {tuple(sample.config.rpn.bbox_std)}) "
              f"decoded\nmax |decoded - gt| = {error:.4f} px, min IoU(decoded, gt) = {min_iou:.4f}\n"
-             f"{_describe(sample)}")
+             f"{describe(sample)}")
     pic = Picture(1, 2, panel=panel_px(sample.size), title=title)
     for col, (boxes, caption) in enumerate(((anchors, "positive anchors, coloured by their gt box"),
                                             (decoded, "anchors + stored deltas: should sit on the gt"))):

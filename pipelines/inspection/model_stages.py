@@ -101,7 +101,6 @@ def model_run(sample: Sample, *, spec: Any = None, threshold: float | None = Non
 
 
 def _coco_ids(categories: dict[str, Any]) -> tuple[int, ...]:
-
     return CategoryMap.from_dict(categories).coco_ids
 
 

@@ -40,12 +40,10 @@ class Sample:
 
     @cached_property
     def anchors(self) -> torch.Tensor:
-
         return anchors_from_config(self.config)  # [A, 4]
 
     @cached_property
     def row(self) -> dict[str, Any]:
-
         return decode_row(self.raw, num_anchors=len(self.anchors), mini_mask_size=self.config.mask.mini_mask_size)
 
     @property
@@ -139,7 +137,7 @@ def load_sample(*, shards: str | None = None, dataset: str | None = None, split:
     return Sample(config, source.categories, raw, f"dataset {dataset} [{split}]", annotations, images_root, records[0])
 
 
-def _describe(sample: Sample) -> str:
+def describe(sample: Sample) -> str:
     r = sample.row
     return (f"image {sample.image_id} ({r['width']}x{r['height']} px, scale {r['scale']:.3f}, "
             f"window {tuple(int(v) for v in r['window'])})\nfrom {sample.source}")
