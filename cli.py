@@ -9,11 +9,18 @@ Thin by design: each command checks its arguments, builds the typed config and c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
+from mrcnn.config import Layers
 from pipelines.infra.logs import setup_logging
+
+# choices of options whose modules are too heavy to import for `--help`; tests/cli checks they match the code's
+Backend = Literal["pycocotools", "faster-coco-eval"]  # pipelines.evaluation.coco_eval.BACKENDS
+DagStage = Literal["preprocess", "train", "evaluate"]  # pipelines.dag.pipeline_stages
+InspectStage = Literal["gt", "anchors", "rpn-targets", "mini-masks", "deltas", "proposals", "detection-targets",
+                       "batch", "predictions", "all"]  # pipelines.inspection.command.STAGES + "all"
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -117,7 +124,7 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Train this many epochs.")] = None,
     steps: Annotated[int | None, typer.Option(help="Train this many steps (overrides epochs).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per worker per step.")] = None,
-    layers: Annotated[str | None, typer.Option(help="heads | 3+ | 4+ | 5+ | all")] = None,
+    layers: Annotated[Layers | None, typer.Option(help="The ResNet stages trained (matterport's names).")] = None,
     model_path: Annotated[str | None, typer.Option(help="Our checkpoint to fine-tune from.")] = None,
     backbone_weights: Annotated[str | None, typer.Option(help="torchvision ResNet state dict file.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint under --storage.")] = False,
@@ -173,7 +180,7 @@ def evaluate(
     gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: GPUs when the cluster has them.")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first K images only.")] = None,
     out: Annotated[str, typer.Option(help="Folder for metrics.json, detections.json, plots.")] = "eval_out",
-    backend: Annotated[str, typer.Option(help="pycocotools | faster-coco-eval")] = "pycocotools",
+    backend: Annotated[Backend, typer.Option(help="COCO evaluation library.")] = "pycocotools",
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
     address: AddressOpt = None,
 ) -> None:
@@ -203,7 +210,7 @@ def run(
     gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: GPUs when the cluster has them.")] = None,
     work_dir: Annotated[str, typer.Option(help="Where stage outputs live, keyed by fingerprint: a folder or URI "
                                                "(s3://, gs://, file://).")] = "pipeline_out",
-    force: Annotated[str | None, typer.Option(help="Rerun from this stage: preprocess | train | evaluate.")] = None,
+    force: Annotated[DagStage | None, typer.Option(help="Rerun from this stage.")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per train worker.")] = 1.0,
     placement_strategy: PlacementOpt = "PACK",
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
@@ -280,8 +287,7 @@ def demo(
 
 @app.command("inspect")
 def inspect_command(
-    stage: Annotated[str, typer.Argument(help="gt | anchors | rpn-targets | mini-masks | deltas | proposals | "
-                                              "detection-targets | batch | predictions | all")],
+    stage: Annotated[InspectStage, typer.Argument(help="The sub-net to draw; `all`: every one into a folder.")],
     out: Annotated[str, typer.Option("--out", help="PNG file to write; a folder for `all`.")],
     shards: Annotated[str | None, typer.Option(help="Shards folder or URI (their config is used).")] = None,
     dataset: Annotated[str | None, typer.Option(help="COCO-layout dataset instead of shards (not for batch).")] = None,

@@ -13,9 +13,16 @@ import json
 import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+
+# the settings with a fixed set of values (the CLI's choices come from these too)
+Layers = Literal["heads", "3+", "4+", "5+", "all"]
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["step", "cosine"]
+GradCompression = Literal["none", "fp16"]
+ImageEncoding = Literal["jpeg", "png"]
 
 
 class ConfigError(ValueError):
@@ -32,8 +39,8 @@ class ImageConfig:
 
     min_dim: int = 800
     max_dim: int = 1024
-    resize_mode: str = "square"
-    encoding: str = "jpeg"  # how the resized image is stored in the shards: "jpeg" or "png"
+    resize_mode: Literal["square"] = "square"  # resize keeping the aspect ratio, pad to max_dim x max_dim
+    encoding: ImageEncoding = "jpeg"  # how the resized image is stored in the shards
     jpeg_quality: int = 95
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0..255
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
@@ -41,7 +48,7 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class BackboneConfig:
-    depth: int = 50  # ResNet 18 / 34 / 50 / 101
+    depth: Literal[18, 34, 50, 101] = 50  # ResNet depth
     fpn_channels: int = 256
     frozen_bn: bool = True
     trainable_layers: int = 5  # ResNet stages trained, counted from the top (5 = all, 0 = none)
@@ -102,7 +109,7 @@ class DetectionConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    optimizer: str = "sgd"  # "sgd" or "adamw" (momentum is AdamW's beta1)
+    optimizer: Optimizer = "sgd"  # momentum is AdamW's beta1
     lr: float = 0.02
     lr_reference_batch: int = 16  # lr is given per this many images, scaled linearly with the global batch
     momentum: float = 0.9
@@ -112,13 +119,13 @@ class TrainConfig:
     epochs: int = 12
     steps: int = 0  # > 0 overrides epochs
     warmup_steps: int = 500
-    schedule: str = "step"  # "step" or "cosine"
+    schedule: Schedule = "step"
     decay_at: tuple[float, ...] = (0.67, 0.89)  # fractions of the run, for "step"
     decay_factor: float = 0.1
     checkpoint_every: int = 500
     log_every: int = 20
     val_every: int = 1  # validation loss after every this many epochs and after the last step; 0: the last only
-    grad_compression: str = "none"  # "fp16": DDP all-reduces gradients in half precision (fp16_compress_hook)
+    grad_compression: GradCompression = "none"  # "fp16": DDP all-reduces gradients in half precision
     # decode the splits once into Ray's object store (`Dataset.materialize`) instead of re-reading the shards every
     # epoch: for datasets that fit in memory (the demo's: an epoch then starts in under a second, not ~8 s). On one
     # node only: a lost node takes its cached blocks with it and training cannot restore (tests/cluster)
@@ -126,7 +133,7 @@ class TrainConfig:
     num_to_keep: int = 3
     max_failures: int = 2
     max_nonfinite_in_a_row: int = 10
-    layers: str = "all"  # "heads", "4+", "all"
+    layers: Layers = "all"  # the ResNet stages trained (matterport's names)
     seed: int = 0
     flip: bool = True
     loss_rpn_cls: float = 1.0
@@ -161,6 +168,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        _validate(self)
 
     # ----------------------------------------------------------------- serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -309,6 +319,100 @@ def load_config(preset_or_file: str = "coco", overrides: list[str] | tuple[str, 
     return config.override(list(overrides)) if overrides else config
 
 
+# --------------------------------------------------------------------- validation
+def _between(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False, hi_open: bool = False):
+    """A range check and its wording, e.g. _between(0, 1, lo_open=True) -> (check, "in (0, 1]")."""
+    def check(v: float) -> bool:
+        return ((lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi)))
+    if hi is None:
+        words = f"{'>' if lo_open else '>='} {lo}"
+    elif lo is None:
+        words = f"{'<' if hi_open else '<='} {hi}"
+    else:
+        words = f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+    return check, words
+
+
+_POSITIVE = _between(0, lo_open=True)
+_AT_LEAST_1 = _between(1)
+_AT_LEAST_0 = _between(0)
+_FRACTION = _between(0, 1)  # [0, 1]
+_OPEN_FRACTION = _between(0, 1, lo_open=True)  # (0, 1]
+
+# the range of every numeric setting (each element, for tuples); Literal settings are checked against their choices
+_RANGES: dict[str, tuple] = {
+    "image.min_dim": _AT_LEAST_1, "image.max_dim": _AT_LEAST_1, "image.jpeg_quality": _between(1, 100),
+    "image.pixel_std": _POSITIVE,
+    "backbone.fpn_channels": _AT_LEAST_1, "backbone.trainable_layers": _between(0, 5),
+    "rpn.anchor_scales": _AT_LEAST_1, "rpn.feature_strides": _AT_LEAST_1, "rpn.anchor_ratios": _POSITIVE,
+    "rpn.anchor_stride": _AT_LEAST_1, "rpn.positive_iou": _OPEN_FRACTION, "rpn.negative_iou": _FRACTION,
+    "rpn.crowd_iou": _FRACTION, "rpn.anchors_per_image": _AT_LEAST_1, "rpn.positive_fraction": _OPEN_FRACTION,
+    "rpn.pre_nms_topk": _AT_LEAST_1, "rpn.nms_threshold": _OPEN_FRACTION, "rpn.post_nms_train": _AT_LEAST_1,
+    "rpn.post_nms_test": _AT_LEAST_1, "rpn.bbox_std": _POSITIVE, "rpn.head_channels": _AT_LEAST_0,
+    "roi.rois_per_image": _AT_LEAST_1, "roi.positive_fraction": _OPEN_FRACTION, "roi.positive_iou": _OPEN_FRACTION,
+    "roi.pool_size": _AT_LEAST_1, "roi.mask_pool_size": _AT_LEAST_1, "roi.sampling_ratio": _AT_LEAST_0,
+    "roi.fc_dim": _AT_LEAST_1, "roi.mask_conv_dim": _AT_LEAST_1, "roi.mask_conv_layers": _AT_LEAST_0,
+    "roi.canonical_level": _AT_LEAST_1, "roi.canonical_size": _POSITIVE, "roi.bbox_std": _POSITIVE,
+    "roi.max_gt_instances": _AT_LEAST_1,
+    "mask.mini_mask_size": _AT_LEAST_1, "mask.mask_size": _AT_LEAST_1,
+    "detection.min_confidence": _FRACTION, "detection.nms_threshold": _OPEN_FRACTION,
+    "detection.max_detections": _AT_LEAST_1,
+    "train.lr": _POSITIVE, "train.lr_reference_batch": _AT_LEAST_1, "train.momentum": _between(0, 1, hi_open=True),
+    "train.weight_decay": _AT_LEAST_0, "train.grad_clip": _AT_LEAST_0, "train.batch_size": _AT_LEAST_1,
+    "train.epochs": _AT_LEAST_0, "train.steps": _AT_LEAST_0, "train.warmup_steps": _AT_LEAST_0,
+    "train.decay_at": _between(0, 1, lo_open=True, hi_open=True), "train.decay_factor": _OPEN_FRACTION,
+    "train.checkpoint_every": _AT_LEAST_1, "train.log_every": _AT_LEAST_1, "train.val_every": _AT_LEAST_0,
+    "train.num_to_keep": _AT_LEAST_1, "train.max_failures": _between(-1),  # -1: retry forever (Ray's meaning)
+    "train.max_nonfinite_in_a_row": _AT_LEAST_1, "train.loss_rpn_cls": _AT_LEAST_0, "train.loss_rpn_box": _AT_LEAST_0,
+    "train.loss_cls": _AT_LEAST_0, "train.loss_box": _AT_LEAST_0, "train.loss_mask": _AT_LEAST_0,
+    "preprocess.rows_per_shard": _AT_LEAST_1, "preprocess.rows_per_row_group": _AT_LEAST_1,
+    "evaluate.min_confidence": _FRACTION, "evaluate.batch_size": _AT_LEAST_1,
+}
+
+
+def choices(hint: Any) -> tuple | None:
+    """The allowed values of a `Literal[...]` setting (None for any other type)."""
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else None
+
+
+def _check_choice(key: str, hint: Any, value: Any) -> None:
+    allowed = choices(hint)
+    # True == 1 in Python: a bool is no choice of an int setting, nor is 1 of a str one
+    if allowed is not None and not any(value == a and type(value) is type(a) for a in allowed):
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def _validate(config: Config) -> None:
+    """Every choice and range, then the settings that must agree; ConfigError naming the key and what is allowed."""
+    for section in fields(config):
+        value = getattr(config, section.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        hints = typing.get_type_hints(type(value))
+        for f in fields(value):
+            key, v = f"{section.name}.{f.name}", getattr(value, f.name)
+            _check_choice(key, hints[f.name], v)
+            if key in _RANGES:
+                check, words = _RANGES[key]
+                for item in v if isinstance(v, tuple) else (v,):
+                    if not isinstance(item, (int, float)) or isinstance(item, bool) or not check(item):
+                        raise ConfigError(f"config key {key!r}: {v!r} is out of range (must be {words})")
+    img, rpn, train = config.image, config.rpn, config.train
+    if len(rpn.anchor_scales) != len(rpn.feature_strides):
+        raise ConfigError(f"config key 'rpn.anchor_scales': {len(rpn.anchor_scales)} scales for "
+                          f"{len(rpn.feature_strides)} levels (rpn.feature_strides): one scale per level")
+    if img.max_dim % max(rpn.feature_strides):
+        raise ConfigError(f"config key 'image.max_dim': {img.max_dim} is not a multiple of the largest feature "
+                          f"stride {max(rpn.feature_strides)} (rpn.feature_strides)")
+    if rpn.negative_iou > rpn.positive_iou:
+        raise ConfigError(f"config key 'rpn.negative_iou': {rpn.negative_iou} is above rpn.positive_iou "
+                          f"{rpn.positive_iou}")
+    if train.steps == 0 and train.epochs == 0:
+        raise ConfigError("config keys 'train.steps' and 'train.epochs' are both 0: set one of them above 0")
+    if list(train.decay_at) != sorted(train.decay_at):
+        raise ConfigError(f"config key 'train.decay_at': {list(train.decay_at)} must be in increasing order")
+
+
 # --------------------------------------------------------------------- helpers
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
@@ -339,6 +443,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=key + ".")
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        _check_choice(key, hint, value)
+        return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")

@@ -84,7 +84,6 @@ def run_dag(
     tracking_uri: str | None = None,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     run_name: str = "pipeline",
-    log: Callable[[str], None] = print,
 ) -> DagResult:
     """Run `stages` in order as Ray tasks, skipping those whose marker exists (unless at or after `force`)."""
     import ray
@@ -113,10 +112,10 @@ def run_dag(
             out_path = f"{work_path}/{stage.name}-{stage.key}"  # the same place inside `filesystem`
             done = None if forcing else completed_outputs(out_dir)
             if done is not None:
-                log(f"[run] {stage.name}: up to date ({out_dir}), skipped")
+                log.info("%s: up to date (%s), skipped", stage.name, out_dir)
                 result.skipped.append(stage.name)
             else:
-                log(f"[run] {stage.name}: running -> {out_dir}")
+                log.info("%s: running -> %s", stage.name, out_dir)
                 if exists(filesystem, out_path):
                     filesystem.delete_dir(out_path)  # a failed or forced earlier attempt: start clean
                 filesystem.create_dir(out_path, recursive=True)
@@ -173,7 +172,6 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
     annotations_hash = {name: _file_sha256(ann) for name, ann, _ in splits}
     uri = tracking.resolve_tracking_uri(request.tracking_uri)
-    cfg = config.to_dict()
 
     def preprocess_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
         manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True)
@@ -208,19 +206,37 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
                     shards=upstream["preprocess"]["shards"], model_path=upstream["train"]["checkpoint"],
                     split=request.val_split, workers=1, use_gpu=request.use_gpu, out=local_out, tracking_uri=uri,
                     experiment=request.experiment, parent_run_id=parent, run_name="evaluate",
-                    limit=request.eval_limit,
+                    limit=request.eval_limit, detection=config.detection, settings=config.evaluate,
                 )
             )
         return {"metrics": result.metrics, "out": out_dir, "run_id": result.run_id, "table": result.table}
 
     data_inputs = {"dataset": request.dataset, "splits": [s[0] for s in splits], "annotations": annotations_hash}
+    fields_of = stage_config_fields(config)
     return [
-        Stage("preprocess", {**data_inputs, "fingerprint": config.fingerprint()}, preprocess_stage),
-        Stage("train", {k: cfg[k] for k in ("backbone", "rpn", "roi", "mask", "train")} | {
-            "workers": request.workers}, train_stage),
-        Stage("evaluate", {"detection": cfg["detection"], "evaluate": cfg["evaluate"], "limit": request.eval_limit},
-              evaluate_stage),
+        Stage("preprocess", {**data_inputs, **fields_of["preprocess"]}, preprocess_stage),
+        Stage("train", {**fields_of["train"], "workers": request.workers}, train_stage),
+        Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit}, evaluate_stage),
     ]
+
+
+EVALUATE_SECTIONS = ("detection", "evaluate")  # read by evaluation from the pipeline's config, not the model's
+
+
+def stage_config_fields(config: Config) -> dict[str, dict[str, Any]]:
+    """Every config field, as {"section.field": value}, under the first stage whose output it can change (later
+    stages rerun with it through the chained keys). Derived, not listed: preprocess gets the shard fields
+    (`Config.shard_fields`, what the fingerprint covers) and the `preprocess` section; evaluate gets
+    EVALUATE_SECTIONS, which `evaluate_stage` passes on; train gets every other field, so a new setting reruns
+    training unless it is placed elsewhere on purpose."""
+    flat = tracking.flatten("", config.to_dict())
+    preprocess_keys = set(config.shard_fields()) | {k for k in flat if k.startswith("preprocess.")}
+    evaluate_keys = {k for k in flat if k.split(".", 1)[0] in EVALUATE_SECTIONS}
+    groups: dict[str, dict[str, Any]] = {"preprocess": {}, "train": {}, "evaluate": {}}
+    for key, value in flat.items():
+        stage = "preprocess" if key in preprocess_keys else "evaluate" if key in evaluate_keys else "train"
+        groups[stage][key] = value
+    return groups
 
 
 def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:

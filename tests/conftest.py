@@ -33,6 +33,21 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def project_log(caplog):
+    """caplog for the project's own lines: the `mrcnn` logger does not propagate to the root, where caplog
+    listens, so its handler is attached there directly. `project_log.messages` are the lines said."""
+    import logging
+
+    logger = logging.getLogger("mrcnn")
+    logger.addHandler(caplog.handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The team's reference data (../shared/data); tests using it skip cleanly when it is absent."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from mrcnn.anchors import anchors_from_config
+from mrcnn.config import DetectionConfig, EvalConfig
 from mrcnn.detections import detections_to_original
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb, safe_image_path
@@ -47,6 +48,9 @@ class EvaluateRequest:
     parent_run_id: str | None = None
     run_name: str | None = None
     pictures: int = 8
+    # the detection layer's and the evaluation's settings; None: the model's own (what it was trained with)
+    detection: DetectionConfig | None = None
+    settings: EvalConfig | None = None
 
 
 @dataclass
@@ -164,6 +168,9 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     manifest = read_manifest(request.shards)
     spec = model_spec(request.model_path)
     check_model_fits(spec, manifest)
+    if request.detection or request.settings:  # the caller's detection / evaluation settings over the model's
+        spec = replace(spec, config=replace(spec.config, detection=request.detection or spec.config.detection,
+                                            evaluate=request.settings or spec.config.evaluate))
     split_info = manifest["splits"].get(request.split)
     if split_info is None:
         raise ValueError(f"split {request.split!r} is not in {request.shards}")

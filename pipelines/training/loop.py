@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from mrcnn.backbone import load_backbone_weights
-from mrcnn.config import Config
+from mrcnn.config import Config, GradCompression
 from mrcnn.flip import flip_batch
 from mrcnn.model import LOSS_KEYS, build_model
 from pipelines.data.loader import to_device
@@ -174,13 +175,15 @@ def validation_due(epoch: int, *, done: bool, epoch_ended: bool, every: int) -> 
     return done or (epoch_ended and every > 0 and (epoch + 1) % every == 0)
 
 
-GRAD_COMPRESSIONS = ("none", "fp16")
+GRAD_COMPRESSIONS = typing.get_args(GradCompression)
 
 
 def compress_gradients(model: nn.Module, kind: str) -> bool:
     """`train.grad_compression`: "fp16" registers torch's `fp16_compress_hook` on a DDP model, halving what the
-    gradient all-reduce moves (gloo on CPUs sharing a box: about 9% more images/s, BENCHMARKS.md). Returns
-    whether a hook was registered (not for a single worker, which has no all-reduce)."""
+    gradient all-reduce moves (bench/bench_ddp.py, gloo on CPUs sharing a box: about 9% more images/s with a fresh
+    model; in Ray Train with a trained model no gain was measured, BENCHMARKS.md). Returns whether a hook was
+    registered (not for a single worker, which has no all-reduce). A `Config` holds only known kinds (checked when
+    it is built); the check here is for other callers."""
     if kind not in GRAD_COMPRESSIONS:
         raise ValueError(f"train.grad_compression {kind!r}: choose one of {', '.join(GRAD_COMPRESSIONS)}")
     if kind == "none" or not isinstance(model, nn.parallel.DistributedDataParallel):

@@ -6,10 +6,13 @@ Pure helpers used by the per-worker training loop (`pipelines.training.loop`) an
 from __future__ import annotations
 
 import math
+import typing
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from mrcnn.config import Optimizer, Schedule
 
 # Which parameters each `--layers` choice trains, as in matterport's and the seed's stage-wise COCO
 # training: "heads" freezes the whole ResNet (FPN, RPN and RoI heads train), "4+" trains ResNet from stage 4
@@ -63,7 +66,7 @@ def scaled_lr(base_lr: float, *, global_batch: int, reference_batch: int) -> flo
     return base_lr * global_batch / reference_batch
 
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = typing.get_args(Optimizer)  # a Config holds only these; the checks here are for other callers
 
 
 def build_optimizer(
@@ -95,8 +98,8 @@ def lr_factor(
     warmup_start: float = 0.001,
 ) -> float:
     """Multiplier of the base lr at `step` (0-based): linear warm-up, then step or cosine decay."""
-    if schedule not in ("step", "cosine"):
-        raise ValueError(f"train.schedule {schedule!r}: expected 'step' or 'cosine'")
+    if schedule not in typing.get_args(Schedule):
+        raise ValueError(f"train.schedule {schedule!r}: expected one of {', '.join(typing.get_args(Schedule))}")
     if schedule == "step":
         factor = decay_factor ** sum(step >= int(f * total_steps) for f in decay_at)
     else:

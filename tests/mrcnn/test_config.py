@@ -1,6 +1,6 @@
 import pytest
 
-from mrcnn.config import Config, ConfigError, coco, fingerprint_diff, load_config, shapes
+from mrcnn.config import Config, ConfigError, TrainConfig, choices, coco, fingerprint_diff, load_config, shapes
 
 
 @pytest.mark.parametrize("preset", [coco, shapes])
@@ -87,3 +87,56 @@ def test_fingerprint_changes_only_with_shard_fields():
 def test_fingerprint_diff_names_fields():
     a, b = coco().shard_fields(), coco().override(["image.max_dim=512"]).shard_fields()
     assert fingerprint_diff(a, b) == ["image.max_dim: 1024 != 512"]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [  # the issue's list: each was accepted and failed later inside a Ray worker, or with a ZeroDivisionError
+        ("train.optimizer=lamb", r"'train\.optimizer': 'lamb' is not one of 'sgd', 'adamw'"),
+        ("train.schedule=foo", r"'train\.schedule': 'foo' is not one of 'step', 'cosine'"),
+        ("train.layers=x", r"'train\.layers': 'x' is not one of 'heads', '3\+', '4\+', '5\+', 'all'"),
+        ("train.batch_size=0", r"'train\.batch_size': 0 is out of range \(must be >= 1\)"),
+        ("train.lr=-1", r"'train\.lr': -1\.0 is out of range \(must be > 0\)"),
+        ("image.encoding=gif", r"'image\.encoding': 'gif' is not one of 'jpeg', 'png'"),
+        ("backbone.depth=51", r"'backbone\.depth': 51 is not one of 18, 34, 50, 101"),
+        ("backbone.depth=true", r"'backbone\.depth'"),
+        ("train.grad_compression=int8", r"'train\.grad_compression': 'int8' is not one of 'none', 'fp16'"),
+        ("rpn.positive_fraction=1.5", r"'rpn\.positive_fraction': 1\.5 is out of range \(must be in \(0, 1\]\)"),
+        ("rpn.bbox_std=[0.1, 0.1, 0, 0.2]", r"'rpn\.bbox_std'.*must be > 0"),
+        ("detection.min_confidence=2", r"'detection\.min_confidence'.*in \[0, 1\]"),
+        ("train.checkpoint_every=0", r"'train\.checkpoint_every'"),
+        ("train.lr_reference_batch=0", r"'train\.lr_reference_batch'"),
+        ("train.decay_at=[0.9, 0.5]", r"'train\.decay_at'.*increasing"),
+        ("image.max_dim=100", r"'image\.max_dim': 100 is not a multiple of the largest feature stride 64"),
+        ("rpn.anchor_scales=[16, 32]", r"'rpn\.anchor_scales': 2 scales for 5 levels"),
+        ("rpn.negative_iou=0.6", r"'rpn\.negative_iou': 0\.6 is above rpn\.positive_iou 0\.5"),
+        ("train.steps=0", r"'train\.steps' and 'train\.epochs' are both 0"),
+    ],
+)
+def test_bad_settings_are_refused_when_the_config_is_built(override, message):
+    with pytest.raises(ConfigError, match=message):
+        shapes().override([override])
+
+
+def test_a_config_built_in_code_is_checked_too():
+    """Not only YAML and --set: a dataclass built or replaced in code goes through the same checks."""
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match=r"'train\.optimizer'"):
+        replace(shapes(), train=replace(shapes().train, optimizer="lamb"))
+    with pytest.raises(ConfigError, match=r"'train\.batch_size'"):
+        Config(train=TrainConfig(batch_size=0))
+
+
+def test_every_choice_setting_lists_what_the_code_accepts():
+    """The Literal choices are what the code behind them implements: no choice the trainer would refuse."""
+    import typing
+
+    from mrcnn.config import GradCompression, Layers, Optimizer, Schedule
+    from pipelines.training.loop import GRAD_COMPRESSIONS
+    from pipelines.training.optim import LAYER_CHOICES, OPTIMIZERS
+
+    assert set(typing.get_args(Layers)) == set(LAYER_CHOICES)
+    assert typing.get_args(Optimizer) == OPTIMIZERS and typing.get_args(GradCompression) == GRAD_COMPRESSIONS
+    assert typing.get_args(Schedule) == ("step", "cosine")
+    assert choices(typing.get_type_hints(TrainConfig)["layers"]) == typing.get_args(Layers)

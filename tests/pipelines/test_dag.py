@@ -1,6 +1,7 @@
 """The DAG executor on real Ray tasks and a real MLflow store, with small stages whose runs are counted; the work
 dir as a local path and as a `file://` URI (the pyarrow.fs path every other URI scheme takes)."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -43,12 +44,11 @@ def env(tmp_path, ray_session):
 
 
 @pytest.mark.parametrize("as_uri", [False, True], ids=["path", "file-uri"])
-def test_run_skip_change_fail_resume_force(env, as_uri):
+def test_run_skip_change_fail_resume_force(env, as_uri, project_log):
     counter, local_work, uri = env
     work = f"file://{local_work}" if as_uri else local_work  # the same folder either way, inspected locally
-    logs: list[str] = []
 
-    first = run_dag(_stages(counter), work, tracking_uri=uri, log=logs.append)
+    first = run_dag(_stages(counter), work, tracking_uri=uri)
     assert first.ran == ["preprocess", "train", "evaluate"] and first.skipped == []
     assert first.outputs["evaluate"]["upstream"] == ["preprocess", "train"]
     assert first.outputs["train"]["parent"] == first.parent_run_id
@@ -58,25 +58,25 @@ def test_run_skip_change_fail_resume_force(env, as_uri):
     assert done == ["evaluate", "preprocess", "train"] and not list(local_work.glob(f"*/{MARKER}.tmp"))
     assert (local_work / Path(first.outputs["train"]["out"]).name / "result.txt").read_text() == "train"
 
-    second = run_dag(_stages(counter), work, tracking_uri=uri, log=logs.append)
+    second = run_dag(_stages(counter), work, tracking_uri=uri)
     assert second.ran == [] and second.skipped == ["preprocess", "train", "evaluate"]
-    assert sum("skipped" in line for line in logs) == 3  # and says so
+    assert sum("skipped" in line for line in project_log.messages) == 3  # and says so
     assert _runs(counter) == {"preprocess": 1, "train": 1, "evaluate": 1}
 
     # a changed training setting reruns train and evaluate, not preprocess
-    third = run_dag(_stages(counter, lr=0.2), work, tracking_uri=uri, log=logs.append)
+    third = run_dag(_stages(counter, lr=0.2), work, tracking_uri=uri)
     assert third.ran == ["train", "evaluate"] and third.skipped == ["preprocess"]
 
     # a failure in train stops evaluate and leaves no marker; the next run resumes at train
     with pytest.raises(Exception, match="injected failure in train"):
-        run_dag(_stages(counter, lr=0.3, fail_train=True), work, tracking_uri=uri, log=logs.append)
+        run_dag(_stages(counter, lr=0.3, fail_train=True), work, tracking_uri=uri)
     assert _runs(counter) == {"preprocess": 1, "train": 3, "evaluate": 2}
     failed_dirs = [d for d in local_work.iterdir() if d.name.startswith("train-") and not (d / MARKER).exists()]
     assert len(failed_dirs) == 1
-    resumed = run_dag(_stages(counter, lr=0.3), work, tracking_uri=uri, log=logs.append)
+    resumed = run_dag(_stages(counter, lr=0.3), work, tracking_uri=uri)
     assert resumed.ran == ["train", "evaluate"] and resumed.skipped == ["preprocess"]
 
-    forced = run_dag(_stages(counter, lr=0.3), work, tracking_uri=uri, force="train", log=logs.append)
+    forced = run_dag(_stages(counter, lr=0.3), work, tracking_uri=uri, force="train")
     assert forced.ran == ["train", "evaluate"] and forced.skipped == ["preprocess"]
     assert _runs(counter) == {"preprocess": 1, "train": 5, "evaluate": 4}
 
@@ -109,3 +109,109 @@ def test_report_files_written_locally_reach_a_uri_work_dir(tmp_path):
     plain = str(tmp_path / "plain")
     with _local_dir(plain) as local:
         assert local == plain  # a local path is used as it is
+
+
+# ------------------------------------------------------------------------------------------ the real stages' keys
+def _other_value(config, key: str):
+    """`config` with the setting `key` changed to another valid value (the first candidate the config accepts)."""
+    import typing
+    from dataclasses import replace
+
+    from mrcnn.config import ConfigError, choices
+
+    if "." not in key:
+        return replace(config, **{key: getattr(config, key) + "-other"})
+    section, name = key.split(".")
+    part = getattr(config, section)
+    value = getattr(part, name)
+
+    def candidates(v, hint=None):
+        if hint is not None and choices(hint):
+            return [c for c in choices(hint) if c != v]
+        if isinstance(v, bool):
+            return [not v]
+        if isinstance(v, int):
+            return [v * 2, v + 1, v - 1]
+        if isinstance(v, float):
+            return [v / 2, v * 0.9, v + 0.05, v + 1.0]
+        if isinstance(v, str):
+            return [v + "-other"]
+        if isinstance(v, tuple):
+            return [(c, *v[1:]) for c in candidates(v[0])] + ([v[:-1]] if len(v) > 1 else [])
+        raise AssertionError(f"{key}: no way to change a {type(v).__name__}")
+
+    hint = typing.get_type_hints(type(part))[name]
+    if choices(hint) == (value,):
+        return None  # a setting with a single allowed value cannot change
+    for candidate in candidates(value, hint):
+        if candidate == value:
+            continue
+        try:
+            return replace(config, **{section: replace(part, **{name: candidate})})
+        except ConfigError:
+            continue
+    raise AssertionError(f"{key}: no other valid value found for {value!r}")
+
+
+def test_every_config_field_reruns_exactly_the_stages_it_can_change(synth_dataset, tmp_path):
+    """For EVERY field of the typed config (not a sample), the real `pipeline_stages`' keys: a change reruns the
+    first stage whose output it can change and everything after it, and nothing before. What can change what:
+    the shards depend on the shard fields (what the fingerprint covers, test_config) and the preprocess section;
+    evaluation reads the detection and evaluate sections from the pipeline's config (it passes them on);
+    anything else is read by training (the model, the loop, and the config the checkpoint carries)."""
+    from mrcnn.config import shapes
+    from pipelines.dag import PipelineRequest, pipeline_stages, stage_keys
+    from pipelines.infra.tracking import flatten
+
+    request = PipelineRequest(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    base = shapes()
+
+    def keys(config):
+        return [s.key for s in stage_keys(pipeline_stages(config, request))]
+
+    before = keys(base)
+    assert len(set(before)) == 3
+    fields = sorted(flatten("", base.to_dict()))
+    sections = [f for f in dataclasses.fields(base) if dataclasses.is_dataclass(getattr(base, f.name))]
+    assert len(fields) == sum(len(dataclasses.fields(getattr(base, s.name))) for s in sections) + 1  # + name
+    wrong, fixed = [], []
+    for key in fields:
+        section = key.split(".", 1)[0]
+        if key in base.shard_fields() or section == "preprocess":
+            expected = ["preprocess", "train", "evaluate"]
+        elif section in ("detection", "evaluate"):
+            expected = ["evaluate"]
+        else:
+            expected = ["train", "evaluate"]
+        changed = _other_value(base, key)
+        if changed is None:
+            fixed.append(key)
+            continue
+        after = keys(changed)
+        rerun = [name for name, a, b in zip(("preprocess", "train", "evaluate"), before, after, strict=True) if a != b]
+        if rerun != expected:
+            wrong.append(f"{key}: reruns {rerun or 'nothing'}, expected {expected}")
+    assert not wrong, "\n".join(wrong)
+    assert fixed == ["image.resize_mode"]  # the one setting with a single allowed value
+
+
+def test_the_pipeline_evaluates_with_its_own_detection_settings(synth_dataset, tmp_path, monkeypatch):
+    """A changed detection / evaluate setting reruns evaluate only, so evaluate must use the pipeline's values,
+    not those the checkpoint was trained with: the request the stage builds carries them."""
+    from mrcnn.config import shapes
+    from pipelines import dag
+
+    seen = {}
+
+    def fake_evaluate(request):  # stands in for the whole stage: only the request it is given matters here
+        seen["request"] = request
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(dag, "evaluate", fake_evaluate)
+    config = shapes().override(["evaluate.min_confidence=0.05", "detection.nms_threshold=0.4"])
+    request = dag.PipelineRequest(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    evaluate_stage = dag.pipeline_stages(config, request)[2].fn
+    upstream = {"preprocess": {"shards": "S"}, "train": {"checkpoint": "C"}}
+    with pytest.raises(RuntimeError, match="stop"):
+        evaluate_stage(str(tmp_path / "out"), upstream, None)
+    assert seen["request"].settings.min_confidence == 0.05 and seen["request"].detection.nms_threshold == 0.4
