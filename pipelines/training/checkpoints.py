@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,15 @@ def read_meta(location: str | Path) -> dict[str, Any]:
     return _parse_meta(_read(filesystem, path, location), location)
 
 
-def find_latest_checkpoint(storage: str | Path, run_name: str | None = None) -> str | None:
+def find_latest_checkpoint(storage: str | Path, run_name: str | None = None, *,
+                           accept: Callable[[dict[str, Any]], str | None] | None = None,
+                           refused: list[str] | None = None) -> str | None:
     """The checkpoint with the highest step (tie: the newest meta.json) in any `checkpoint_*` directory under
     `storage` (or `storage/run_name`), as a path when `storage` is a path and a URI when it is a URI; None if
-    there is none. A directory without its state file (an upload cut short) is not a checkpoint."""
+    there is none. A directory without its state file (an upload cut short) is not a checkpoint.
+
+    accept: `accept(meta)` is None for a checkpoint that may be taken, else the reason it may not; the refused
+    ones are appended to `refused` as "LOCATION: reason"."""
     filesystem, root = _open(storage)
     if run_name:  # joined inside the filesystem: a URI's query (s3 options) stays at its end
         root = f"{root.rstrip('/')}/{run_name}"
@@ -147,8 +153,13 @@ def find_latest_checkpoint(storage: str | Path, run_name: str | None = None) -> 
             continue
         if directory == root.rstrip("/") or f"{directory}/{STATE_FILE}" not in files:
             continue
-        step = int(_parse_meta(_read(filesystem, path, location), location).get("step", -1))
-        key = (step, info.mtime_ns or 0)
+        meta = _parse_meta(_read(filesystem, path, location), location)
+        reason = accept(meta) if accept is not None else None
+        if reason is not None:
+            if refused is not None:
+                refused.append(f"{uri_for(storage, directory)}: {reason}")
+            continue
+        key = (int(meta.get("step", -1)), info.mtime_ns or 0)
         if best is None or key > best:
             best, found = key, directory
     return None if found is None else uri_for(storage, found)

@@ -16,7 +16,7 @@ from typing import Any
 import mrcnn
 import pipelines
 from mrcnn.anchors import anchors_from_config
-from mrcnn.config import Config
+from mrcnn.config import Config, fingerprint_diff
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import batches_dataset
@@ -125,12 +125,16 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     )
     resume_from = None
     if request.resume:
-        # a path or a URI that every worker reads (pipelines.training.checkpoints reads both)
-        latest = find_latest_checkpoint(storage)
-        if latest is None:
-            raise ValueError(f"--resume: no checkpoint under {storage}")
-        resume_from = latest
-        log.info("resuming from %s", latest)
+        # a path or a URI that every worker reads (pipelines.training.checkpoints reads both); only a checkpoint of
+        # this run: the same config and the same shards
+        refused: list[str] = []
+        resume_from = find_latest_checkpoint(
+            storage, accept=lambda meta: resume_refusal(meta, config, manifest["fingerprint"]), refused=refused)
+        if resume_from is None:
+            why = (": none of this config and these shards; " + "; ".join(refused[:3])
+                   + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")) if refused else ""
+            raise ValueError(f"--resume: no checkpoint to resume under {storage}{why}")
+        log.info("resuming from %s", resume_from)
     run_name = request.run_name or f"train-{manifest['fingerprint'][:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     tracking_uri = tracking.resolve_tracking_uri(request.tracking_uri)
@@ -230,6 +234,19 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         metrics=dict(result.metrics or {}),
         total_steps=total_steps,
     )
+
+
+def resume_refusal(meta: dict[str, Any], config: Config, fingerprint: str) -> str | None:
+    """Why a checkpoint (its meta.json) is not one `--resume` may continue with `config` on shards of
+    `fingerprint`, or None when it is: another run's weights would be trained on as if they were this one's."""
+    if meta.get("fingerprint") != fingerprint:
+        return f"made from other shards (fingerprint {meta.get('fingerprint')!r}, these are {fingerprint!r})"
+    theirs = tracking.flatten("", meta.get("config") or {})
+    diff = fingerprint_diff(theirs, tracking.flatten("", config.to_dict()))
+    if diff:
+        more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
+        return "trained with another config: " + "; ".join(diff[:3]) + more
+    return None
 
 
 def checkpoint_uri(checkpoint: Any, storage: str) -> str:

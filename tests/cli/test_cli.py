@@ -69,3 +69,32 @@ def test_predict_on_image_files(synth_dataset, tmp_path, one_thread):
     assert {d["image_id"] for d in detections} <= {int(p.rsplit("/", 1)[1].split(".")[0]) for p in files}
     assert sorted(p.name for p in out.glob("*.png")) == sorted(p.rsplit("/", 1)[1].replace(".jpg", ".png")
                                                                for p in files)
+
+
+def test_the_cli_choices_are_the_codes_own():
+    """The choices typed into cli.py (for a fast --help) are exactly what the stages accept."""
+    import typing
+
+    import cli
+    from mrcnn.config import shapes
+    from pipelines.dag import stage_config_fields
+    from pipelines.evaluation.coco_eval import BACKENDS
+    from pipelines.inspection.command import STAGES
+
+    assert typing.get_args(cli.Backend) == BACKENDS
+    assert typing.get_args(cli.InspectStage) == (*STAGES, "all")
+    assert typing.get_args(cli.DagStage) == tuple(stage_config_fields(shapes()))
+
+
+@pytest.mark.parametrize("args, allowed", [
+    (["train", "--shards", "s", "--layers", "x"], "'heads', '3+', '4+', '5+', 'all'"),
+    (["evaluate", "--shards", "s", "--model-path", "m", "--backend", "cocoapi"], "'pycocotools', 'faster-coco-eval'"),
+    (["run", "--dataset", "d", "--force", "trian"], "'preprocess', 'train', 'evaluate'"),
+    (["inspect", "gtt", "--out", "o.png"], "'gt', 'anchors'"),
+    (["train", "--shards", "s", "--config", "shapes", "--set", "train.optimizer=lamb"], "'sgd', 'adamw'"),
+])
+def test_bad_choices_are_refused_before_any_work_naming_what_is_allowed(args, allowed):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.replace("│", " ").split())  # rich's error box, unwrapped
+    assert allowed in text, result.output

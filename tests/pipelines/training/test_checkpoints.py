@@ -85,6 +85,20 @@ def test_find_latest_by_step(tmp_path):
     assert find_latest_checkpoint(tmp_path / "nothing") is None
 
 
+def test_find_latest_skips_refused_checkpoints_and_says_why(tmp_path):
+    _fake_checkpoint(tmp_path / "theirs/checkpoint_9", 9)
+    _fake_checkpoint(tmp_path / "ours/checkpoint_3", 3)
+    (tmp_path / "ours/checkpoint_3/meta.json").write_text(json.dumps({"step": 3, "fingerprint": "ours"}))
+    refused: list[str] = []
+
+    def accept(meta):
+        return None if meta.get("fingerprint") == "ours" else "other shards"
+
+    assert find_latest_checkpoint(tmp_path, accept=accept, refused=refused) == str(tmp_path / "ours/checkpoint_3")
+    assert refused == [f"{tmp_path / 'theirs/checkpoint_9'}: other shards"]
+    assert find_latest_checkpoint(tmp_path, accept=lambda meta: "no") is None
+
+
 def test_find_latest_over_a_file_uri_returns_a_uri(tmp_path):
     # highest step wins wherever it is; names that are not checkpoint_* and directories without the state
     # file (an upload cut short) are not candidates even with a higher step

@@ -98,3 +98,41 @@ def test_shards_of_another_config_are_refused(synth_shards, tmp_path):
     with pytest.raises(FingerprintMismatch, match=r"image\.max_dim: 128 != 256"):
         train(other, TrainRequest(shards=synth_shards, workers=1, storage=str(tmp_path)))
     assert not Path(tmp_path / "mlflow.db").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_or_other_shards(synth_shards, tmp_path):
+    """--resume used to take the highest-step checkpoint of any run under --storage. A stranger's checkpoint (other
+    config, other shards) is refused with the reason, before any MLflow run or Ray Train work."""
+    from mrcnn.model import build_model
+    from pipelines.data.shards import read_manifest
+    from pipelines.training.checkpoints import save_checkpoint
+
+    config = _config(steps=8, lr=0.01)
+    manifest = read_manifest(synth_shards)
+    model = build_model(config, num_classes=4)
+    meta = {"config": config.to_dict(), "categories": manifest["categories"], "num_classes": 4,
+            "fingerprint": manifest["fingerprint"]}
+    storage = tmp_path / "ckpt"
+    other_lr = replace(config, train=replace(config.train, lr=0.02))
+    save_checkpoint(storage / "a/checkpoint_000009", model=model, optimizer=None, scheduler=None, step=9, epoch=0,
+                    batch_in_epoch=0, meta={**meta, "config": other_lr.to_dict()})
+    save_checkpoint(storage / "b/checkpoint_000007", model=model, optimizer=None, scheduler=None, step=7, epoch=0,
+                    batch_in_epoch=0, meta={**meta, "fingerprint": "0123456789abcdef"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    request = TrainRequest(shards=synth_shards, workers=1, use_gpu=False, storage=str(storage), val_split=None,
+                           tracking_uri=uri, log_model=False, resume=True)
+    with pytest.raises(ValueError, match=r"no checkpoint to resume") as refused:
+        train(config, request)
+    message = str(refused.value)
+    assert "trained with another config: train.lr: 0.02 != 0.01" in message
+    assert "made from other shards (fingerprint '0123456789abcdef'" in message
+    assert not (tmp_path / "mlflow.db").exists()
+
+    # the run's own checkpoint, beside the strangers' (even with a lower step), is the one taken
+    save_checkpoint(storage / "c/checkpoint_000004", model=model, optimizer=None, scheduler=None, step=4, epoch=0,
+                    batch_in_epoch=0, meta=meta)
+    from pipelines.training.checkpoints import find_latest_checkpoint
+    from pipelines.training.train import resume_refusal
+
+    taken = find_latest_checkpoint(storage, accept=lambda m: resume_refusal(m, config, manifest["fingerprint"]))
+    assert taken == str(storage / "c/checkpoint_000004")
