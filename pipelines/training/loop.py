@@ -30,7 +30,13 @@ from pipelines.data.loader import to_device
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger, setup_logging
 from pipelines.training.checkpoints import load_checkpoint, load_model_state, save_checkpoint, unwrap
-from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr, set_trainable_layers
+from pipelines.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    freeze_norm_statistics,
+    scaled_lr,
+    set_trainable_layers,
+)
 
 log = get_logger("train")
 
@@ -112,6 +118,7 @@ class StepRunner:
             which = self.flip_choice(step, batch["images"].shape[0]).to(self.device)
             batch = flip_batch(batch, flip_perm=self.flip_perm.to(self.device), which=which)
         self.model.train()
+        freeze_norm_statistics(self.model)  # frozen stages (--layers heads / 4+) keep their BatchNorm statistics
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
         with amp:
             loss_dict = self.model(batch)

@@ -61,6 +61,20 @@ def set_trainable_layers(model: nn.Module, layers: str) -> list[str]:
     return frozen
 
 
+def freeze_norm_statistics(model: nn.Module) -> int:
+    """Put every BatchNorm whose affine parameters are frozen into eval mode, so that its running statistics stay
+    as they are too (a frozen stage must not change at all; `model.train()` would otherwise let them move with
+    every batch). Call it after each `model.train()`; returns how many norms it froze."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            params = [p for p in (module.weight, module.bias) if p is not None]
+            if params and not any(p.requires_grad for p in params):
+                module.eval()
+                count += 1
+    return count
+
+
 def scaled_lr(base_lr: float, *, global_batch: int, reference_batch: int) -> float:
     """Linear scaling rule (Goyal et al.): lr is given per `reference_batch` images."""
     return base_lr * global_batch / reference_batch

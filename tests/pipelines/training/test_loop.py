@@ -52,6 +52,31 @@ def test_one_step_updates_the_model_and_the_schedule(batch):
     assert runner.scheduler.last_epoch == 1
 
 
+@pytest.mark.parametrize("layers, frozen", [("heads", ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")),
+                                            ("4+", ("conv1", "bn1", "layer1", "layer2"))])
+def test_frozen_stages_do_not_change_at_all(batch, layers, frozen):
+    """--layers heads / 4+ on the shapes preset (trainable BatchNorm): every tensor of a frozen stage, running
+    statistics included, is bit-identical after some steps; the trained stages' statistics do move."""
+    from pipelines.training.optim import resnet_stage, set_trainable_layers
+
+    config = shapes()
+    assert not config.backbone.frozen_bn  # BatchNorm2d with running statistics, not FrozenBatchNorm2d
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=4)
+    set_trainable_layers(model, layers)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    runner = _runner(model)
+    for step in range(3):
+        runner(batch, step=step)
+    in_frozen = [k for k in before if resnet_stage(k) in frozen]
+    assert any(k.endswith("running_mean") for k in in_frozen)  # buffers are among what is checked
+    moved = [k for k in in_frozen if not torch.equal(model.state_dict()[k], before[k])]
+    assert not moved, moved
+    trained_stats = [k for k in before if k.endswith("running_mean") and resnet_stage(k) not in (*frozen, None)]
+    if trained_stats:
+        assert any(not torch.equal(model.state_dict()[k], before[k]) for k in trained_stats)
+
+
 class _NaNModel(nn.Module):
     def __init__(self):
         super().__init__()
