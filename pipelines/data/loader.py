@@ -24,9 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.data.shards import decode_row
-
-MAX_CROWD = 16  # crowd regions kept per image for the "never negative" rule; COCO images have at most a few
+from pipelines.data.shards import MAX_CROWD, decode_row
 
 
 class ShardBatchDecoder:

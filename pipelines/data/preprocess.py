@@ -47,6 +47,7 @@ from pipelines.data.errors import DatasetError
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import (
     MANIFEST,
+    MAX_CROWD,
     SCHEMA_VERSION,
     SHARD_SCHEMA,
 )
@@ -73,7 +74,8 @@ class OutputExistsError(FileExistsError):
 
 def _new_stats() -> dict[str, Any]:
     return {"files": [], "num_images": 0, "num_instances": 0, "num_crowd": 0, "num_empty": 0,
-            "instances_over_limit": 0, "reports": []}
+            "instances_over_limit": 0, "images_over_limit": 0, "crowd_over_limit": 0, "images_crowd_over_limit": 0,
+            "reports": []}
 
 
 class _SplitWriter:
@@ -152,6 +154,10 @@ class ShardDatasink(Datasink):
                 for text in part["_reports"].to_pylist():
                     s["reports"].extend(json.loads(text))
                 s["instances_over_limit"] += int(pc.sum(part["_dropped"]).as_py() or 0)
+                s["images_over_limit"] += int(pc.sum(pc.greater(part["_dropped"], 0).cast(pa.int64())).as_py() or 0)
+                s["crowd_over_limit"] += int(pc.sum(part["_crowd_dropped"]).as_py() or 0)
+                s["images_crowd_over_limit"] += int(
+                    pc.sum(pc.greater(part["_crowd_dropped"], 0).cast(pa.int64())).as_py() or 0)
                 good = part.filter(part["_ok"]).select(SHARD_SCHEMA.names).cast(SHARD_SCHEMA)
                 if not good.num_rows:
                     continue
@@ -315,11 +321,19 @@ def preprocess(
         f.write(json.dumps(manifest, indent=1, sort_keys=False).encode())
     filesystem.move(tmp_manifest, manifest_path)
     _delete(filesystem, f"{root}/{tmp_name}")
-    if progress:
-        for s in plan:
-            m = manifest["splits"][s.name]
+    for s in plan:
+        m = manifest["splits"][s.name]
+        if progress:
             log.info("%s: %d images, %d instances, %d skip reports, %d file(s)", s.name, m["num_images"],
                      m["num_instances"], len(m["skipped"]), len(m["files"]))
+        if m["instances_over_limit"]:
+            log.warning("%s: %d images have more than roi.max_gt_instances=%d instances: %d instances were left out "
+                        "(the largest are kept; manifest: instances_over_limit)", s.name, m["images_over_limit"],
+                        config.roi.max_gt_instances, m["instances_over_limit"])
+        if m["crowd_over_limit"]:
+            log.warning("%s: %d images have more than %d crowd regions: the detection-target layer sees the first "
+                        "%d of each, %d regions in all are past it (manifest: crowd_over_limit)", s.name,
+                        m["images_crowd_over_limit"], MAX_CROWD, MAX_CROWD, m["crowd_over_limit"])
     return join_uri(out, MANIFEST)
 
 
@@ -380,7 +394,12 @@ def _manifest(config: Config, plan: list[_Split], sources: dict[str, Any], writt
             "num_annotations_source": source.num_annotations_total,
             "empty_images": {"kept": empty_kept, "dropped": len(dropped_empty[s.name]),
                              "dropped_ids": dropped_empty[s.name]},
+            # instances past roi.max_gt_instances (not stored: the largest are kept) and crowd regions past the
+            # loader's MAX_CROWD (stored, used by the RPN targets, past what the detection-target layer sees)
             "instances_over_limit": int(w.get("instances_over_limit", 0)),
+            "images_over_limit": int(w.get("images_over_limit", 0)),
+            "crowd_over_limit": int(w.get("crowd_over_limit", 0)),
+            "images_crowd_over_limit": int(w.get("images_crowd_over_limit", 0)),
             "num_skipped_images": len(image_skips),
             "skip_counts": dict(sorted(Counter(e["reason"].split(":")[0] for e in skipped).items())),
             "skipped": skipped,

@@ -24,13 +24,15 @@ from mrcnn.rpn_targets import compute_rpn_targets
 from pipelines.data.coco import annotation_mask, load_image_rgb
 from pipelines.data.errors import ImageError
 from pipelines.data.shards import (
+    MAX_CROWD,
     SHARD_SCHEMA,
 )
 
 # What the workers emit: the shard columns (null for a skipped image) plus bookkeeping the datasink strips.
 _WORK_SCHEMA = pa.schema(
     list(SHARD_SCHEMA.remove_metadata())
-    + [("_split", pa.string()), ("_ok", pa.bool_()), ("_reports", pa.string()), ("_dropped", pa.int32())]
+    + [("_split", pa.string()), ("_ok", pa.bool_()), ("_reports", pa.string()), ("_dropped", pa.int32()),
+       ("_crowd_dropped", pa.int32())]
 )
 
 
@@ -86,6 +88,7 @@ class RowMaker:
             columns["_ok"].append("image" in row)
             columns["_reports"].append(json.dumps(reports))
             columns["_dropped"].append(int(row.get("_dropped", 0)))
+            columns["_crowd_dropped"].append(int(row.get("_crowd_dropped", 0)))
         return pa.Table.from_pydict(columns, schema=_WORK_SCHEMA)
 
     # ------------------------------------------------------------------ one record
@@ -157,7 +160,8 @@ class RowMaker:
             "rpn_ignore_idx": rpn.ignore_idx.numpy().astype(np.int32),
             "num_instances": g,
             "num_crowd": len(crowds),
-            "_dropped": dropped,
+            "_dropped": dropped,  # instances over roi.max_gt_instances, not stored (the largest are kept)
+            "_crowd_dropped": max(0, len(crowds) - MAX_CROWD),  # stored, but past what the loader's batch holds
         }
         return row, reports
 

@@ -32,6 +32,9 @@ MANIFEST = "manifest.json"
 
 
 DEFAULT_MINI_MASK_SIZE = 56
+# crowd regions per image that a training batch holds for the detection-target layer's "never negative" rule (all
+# are stored and used by the RPN targets); COCO images have at most a few, preprocess counts those past it
+MAX_CROWD = 16
 
 
 # docs/design.md schema v1, plus num_instances / num_crowd. Ragged values are plain lists with explicit counts

@@ -7,7 +7,8 @@ import torch
 
 from mrcnn.anchors import anchors_from_config
 from mrcnn.config import shapes
-from pipelines.data.loader import MAX_CROWD, ShardBatchDecoder, batches_dataset, decoder_for
+from pipelines.data.loader import ShardBatchDecoder, batches_dataset, decoder_for
+from pipelines.data.shards import MAX_CROWD
 
 
 @pytest.fixture(scope="module")

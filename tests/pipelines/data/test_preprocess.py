@@ -298,6 +298,41 @@ def test_every_bad_record_is_reported_and_every_good_one_written(synth_shards, b
     assert m["skip_counts"]["missing_image"] == 1 and m["skip_counts"]["unsafe_path"] == 2
 
 
+def test_instances_and_crowds_past_the_limits_are_counted_and_said(ray_session, tmp_path, project_log):
+    """Images with more instances than roi.max_gt_instances, or more crowd regions than a batch holds, lose the
+    rest; never silently: the manifest counts them and the console says so."""
+    from pipelines.data.shards import MAX_CROWD
+
+    root = tmp_path / "crowded"
+    make_synthetic_dataset(root, train=0, val=3, seed=5)
+    annotations, images_root = split_paths(str(root), "val2017")
+    data = json.loads(Path(annotations).read_text())
+    first = data["images"][0]["id"]
+    template = next(a for a in data["annotations"] if a["image_id"] == first and not a["iscrowd"])
+    next_id = max(a["id"] for a in data["annotations"]) + 1
+    have = sum(a["image_id"] == first and not a["iscrowd"] for a in data["annotations"])
+    limit = shapes().roi.max_gt_instances
+    extra_instances = limit + 5 - have  # the image then holds limit + 5 instances
+    for k in range(extra_instances):
+        data["annotations"].append({**template, "id": next_id + k})
+    crowd = {**template, "iscrowd": 1, "segmentation": template["segmentation"]}
+    for k in range(MAX_CROWD + 4):
+        data["annotations"].append({**crowd, "id": next_id + extra_instances + k})
+    Path(annotations).write_text(json.dumps(data))
+
+    out = tmp_path / "shards"
+    preprocess(shapes(), splits=[("val2017", annotations, images_root)], out=str(out), progress=False,
+               max_workers=1)
+    m = read_manifest(str(out))["splits"]["val2017"]
+    have_crowd = sum(a["image_id"] == first and a["iscrowd"] for a in json.loads(Path(annotations).read_text())[
+        "annotations"])
+    assert (m["instances_over_limit"], m["images_over_limit"]) == (5, 1)
+    assert (m["crowd_over_limit"], m["images_crowd_over_limit"]) == (have_crowd - MAX_CROWD, 1)
+    said = " ".join(project_log.messages)
+    assert f"1 images have more than roi.max_gt_instances={limit} instances: 5 instances were left out" in said
+    assert f"1 images have more than {MAX_CROWD} crowd regions" in said
+
+
 # ---------------------------------------------------------------------------------------------- without Ray
 
 
