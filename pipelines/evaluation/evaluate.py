@@ -22,13 +22,18 @@ from mrcnn.config import DetectionConfig, EvalConfig
 from mrcnn.detections import detections_to_original
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb, safe_image_path
+from pipelines.data.errors import DatasetError
 from pipelines.data.loader import ShardBatchDecoder, decoder_for, read_split
 from pipelines.data.shards import read_manifest
 from pipelines.evaluation.coco_eval import evaluate_detections, pr_curve_figure
 from pipelines.infra import tracking
+from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_has_gpus, init_ray
+from pipelines.infra.storage import read_bytes
 from pipelines.models import ModelSpec, check_model_fits, load_model, model_spec
 from pipelines.pictures import predictions_grid
+
+log = get_logger("evaluate")
 
 
 @dataclass(frozen=True)
@@ -225,11 +230,12 @@ def _prediction_pictures(request, spec: ModelSpec, manifest, detections, path: P
     for d in detections:
         by_image.setdefault(d["image_id"], []).append(d)
     files = _image_files(split_info.get("annotations"))
-    items = []
+    items, unreadable = [], []
     for image_id in sorted(files)[: request.pictures]:
         try:
-            image = load_image_rgb(safe_image_path(split_info["images"], files[image_id]))
-        except Exception:  # noqa: BLE001 - pictures are a courtesy; a missing image must not fail evaluation
+            image = load_image_rgb(safe_image_path(split_info["images_root"], files[image_id]))
+        except DatasetError as exc:  # pictures are a courtesy: an unreadable image is said, evaluation goes on
+            unreadable.append(f"image {image_id}: {exc}")
             continue
         dets = [d for d in by_image.get(image_id, []) if d["score"] >= spec.config.detection.min_confidence]
         boxes = np.asarray([[b[0], b[1], b[0] + b[2], b[1] + b[3]] for b in (d["bbox"] for d in dets)]).reshape(-1, 4)
@@ -244,15 +250,18 @@ def _prediction_pictures(request, spec: ModelSpec, manifest, detections, path: P
                 "title": f"image {image_id}",
             }
         )
+    if unreadable:
+        log.warning("%d of %d images left out of the prediction pictures: %s", len(unreadable),
+                    len(unreadable) + len(items), "; ".join(unreadable[:3]))
     if items:
         predictions_grid(items, path)
 
 
 def _image_files(annotations: str | None) -> dict[int, str]:
-    if not annotations or not os.path.exists(annotations):
+    """{image id: file name} of the annotations file (a path or URI) that the manifest names."""
+    if not annotations:
         return {}
-    with open(annotations) as f:
-        data = json.load(f)
+    data = json.loads(read_bytes(annotations))
     return {int(img["id"]): img["file_name"] for img in data.get("images", [])}
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from mrcnn.config import coco, shapes
 from mrcnn.geometry import boxes_to_original
@@ -102,10 +103,14 @@ def test_evaluate_stage_end_to_end(synth_shards, tmp_path):
     assert {d["image_id"] for d in detections} <= set(range(500001, 500001 + 6))
     assert all(isinstance(d["segmentation"]["counts"], str) and d["category_id"] in (1, 3, 7) for d in detections)
     assert (out / "pr_curve_bbox.png").stat().st_size > 0 and (out / "pr_curve_segm.png").stat().st_size > 0
+    # the prediction pictures were never drawn (a KeyError swallowed by a catch-all): they are there now
+    assert Image.open(out / "predictions.png").size[0] > 0
     assert "Average Precision" in result.table
     run = MlflowClient(uri).get_run(result.run_id)
     assert "segm_AP" in run.data.metrics and run.data.tags["stage"] == "evaluate"
     assert {a.path for a in MlflowClient(uri).list_artifacts(result.run_id)} == {"evaluation"}
+    logged = {a.path for a in MlflowClient(uri).list_artifacts(result.run_id, "evaluation")}
+    assert "evaluation/predictions.png" in logged
 
 
 def test_model_of_another_geometry_or_categories_is_refused(synth_shards, tmp_path):
