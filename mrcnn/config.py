@@ -404,6 +404,12 @@ def _validate(config: Config) -> None:
     if img.max_dim % max(rpn.feature_strides):
         raise ConfigError(f"config key 'image.max_dim': {img.max_dim} is not a multiple of the largest feature "
                           f"stride {max(rpn.feature_strides)} (rpn.feature_strides)")
+    if train.flip:  # a horizontal flip maps the anchor grid onto itself only when every level's grid fits exactly
+        steps = [rpn.anchor_stride * s for s in rpn.feature_strides if img.max_dim % (rpn.anchor_stride * s)]
+        if steps:
+            raise ConfigError(f"config key 'train.flip': flips need mirror-symmetric anchors, and image.max_dim "
+                              f"{img.max_dim} is not a multiple of rpn.anchor_stride x stride = {steps[0]}; set "
+                              "train.flip=false or another image.max_dim")
     if rpn.negative_iou > rpn.positive_iou:
         raise ConfigError(f"config key 'rpn.negative_iou': {rpn.negative_iou} is above rpn.positive_iou "
                           f"{rpn.positive_iou}")

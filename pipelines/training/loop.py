@@ -113,6 +113,9 @@ class StepRunner:
         return torch.rand(n, generator=gen) < 0.5
 
     def __call__(self, batch: dict[str, torch.Tensor], step: int) -> StepResult:
+        if self.flip and self.flip_perm is None:
+            raise ValueError("flip augmentation needs the anchors' flip permutation (model.flip_perm), and this model "
+                             "has none: its anchors are not mirror-symmetric; train with train.flip=false")
         batch = to_device(batch, self.device)
         if self.flip and self.flip_perm is not None:
             which = self.flip_choice(step, batch["images"].shape[0]).to(self.device)
@@ -255,7 +258,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
     model = build_model(config, num_classes=loop_config.num_classes)
     init_messages = initialise(model, loop_config)
     set_trainable_layers(model, tc.layers)
-    flip_perm = model.flip_perm.clone()
+    flip_perm = model.flip_perm  # None where the anchors are not mirror-symmetric (then train.flip is false)
     # anchors, flip permutation and pixel statistics are constant buffers: no need to re-broadcast each step
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
     compress_gradients(model, tc.grad_compression)

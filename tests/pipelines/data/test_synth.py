@@ -189,10 +189,8 @@ def test_bad_arguments(tmp_path):
         make_synthetic_dataset(tmp_path, train=1, val=0, min_size=200, max_size=100)
 
 
-def test_speed_200_images(tmp_path):
-    import time
-
-    start = time.perf_counter()
+def test_200_images_all_written(tmp_path):
+    """The counts asked for are the counts written (no wall-clock bound: timing belongs in bench/)."""
     result = make_synthetic_dataset(tmp_path, train=160, val=40, seed=1)
-    assert result["train"]["num_images"] + result["val"]["num_images"] == 200
-    assert time.perf_counter() - start < 15  # a few seconds on one core; slack for shared CI machines
+    assert (result["train"]["num_images"], result["val"]["num_images"]) == (160, 40)
+    assert len(list((tmp_path / "train2017").iterdir())) == 160 and len(list((tmp_path / "val2017").iterdir())) == 40

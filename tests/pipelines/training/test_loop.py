@@ -35,8 +35,10 @@ def batch(synth_shards):
 def _runner(model, **kw):
     opt = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
     sched = build_scheduler(opt, total_steps=10, warmup_steps=0, schedule="cosine")
+    flip_perm = getattr(model, "flip_perm", None)
+    kw.setdefault("flip", flip_perm is not None)
     return StepRunner(model=model, optimizer=opt, scheduler=sched, device=torch.device("cpu"), grad_clip=5.0,
-                      flip_perm=getattr(model, "flip_perm", None), **kw)
+                      flip_perm=flip_perm, **kw)
 
 
 def test_one_step_updates_the_model_and_the_schedule(batch):
@@ -75,6 +77,28 @@ def test_frozen_stages_do_not_change_at_all(batch, layers, frozen):
     trained_stats = [k for k in before if k.endswith("running_mean") and resnet_stage(k) not in (*frozen, None)]
     if trained_stats:
         assert any(not torch.equal(model.state_dict()[k], before[k]) for k in trained_stats)
+
+
+def test_anchors_without_mirror_symmetry_train_without_flips(batch):
+    """flip_perm is None where the anchors are not mirror-symmetric (it crashed the loop's `.clone()`): a step
+    without flips runs, flips are refused with the reason, and the config refuses train.flip there."""
+    from mrcnn.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'train\.flip': flips need mirror-symmetric anchors"):
+        shapes().override(["rpn.anchor_stride=2", "image.max_dim=192", "image.min_dim=192"])
+    config = shapes().override(["train.flip=false", "rpn.anchor_stride=2", "image.max_dim=192", "image.min_dim=192"])
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=4)
+    assert model.flip_perm is None
+    with pytest.raises(ValueError, match="not mirror-symmetric"):
+        _runner(model, flip=True)(batch, step=0)
+    # the 128 px batch on the 192 px canvas (padding on the bottom and right), with this geometry's anchors
+    anchors = model.anchors.shape[0]
+    small = {k: v[:1].clone() for k, v in batch.items()}
+    small["images"] = torch.nn.functional.pad(small["images"], (0, 64, 0, 64))
+    small["rpn_match"] = torch.zeros(1, anchors, dtype=batch["rpn_match"].dtype)
+    small["rpn_deltas"] = torch.zeros(1, anchors, 4, dtype=batch["rpn_deltas"].dtype)
+    assert _runner(model)(small, step=0).lr > 0
 
 
 class _NaNModel(nn.Module):
