@@ -227,3 +227,31 @@ def test_validation_losses_are_the_mean_over_every_ranks_batches(tmp_path):
         assert val["val_loss_rpn_cls"] == pytest.approx(3.0)  # (1 + 2 + 6) / 3, not rank 0's 1.5
         assert val["val_loss_mask"] == pytest.approx(15.0)
         assert val["val_loss"] == pytest.approx(3.0 * (1 + 2 + 3 + 4 + 5))
+
+
+def test_fine_tuning_the_real_model_from_a_checkpoint_with_another_number_of_classes(tmp_path):
+    """`--model-path` into a model with fewer classes: every tensor that fits is the checkpoint's, the
+    class-specific layers alone are fresh, and the loop says which."""
+    from pipelines.training.checkpoints import save_checkpoint
+    from pipelines.training.loop import LoopConfig, initialise
+
+    config = shapes()
+    torch.manual_seed(0)
+    source = build_model(config, num_classes=6)
+    save_checkpoint(tmp_path / "ckpt", model=source, optimizer=None, scheduler=None, step=7, epoch=1, batch_in_epoch=0,
+                    meta={"config": config.to_dict(), "categories": {"categories": []}, "num_classes": 6})
+    torch.manual_seed(1)
+    target = build_model(config, num_classes=4)
+    fresh = {k: v.clone() for k, v in target.state_dict().items()}
+    loop = LoopConfig(config=config, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=1,
+                      steps_per_epoch=1, model_path=str(tmp_path / "ckpt"))
+    messages = initialise(target, loop)
+    assert messages[0] == f"initialised from {tmp_path / 'ckpt'} (step 7)"
+    assert messages[1].startswith("different number of classes: re-initialised the class-specific layers")
+    theirs = source.state_dict()
+    reinitialised = [k for k, v in target.state_dict().items() if v.shape != theirs[k].shape]
+    assert reinitialised and all(k.split(".")[0] in ("box_head", "mask_head") for k in reinitialised)
+    for key, value in target.state_dict().items():
+        expected = fresh[key] if key in reinitialised else theirs[key]
+        assert torch.equal(value, expected), key
+    assert all(k in messages[1] for k in reinitialised)

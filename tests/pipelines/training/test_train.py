@@ -29,7 +29,8 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     # batch 1 on 2 workers: 5 steps per epoch over the ~10 training images, so 10 steps are 2 epochs (each
     # epoch starts a new Ray Data stream, ~10 s of fixed cost on 2 cores)
     # train.cache_data as the demo runs: the splits decoded once into the object store, not streamed per epoch
-    config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1, cache_data=True)
+    # val_every=1: the validation loss after each of the 2 epochs, through train() (the shapes preset has 0)
+    config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1, cache_data=True, val_every=1)
     result = train(
         config,
         TrainRequest(
@@ -68,6 +69,23 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     with torch.no_grad():
         detections = model.eval()({k: torch.as_tensor(v) for k, v in batch.items()})
     assert len(detections) == 2 and set(detections[0]) >= {"boxes", "class_ids", "scores", "masks"}
+    assert len(client.get_metric_history(result.run_id, "val_loss")) == 2  # one per epoch (val_every=1)
+
+    # evaluate and predict take MLflow model URIs: runs:/ (evaluate, in Ray actors) and models:/ (predict)
+    from pipelines.data.coco import read_split
+    from pipelines.data.shards import read_manifest
+    from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
+    from pipelines.evaluation.predict import predict_images
+
+    evaluated = evaluate(EvaluateRequest(shards=synth_shards, model_path=f"runs:/{result.run_id}/model", limit=2,
+                                         out=str(tmp_path / "eval"), tracking_uri=uri, use_gpu=False))
+    assert -1.0 <= evaluated.metrics["segm/AP"] <= 1.0 and (tmp_path / "eval" / "metrics.json").exists()
+    version = mlflow.register_model(f"runs:/{result.run_id}/model", "mrcnn-shapes-test").version
+    split = read_manifest(synth_shards)["splits"]["val2017"]
+    image = read_split(split["annotations"], split["images_root"]).records[0]["path"]
+    predicted = predict_images([image], f"models:/mrcnn-shapes-test/{version}", tmp_path / "predicted",
+                               device="cpu", threshold=0.0)
+    assert len(predicted.images) == 1 and (tmp_path / "predicted" / "predictions.json").exists()
 
 
 def test_resume_and_fault_recovery_equal_an_uninterrupted_run(synth_shards, tmp_path):
