@@ -98,3 +98,42 @@ def test_bad_choices_are_refused_before_any_work_naming_what_is_allowed(args, al
     assert result.exit_code == 2, result.output
     text = " ".join(result.output.replace("│", " ").split())  # rich's error box, unwrapped
     assert allowed in text, result.output
+
+
+def test_synth_writes_a_coco_dataset(tmp_path):
+    result = runner.invoke(app, ["synth", str(tmp_path / "d"), "--train", "3", "--val", "2", "--seed", "4"])
+    assert result.exit_code == 0, result.output
+    for split, n in (("train2017", 3), ("val2017", 2)):
+        source = read_split(*split_paths(str(tmp_path / "d"), split))
+        assert len(source.records) == n and not source.skipped
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--shards", "s", "--config", "nosuch"], "neither a preset (coco, shapes) nor a file"),
+    (["train", "--shards", "s", "--set", "train.lrr=1"], "unknown config key 'train.lrr'"),
+    (["train", "--shards", "s", "--set", "train.batch_size=0"], "'train.batch_size': 0 is out of range"),
+    (["run", "--dataset", "d", "--placement-strategy", "everywhere"], "one of PACK, SPREAD"),
+    (["synth", "out", "--train", "x"], "Invalid value for '--train'"),
+])
+def test_bad_arguments_are_usage_errors_that_name_the_argument(args, message):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.replace("│", " ").split()), result.output
+
+
+@pytest.mark.slow
+def test_demo_short_variant_then_run_skips_every_stage(ray_session, tmp_path, monkeypatch):
+    """`mrcnn-cli demo` end to end at a few steps (the real command, on the session's Ray), then `mrcnn-cli run` with
+    the same data, settings and work dir finds every stage up to date."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    steps = ["--set", "train.steps=2", "--set", "train.log_every=1", "--set", "train.warmup_steps=1"]
+    demo = runner.invoke(app, ["demo", "--out", str(tmp_path), "--train", "8", "--val", "4", "--workers", "1",
+                               *steps])
+    assert demo.exit_code == 0, demo.output
+    assert "segm AP" in demo.output and "Average Precision" in demo.output and "mlflow ui" in demo.output
+    assert (tmp_path / "shapes" / "annotations" / "instances_train2017.json").is_file()
+    rerun = runner.invoke(app, ["run", "--dataset", str(tmp_path / "shapes"), "--config", "shapes",
+                                "--set", "train.cache_data=true", *steps, "--workers", "1", "--no-gpu",
+                                "--work-dir", str(tmp_path / "pipeline")])
+    assert rerun.exit_code == 0, rerun.output
+    assert "ran: nothing; skipped: preprocess, train, evaluate" in rerun.output
