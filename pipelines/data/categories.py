@@ -34,8 +34,14 @@ class CategoryMap:
 
     @classmethod
     def from_coco(cls, categories: list[dict[str, Any]]) -> CategoryMap:
-        """From the JSON's "categories" list; ids sorted ascending."""
-        ordered = sorted(categories, key=lambda c: int(c["id"]))
+        """From the JSON's "categories" list; ids sorted ascending. DatasetError for an entry that is not an
+        object with an integer id (booleans are not), or a repeated id."""
+        for c in categories:
+            if not (isinstance(c, dict) and type(c.get("id")) is int):
+                text = repr(c)
+                raise DatasetError(f"malformed category {text if len(text) <= 60 else text[:57] + '...'}: "
+                                   "needs an object with an int id")
+        ordered = sorted(categories, key=lambda c: c["id"])
         ids = [int(c["id"]) for c in ordered]
         if len(set(ids)) != len(ids):
             raise DatasetError(f"duplicate category ids in {ids}")

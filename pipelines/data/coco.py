@@ -10,9 +10,17 @@ indexed with pycocotools; each bad record is skipped (or repaired) and reported,
 
 A reason is a stable slug, then a colon and detail: `duplicate_image_id`, `malformed_image`, `unsafe_path`,
 `skipped_image` (annotation of a skipped image), `missing_image_record`, `malformed_annotation`,
-`unknown_category`, `degenerate_polygon`, `malformed_segmentation`, `zero_area_box`, `box_outside_image`,
-`bbox_clipped`. `action` is "skipped" or "repaired" (`bbox_clipped`, and `degenerate_polygon` when other
-polygon parts remain).
+`duplicate_annotation_id`, `unknown_category`, `degenerate_polygon`, `malformed_segmentation`, `zero_area_box`,
+`box_outside_image`, `bbox_clipped`, `area_recomputed`. `action` is "skipped" or "repaired" (`bbox_clipped`,
+`area_recomputed`, and `degenerate_polygon` when other polygon parts remain).
+
+What counts as well-formed: ids are JSON integers (not booleans) in int64 range; an image's height and width
+are positive integers, at most 2**20 each and under 2**29 pixels in all (what pycocotools' masks and run lengths
+hold); `iscrowd` is absent, 0 or 1 (or a JSON boolean); a polygon part has >= 3 finite (x, y) points, none
+farther outside the image than the image's own size; an RLE has `size` [height, width] as integers and
+`counts` that cover exactly height * width pixels (a list of non-negative integers, or a string in
+pycocotools' compressed format). The first record with an id claims it, even when that record is skipped:
+later records with the same id are duplicates, and annotations of a skipped image are `skipped_image`.
 
 Image files are not checked here (a listing of a bucket costs more than the checks are worth); the
 preprocess workers decode them with `load_image_rgb`, which names what is wrong with a bad file.
@@ -52,7 +60,7 @@ def safe_image_path(images_root: str | os.PathLike, file_name: str) -> str:
     """images_root + '/' + file_name, refusing names that would leave images_root.
 
     Sub-folders are fine ("a/b.jpg", "a/../b.jpg" -> "b.jpg"); refused: empty names, absolute paths,
-    '..' escapes, URIs, backslashes, drive letters and NUL bytes.
+    '..' escapes, URIs, backslashes, drive letters, NUL bytes and lone surrogates (no file system name).
     """
     if not isinstance(file_name, str) or not file_name:
         raise UnsafePathError(f"unsafe image file name {file_name!r}: empty or not a string")
@@ -60,6 +68,8 @@ def safe_image_path(images_root: str | os.PathLike, file_name: str) -> str:
     why = None
     if "\x00" in file_name:
         why = "contains a NUL byte"
+    elif not _is_utf8(file_name):
+        why = "is not valid Unicode (a lone surrogate)"
     elif "\\" in file_name:
         why = "contains a backslash"
     elif is_uri(file_name) or re.match(r"^[A-Za-z]:", file_name):
@@ -92,6 +102,14 @@ class SplitSource:
         return sum(len(r["annotations"]) for r in self.records)
 
 
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates, which JSON's \ud800 escapes can make
+        return False
+    return True
+
+
 def _load_json(annotations: str) -> tuple[dict[str, Any], str]:
     try:
         raw = read_bytes(annotations)
@@ -105,6 +123,10 @@ def _load_json(annotations: str) -> tuple[dict[str, Any], str]:
         raise DatasetError(f"malformed JSON in annotations file {annotations}: {e}") from e
     except UnicodeDecodeError as e:
         raise DatasetError(f"annotations file {annotations} is not UTF-8 text: {e}") from e
+    except RecursionError as e:
+        raise DatasetError(f"annotations file {annotations}: JSON nested too deeply to read") from e
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise DatasetError(f"cannot read annotations file {annotations}: {e}") from e
     if not isinstance(data, dict):
         raise DatasetError(f"annotations file {annotations}: expected a JSON object, got {type(data).__name__}")
     for key in ("images", "categories"):
@@ -115,8 +137,55 @@ def _load_json(annotations: str) -> tuple[dict[str, Any], str]:
     return data, hashlib.sha256(raw).hexdigest()
 
 
+_MAX_SIDE = 2**20  # pixels per image side: polygon points (x 5, in C ints) stay far from overflowing
+_MAX_PIXELS = 2**29  # pixels per image: the longest run pycocotools' compressed RLE reader decodes exactly
+
+
+def _is_int(v: Any) -> bool:
+    """A JSON integer, not a boolean, in int64 range (what the shards' Arrow columns hold)."""
+    return type(v) is int and -(2**63) <= v < 2**63
+
+
 def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float, not a boolean (ints too large for a float are not numbers here)."""
+    if type(v) not in (int, float):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
+def _short(v: Any, n: int = 60) -> str:
+    text = repr(v)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _rle_string_counts(s: str) -> list[int] | None:
+    """Run lengths of a compressed COCO RLE string (pycocotools' `rleFrString`), None when it is not one.
+
+    pycocotools' C reader trusts its input: characters outside '0'..'o', a string ending inside a number or a
+    number of more than 6 characters read past the string or overflow. Checked here instead, in Python.
+    """
+    counts: list[int] = []
+    p, n = 0, len(s)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n or k >= 6:
+                return None
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
 
 
 def _check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, str | None, str | None]:
@@ -126,21 +195,47 @@ def _check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, str | N
                  and all(_is_number(v) for v in p)]
         if not parts:
             return None, f"degenerate_polygon: no polygon with >= 3 points among {len(seg)} part(s)", None
+        # pycocotools rasterises a polygon along its whole outline: far-off points cost memory without bound
+        if not all(-width <= x <= 2 * width for p in parts for x in p[0::2]) or \
+                not all(-height <= y <= 2 * height for p in parts for y in p[1::2]):
+            return None, (f"malformed_segmentation: polygon points farther outside the {width}x{height} image "
+                          "than its size"), None
         if len(parts) < len(seg):
             return parts, None, f"degenerate_polygon: dropped {len(seg) - len(parts)} of {len(seg)} part(s)"
         return seg, None, None
     if isinstance(seg, dict) and "counts" in seg and "size" in seg:
         size = seg["size"]
-        if not (isinstance(size, list) and len(size) == 2 and [int(size[0]), int(size[1])] == [height, width]):
-            return None, f"malformed_segmentation: RLE size {size} is not the image's [{height}, {width}]", None
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)
+                and size == [height, width]):
+            return None, f"malformed_segmentation: RLE size {_short(size)} is not the image's [{height}, {width}]", \
+                None
         counts = seg["counts"]
         if isinstance(counts, list):
-            if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
+            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
                 return None, "malformed_segmentation: uncompressed RLE counts do not cover the image", None
-        elif not isinstance(counts, str):
+        elif isinstance(counts, str):
+            runs = _rle_string_counts(counts)
+            if runs is None:
+                return None, "malformed_segmentation: RLE counts string is not compressed RLE", None
+            if any(r < 0 for r in runs) or sum(runs) != height * width:
+                return None, "malformed_segmentation: compressed RLE counts do not cover the image", None
+        else:
             return None, "malformed_segmentation: RLE counts neither str nor list", None
         return seg, None, None
     return None, f"malformed_segmentation: {type(seg).__name__} is neither polygons nor RLE", None
+
+
+def _image_problem(img: Any) -> str | None:
+    """Why an image record is malformed, or None."""
+    if not isinstance(img, dict):
+        return f"record is a {type(img).__name__}, not an object"
+    height, width = img.get("height"), img.get("width")
+    if not (_is_int(img.get("id")) and isinstance(img.get("file_name"), str) and _is_int(height)
+            and _is_int(width) and height > 0 and width > 0):
+        return "needs int id, str file_name, positive int height/width"
+    if max(height, width) > _MAX_SIDE or height * width >= _MAX_PIXELS:
+        return f"{width}x{height} is beyond 2**20 pixels a side or 2**29 in all"
+    return None
 
 
 def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -> SplitSource:
@@ -149,12 +244,17 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
     Each record: {"image_id": int, "file_name": str, "path": str (images_root joined safely), "height": int,
     "width": int, "annotations": [{"id", "category_id" (contiguous 1..K), "bbox" [x, y, w, h] original
     pixels (clipped to the image), "segmentation" (as in the JSON, minus degenerate polygon parts),
-    "iscrowd" 0/1, "area"}]}. Images without annotations are kept. Raises DatasetError, naming the file,
-    when the file is missing, is not JSON, or lacks the "images" / "categories" lists.
+    "iscrowd" 0/1, "area" (the JSON's when a number >= 0, else computed from the segmentation)}]}. Images
+    without annotations are kept; a file without "annotations" is an image-info-only split. Raises
+    DatasetError, naming the file, when the file is missing, is not JSON, lacks the "images" / "categories"
+    lists, or has a malformed or repeated category (the class map needs every one).
     """
     annotations, images_root = os.fspath(annotations), os.fspath(images_root)
     data, sha = _load_json(annotations)
-    categories = CategoryMap.from_coco(data["categories"])
+    try:
+        categories = CategoryMap.from_coco(data["categories"])
+    except DatasetError as e:
+        raise DatasetError(f"annotations file {annotations}: {e}") from e
     skipped: list[dict[str, Any]] = []
 
     def report(image_id, file, ann_id, reason, action="skipped"):
@@ -162,18 +262,23 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
                         "action": action})
 
     images: dict[int, dict[str, Any]] = {}
-    bad_image_ids: set[Any] = set()
+    claimed: dict[int, Any] = {}  # image id -> file name of the first record with it, kept or not
+    bad_image_ids: set[int] = set()
     for img in data["images"]:
         image_id = img.get("id") if isinstance(img, dict) else None
         file_name = img.get("file_name") if isinstance(img, dict) else None
-        if not (isinstance(img, dict) and isinstance(image_id, int) and isinstance(file_name, str)
-                and isinstance(img.get("height"), int) and isinstance(img.get("width"), int)
-                and img["height"] > 0 and img["width"] > 0):
-            report(image_id, file_name, None, "malformed_image: needs int id, str file_name, positive height/width")
+        problem = _image_problem(img)
+        first = _is_int(image_id) and image_id not in claimed
+        if first:
+            claimed[image_id] = file_name
+        if problem is not None:
+            report(image_id, file_name, None, f"malformed_image: {problem}")
+            if first:
+                bad_image_ids.add(image_id)
             continue
-        if image_id in images:
+        if not first:
             report(image_id, file_name, None,
-                   f"duplicate_image_id: id {image_id} already used by {images[image_id]['file_name']!r}")
+                   f"duplicate_image_id: id {image_id} already used by {_short(claimed[image_id])}")
             continue
         try:
             path = safe_image_path(images_root, file_name)
@@ -185,16 +290,26 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
                             "width": img["width"], "path": path}
 
     kept_anns = []
+    ann_ids: set[int] = set()  # every annotation id claimed so far, kept or not
     for ann in data.get("annotations", []):
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
-        img = images.get(image_id) if isinstance(image_id, int) else None
+        img = images.get(image_id) if _is_int(image_id) else None
         file = img["file_name"] if img else None
         bbox = ann.get("bbox") if isinstance(ann, dict) else None
-        if not (isinstance(ann, dict) and isinstance(ann_id, int) and isinstance(image_id, int)
+        duplicate = _is_int(ann_id) and ann_id in ann_ids
+        if _is_int(ann_id):
+            ann_ids.add(ann_id)
+        if not (isinstance(ann, dict) and _is_int(ann_id) and _is_int(image_id)
                 and isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
                 and "category_id" in ann):
             report(image_id, file, ann_id, "malformed_annotation: needs int id/image_id, category_id, 4-number bbox")
+            continue
+        if ann.get("iscrowd", 0) not in (0, 1):  # 0, 1, 0.0, 1.0 and JSON booleans
+            report(image_id, file, ann_id, f"malformed_annotation: iscrowd {_short(ann['iscrowd'])} is not 0 or 1")
+            continue
+        if duplicate:
+            report(image_id, file, ann_id, f"duplicate_annotation_id: id {ann_id} already used by an annotation")
             continue
         if img is None:
             if image_id in bad_image_ids:
@@ -202,16 +317,14 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
             else:
                 report(image_id, None, ann_id, f"missing_image_record: no image with id {image_id}")
             continue
-        if not isinstance(ann["category_id"], int) or ann["category_id"] not in categories:
-            report(image_id, file, ann_id, f"unknown_category: category id {ann['category_id']!r}")
+        if not _is_int(ann["category_id"]) or ann["category_id"] not in categories:
+            report(image_id, file, ann_id, f"unknown_category: category id {_short(ann['category_id'])}")
             continue
         height, width = img["height"], img["width"]
         segmentation, skip, repair = _check_segmentation(ann.get("segmentation"), height, width)
         if skip:
             report(image_id, file, ann_id, skip)
             continue
-        if repair:
-            report(image_id, file, ann_id, repair, action="repaired")
         x, y, w, h = (float(v) for v in bbox)
         if w <= 0 or h <= 0:
             report(image_id, file, ann_id, f"zero_area_box: bbox {bbox}")
@@ -220,14 +333,20 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
         if x2 <= x1 or y2 <= y1:
             report(image_id, file, ann_id, f"box_outside_image: bbox {bbox} vs image {width}x{height}")
             continue
+        if repair:  # reported once the annotation is known to be kept
+            report(image_id, file, ann_id, repair, action="repaired")
         if (x1, y1, x2, y2) != (x, y, x + w, y + h):
             bbox = [x1, y1, x2 - x1, y2 - y1]
             report(image_id, file, ann_id, f"bbox_clipped: {ann['bbox']} -> {bbox} in {width}x{height}",
                    action="repaired")
         iscrowd = 1 if ann.get("iscrowd") in (1, True) else 0
         area = ann.get("area")
-        if not _is_number(area):
-            area = float(mask_utils.area(_to_rle(segmentation, height, width)))
+        if not (_is_number(area) and area >= 0):  # absent or null: computed; anything else: computed, reported
+            computed = float(mask_utils.area(_to_rle(segmentation, height, width)))
+            if area is not None:
+                report(image_id, file, ann_id, f"area_recomputed: area {_short(area)} -> {computed}",
+                       action="repaired")
+            area = computed
         kept_anns.append({**ann, "bbox": bbox, "segmentation": segmentation, "iscrowd": iscrowd, "area": area})
 
     # One pycocotools index over the kept records: the same ground truth the evaluation scores against.
@@ -272,7 +391,7 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
 
     Grayscale, CMYK, palette and alpha images are converted to RGB (alpha dropped). EXIF orientation is
     NOT applied: COCO's heights and widths are those of the stored pixels. Raises ImageError naming the
-    file when it is missing, empty, not an image, or truncated / corrupt.
+    file when it is missing, empty, not an image, truncated / corrupt, or more pixels than PIL decodes.
     """
     path = os.fspath(path)
     try:
@@ -288,6 +407,8 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
         img.load()  # decode everything now: a truncated JPEG fails here, not later in a worker's batch
     except UnidentifiedImageError as e:
         raise ImageError(f"not a recognised image file: {path}") from e
+    except Image.DecompressionBombError as e:  # not an OSError: PIL refuses to decode that many pixels
+        raise ImageError(f"image file too large to decode: {path}: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"truncated or corrupt image file {path}: {e}") from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale: scale to 8 bits

@@ -45,6 +45,7 @@ def _image_error_reason(error: Exception) -> str:
         ("not a recognised image", "corrupt_image"),
         ("truncated or corrupt", "corrupt_image"),
         ("cannot read image", "unreadable_image"),
+        ("image file too large", "oversized_image"),
     ):
         if msg.startswith(prefix):
             return f"{slug}: {msg}"
