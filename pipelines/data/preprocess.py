@@ -373,13 +373,27 @@ def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *
     return sink.result
 
 
+# reasons that concern one annotation, reported even when the annotation has no (usable) id
+ANNOTATION_REASONS = frozenset({
+    "skipped_image", "missing_image_record", "malformed_annotation", "duplicate_annotation_id", "unknown_category",
+    "degenerate_polygon", "malformed_segmentation", "zero_area_box", "box_outside_image", "bbox_clipped",
+    "area_recomputed"})
+
+
+def skipped_images(reports: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The reports that skip a whole image: no annotation id, action "skipped", and a reason about the image (an
+    annotation without an id is reported with annotation_id None too, and is no skipped image)."""
+    return [e for e in reports if e.get("annotation_id") is None and e.get("action") == "skipped"
+            and e.get("reason", "").split(":", 1)[0] not in ANNOTATION_REASONS]
+
+
 def _manifest(config: Config, plan: list[_Split], sources: dict[str, Any], written: dict[str, dict[str, Any]],
               dropped_empty: dict[str, list[int]], categories: Any, seconds: float) -> dict[str, Any]:
     splits = {}
     for s in plan:
         source, w = sources[s.name], written.get(s.name, {})
         skipped = sorted([*source.skipped, *w.get("reports", [])], key=_skip_sort_key)
-        image_skips = [e for e in skipped if e.get("annotation_id") is None and e.get("action") == "skipped"]
+        image_skips = skipped_images(skipped)
         empty_kept = int(w.get("num_empty", 0))
         splits[s.name] = {
             "annotations": s.annotations,

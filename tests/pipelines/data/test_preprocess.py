@@ -336,6 +336,24 @@ def test_instances_and_crowds_past_the_limits_are_counted_and_said(ray_session, 
 # ---------------------------------------------------------------------------------------------- without Ray
 
 
+def test_an_annotation_without_an_id_is_no_skipped_image(tmp_path):
+    """num_images + num_skipped_images == num_images_source: an annotation reported without an id (it has none)
+    must not count as a skipped image."""
+    from pipelines.data.coco import read_split
+    from pipelines.data.preprocess import skipped_images
+
+    Image.fromarray(np.full((20, 20, 3), 90, np.uint8)).save(tmp_path / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.png", "height": 20, "width": 20},
+                       {"id": 2, "file_name": "../b.png", "height": 20, "width": 20}],
+            "annotations": [{"image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [1, 1, 5, 5],
+                             "segmentation": [[1, 1, 6, 1, 6, 6]], "area": 25.0}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(data))
+    source = read_split(str(tmp_path / "ann.json"), str(tmp_path))
+    assert any(e["annotation_id"] is None and e["reason"].startswith("malformed_annotation") for e in source.skipped)
+    assert [e["image_id"] for e in skipped_images(source.skipped)] == [2]  # the unsafe path only
+
+
 def test_instances_beyond_the_limit_keep_the_largest(tmp_path):
     Image.fromarray(np.full((40, 60, 3), 90, np.uint8)).save(tmp_path / "a.png")
     sides = [2, 9, 4, 7, 3]  # squares at x = 10 * k; the limit keeps the 3 largest: sides 9, 7, 4
