@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.s3 import S3_TEST_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -59,7 +61,11 @@ def shared_data() -> Path:
 @pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session, with more logical CPUs than the 2 real ones so that
-    Ray Data and Ray Train workers can run side by side (else a dataset job can hang waiting for CPU)."""
+    Ray Data and Ray Train workers can run side by side (else a dataset job can hang waiting for CPU).
+
+    Its workers carry placeholder AWS credentials (tests/support/s3.py): the driver's environment does not reach
+    workers already running, and pyarrow without credentials sends unsigned requests, which the local S3 server
+    refuses for objects the driver wrote. No test reaches real AWS."""
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -69,7 +75,7 @@ def ray_session():
             include_dashboard=False,
             ignore_reinit_error=True,
             log_to_driver=False,
-            runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+            runtime_env={"env_vars": {"PYTHONPATH": str(REPO), **S3_TEST_ENV}},
         )
     yield ray
     ray.shutdown()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from pipelines.data.shards import MAX_CROWD, decode_row
+from pipelines.infra.storage import filesystem_for, join_uri
 
 
 class ShardBatchDecoder:
@@ -84,7 +85,10 @@ def read_split(shards: str, split: str, *, override_num_blocks: int | None = Non
     """The split's Parquet shards as a Ray Data dataset (lazy, streamed)."""
     import ray.data
 
-    return ray.data.read_parquet(f"{shards.rstrip('/')}/{split}", override_num_blocks=override_num_blocks)
+    # the filesystem resolved here and handed over: Ray Data would keep a URI's query (s3 options such as
+    # endpoint_override) in the object key
+    filesystem, path = filesystem_for(join_uri(shards, split))
+    return ray.data.read_parquet(path, filesystem=filesystem, override_num_blocks=override_num_blocks)
 
 
 def batches_dataset(shards: str, split: str, config: Any, num_anchors: int, *, decode_batch_size: int = 4):

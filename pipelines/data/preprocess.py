@@ -53,7 +53,7 @@ from pipelines.data.shards import (
 )
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import init_ray
-from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
+from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_file
 
 log = get_logger("preprocess")
 
@@ -290,8 +290,7 @@ def preprocess(
         log.warning("%s is a local path on a multi-node cluster; every node writes its own disk unless it is a "
                     "shared filesystem (use s3:// or gs://)", out)
     if overwrite and exists(filesystem, manifest_path):
-        with filesystem.open_input_stream(manifest_path) as f:
-            old = json.loads(f.read() or b"{}")  # any schema version: it is being replaced
+        old = json.loads(read_file(filesystem, manifest_path) or b"{}")  # any schema version: it is being replaced
         filesystem.delete_file(manifest_path)  # from here on the old output no longer looks complete
         for name in old.get("splits", {}):
             if isinstance(name, str) and _SPLIT_NAME.match(name):  # only folders the old run made

@@ -23,7 +23,7 @@ from PIL import Image
 from mrcnn.config import Config, fingerprint_diff
 from mrcnn.mini_masks import unpack_masks
 from mrcnn.rpn_targets import dense_rpn_targets
-from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri
+from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_file
 
 SCHEMA_VERSION = 1
 
@@ -77,8 +77,7 @@ def read_manifest(shards_uri: str) -> dict[str, Any]:
     if not exists(filesystem, path):
         raise FileNotFoundError(f"no {MANIFEST} in {shards_uri}: not preprocessed, or the run did not finish "
                                 "(rerun `mrcnn-cli preprocess`)")
-    with filesystem.open_input_stream(path) as f:
-        manifest = json.loads(f.read())
+    manifest = json.loads(read_file(filesystem, path))
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ValueError(f"{shards_uri}: shard schema version {manifest.get('schema_version')!r}, this code reads "
                          f"{SCHEMA_VERSION}; preprocess again")

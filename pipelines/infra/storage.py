@@ -3,7 +3,8 @@
 Every stage reads and writes through these, so a path may be a local folder on one machine or a bucket shared
 by a whole Ray cluster: `filesystem_for(uri)` gives the pyarrow filesystem and the path inside it, `absolute`
 makes local paths absolute (Ray workers do not share the driver's working directory), and `read_bytes` /
-`write_bytes` move whole files. Imports nothing from the rest of the project.
+`write_bytes` move whole files (`read_file` for a file of a filesystem already at hand). Imports nothing from
+the rest of the project.
 """
 
 from __future__ import annotations
@@ -31,7 +32,14 @@ def read_bytes(path: str | os.PathLike) -> bytes:
     info = filesystem.get_file_info(inner)
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(path)
-    with filesystem.open_input_stream(inner) as f:
+    return read_file(filesystem, inner)
+
+
+def read_file(filesystem: pafs.FileSystem, path: str) -> bytes:
+    """A whole file of `filesystem`, in one read: on an object store one GET. (`open_input_stream(path).read()`
+    does not know the size and reads 256 KiB at a time, one ranged GET each: 400 requests for a 100 MB
+    checkpoint.)"""
+    with filesystem.open_input_file(path) as f:
         return f.read()
 
 
@@ -49,7 +57,13 @@ def absolute(path: str | os.PathLike) -> str:
 
 
 def join_uri(uri: str, *parts: str) -> str:
-    return "/".join([uri.rstrip("/"), *parts])
+    """`uri` with `parts` appended to its path. A URI's query (s3 options such as
+    `?endpoint_override=host:port&scheme=http`) stays at the end, where pyarrow reads it; local paths have none."""
+    base, query = uri, ""
+    if "://" in uri:
+        base, sep, rest = uri.partition("?")
+        query = sep + rest
+    return "/".join([base.rstrip("/"), *parts]) + query
 
 
 def exists(filesystem: pafs.FileSystem, path: str) -> bool:

@@ -109,6 +109,10 @@ def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path
         inner = inner.rstrip("/")
         with tempfile.TemporaryDirectory() as tmp:
             local = os.path.join(tmp, inner.rpartition("/")[2] or "artifact")
+            if filesystem.get_file_info(inner).type == pafs.FileType.Directory:
+                # made here: pyarrow's copy_files makes the folders it lists, not the destination itself, so a
+                # directory without subdirectories (a checkpoint: state.pt, meta.json) found nowhere to go
+                os.makedirs(local)
             # a file, or a directory copied recursively
             pafs.copy_files(inner, local, source_filesystem=filesystem, destination_filesystem=pafs.LocalFileSystem())
             log_artifact(tracking_uri, run_id, local, artifact_path)

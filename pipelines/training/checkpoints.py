@@ -26,7 +26,7 @@ import torch
 from pyarrow import fs as pafs
 from torch import nn
 
-from pipelines.infra.storage import filesystem_for, join_uri
+from pipelines.infra.storage import filesystem_for, join_uri, read_file
 
 STATE_FILE = "state.pt"
 
@@ -195,8 +195,7 @@ def _is_file(filesystem: pafs.FileSystem, path: str, location: str | Path) -> bo
 
 def _read(filesystem: pafs.FileSystem, path: str, location: str | Path) -> bytes:
     try:
-        with filesystem.open_input_stream(path) as f:
-            return f.read()
+        return read_file(filesystem, path)
     except OSError as exc:
         raise CheckpointError(f"{location}: cannot read {path.rpartition('/')[2]}: {exc}") from exc
 
