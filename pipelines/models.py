@@ -15,6 +15,7 @@ import torch
 from mrcnn.config import Config, fingerprint_diff
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
+from pipelines.infra import tracking
 from pipelines.infra.storage import exists, filesystem_for
 from pipelines.training.checkpoints import CheckpointError, load_checkpoint, load_model_state, read_meta
 
@@ -32,6 +33,8 @@ class ModelSpec:
     num_classes: int
     checkpoint: str | None = None
     mlflow_uri: str | None = None
+    # where `mlflow_uri` resolves (runs:/, models:/): the tracking store, carried to the Ray actors that load it
+    tracking_uri: str | None = None
 
 
 MLFLOW_MODEL_SCHEMES = ("runs", "models", "mlflow-artifacts")
@@ -44,10 +47,11 @@ def is_mlflow_model_uri(model_path: str) -> bool:
     return bool(sep) and scheme.lower() in MLFLOW_MODEL_SCHEMES
 
 
-def model_spec(model_path: str) -> ModelSpec:
+def model_spec(model_path: str, *, tracking_uri: str | None = None) -> ModelSpec:
     """Read a checkpoint's meta.json (local path or URI), or an MLflow model's carried meta, without building
     the model. A location without meta.json but with an MLmodel file (an MLflow model saved to a path or an
-    artifact store URI) is an MLflow model too."""
+    artifact store URI) is an MLflow model too. `tracking_uri`: the store MLflow model URIs resolve in (default:
+    `pipelines.infra.tracking.resolve_tracking_uri()`, as the stages log to)."""
 
     if not is_mlflow_model_uri(model_path):
         try:
@@ -58,10 +62,11 @@ def model_spec(model_path: str) -> ModelSpec:
         else:
             config = Config.from_dict(meta["config"])
             return ModelSpec(config, meta["categories"], int(meta["num_classes"]), checkpoint=model_path)
-    model = _load_mlflow_model(model_path)
+    tracking_uri = tracking.resolve_tracking_uri(tracking_uri)
+    model = _load_mlflow_model(model_path, tracking_uri)
     meta = model.mrcnn_meta  # set by pipelines/training/train.py when it logs the model
     config = Config.from_dict(meta["config"])
-    return ModelSpec(config, meta["categories"], meta["num_classes"], mlflow_uri=model_path)
+    return ModelSpec(config, meta["categories"], meta["num_classes"], mlflow_uri=model_path, tracking_uri=tracking_uri)
 
 
 def load_model(spec: ModelSpec, *, device: torch.device | str = "cpu", min_confidence: float | None = None):
@@ -74,7 +79,7 @@ def load_model(spec: ModelSpec, *, device: torch.device | str = "cpu", min_confi
     if spec.checkpoint:
         load_model_state(model, load_checkpoint(spec.checkpoint).model)
     else:
-        load_model_state(model, _load_mlflow_model(spec.mlflow_uri).state_dict())
+        load_model_state(model, _load_mlflow_model(spec.mlflow_uri, spec.tracking_uri).state_dict())
     return model.to(device).eval()
 
 
@@ -99,7 +104,11 @@ def _has_mlmodel(location: str) -> bool:
         return False
 
 
-def _load_mlflow_model(uri: str):
+def _load_mlflow_model(uri: str, tracking_uri: str | None):
+    """The pickled PyTorch model of an MLflow model URI; runs:/ and models:/ resolve in `tracking_uri` (set for this
+    process: a Ray actor does not inherit the driver's MLflow state)."""
     import mlflow.pytorch
 
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
     return mlflow.pytorch.load_model(uri, map_location="cpu")

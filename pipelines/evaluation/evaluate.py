@@ -171,7 +171,7 @@ def predict_split(
 
 def evaluate(request: EvaluateRequest) -> EvaluateResult:
     manifest = read_manifest(request.shards)
-    spec = model_spec(request.model_path)
+    spec = model_spec(request.model_path, tracking_uri=request.tracking_uri)
     check_model_fits(spec, manifest)
     if request.detection or request.settings:  # the caller's detection / evaluation settings over the model's
         spec = replace(spec, config=replace(spec.config, detection=request.detection or spec.config.detection,

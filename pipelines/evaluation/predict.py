@@ -94,7 +94,7 @@ def network_input(image: np.ndarray, *, min_dim: int, max_dim: int) -> tuple[np.
 
 def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | os.PathLike, *,
                    threshold: float | None = None, device: str | torch.device | None = None,
-                   batch_size: int | None = None) -> PredictResult:
+                   batch_size: int | None = None, tracking_uri: str | None = None) -> PredictResult:
     """Run the model of `model_path` (checkpoint directory or MLflow model URI) on the images in `inputs`
     (files or folders); write predictions.json, images.json and one picture per image into `out`.
 
@@ -103,7 +103,7 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
 
     paths = find_images(inputs)
     ids = image_ids(paths)
-    spec = model_spec(model_path)
+    spec = model_spec(model_path, tracking_uri=tracking_uri)
     config = spec.config
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(spec, device=device, min_confidence=threshold)

@@ -79,7 +79,7 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
     spec = None
     if request.model_path and uses_model:
 
-        spec = model_spec(request.model_path)
+        spec = model_spec(request.model_path, tracking_uri=request.tracking_uri)
         if request.shards:
             check_model_fits(spec, read_manifest(request.shards))
     # the shards' own config unless a model's (just checked to share their geometry)

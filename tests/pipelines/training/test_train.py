@@ -84,7 +84,7 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     split = read_manifest(synth_shards)["splits"]["val2017"]
     image = read_split(split["annotations"], split["images_root"]).records[0]["path"]
     predicted = predict_images([image], f"models:/mrcnn-shapes-test/{version}", tmp_path / "predicted",
-                               device="cpu", threshold=0.0)
+                               device="cpu", threshold=0.0, tracking_uri=uri)
     assert len(predicted.images) == 1 and (tmp_path / "predicted" / "predictions.json").exists()
 
 
