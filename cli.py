@@ -33,7 +33,7 @@ def _main() -> None:
     setup_logging()
 
 
-ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes) or a YAML file.")]
+ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes, torchvision) or a YAML file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, repeatable: section.field=value.")]
 PlacementOpt = Annotated[
     str,

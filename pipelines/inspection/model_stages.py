@@ -128,7 +128,8 @@ def proposals_picture(run: ModelRun, path: str | os.PathLike) -> dict[str, Any]:
     model, sample = run.model, run.sample
     settings = model.proposal_settings
     num_anchors = len(model.anchors)
-    candidates = min(settings["pre_nms_topk"], num_anchors)
+    candidates = (sum(min(settings["pre_nms_topk"], n) for n in settings["level_sizes"])
+                  if settings.get("pre_nms_per_level") else min(settings["pre_nms_topk"], num_anchors))
     # every box surviving NMS (post_nms_topk = A), then the first post_nms_test: what the model keeps
     boxes, scores = _proposals(run, num_anchors)
     after_nms = len(boxes)
