@@ -7,7 +7,9 @@ group), so nothing loops over images or anchors in Python.
 
 torchvision's (and Detectron's FPN) variant, given the anchors per level (`level_sizes`): `pre_nms_per_level`
 takes the `pre_nms_topk` best of each level, and `nms_per_level` suppresses only within a level (the NMS group is
-then (image, level)); the `post_nms_topk` best of an image are still kept over all its levels.
+then (image, level)), ranking by the sigmoid probabilities as torchvision's `filter_proposals` does (logits that
+differ can share one float32 probability near 1; the order among such ties is then torchvision's); the
+`post_nms_topk` best of an image are still kept over all its levels.
 
 Glossary: N images, A anchors, L levels, K candidates per image (min(pre_nms_topk, A), or the sum over the
 levels of min(pre_nms_topk, A_l)). Boxes: (x1, y1, x2, y2) in padded-image pixels.
@@ -115,7 +117,7 @@ def generate_proposals(
     boxes, scores, image_idx, groups = boxes[valid], scores[valid], image_idx[valid], groups[valid]  # [M, 4], [M] x 3
     # The image index as NMS group: one call suppresses within each image only (within each of its levels with
     # nms_per_level); `keep` is in score order.
-    keep = batched_nms(boxes, scores, groups, nms_threshold)
+    keep = batched_nms(boxes, torch.sigmoid(scores) if nms_per_level else scores, groups, nms_threshold)
     keep = keep[top_per_group(image_idx[keep], post_nms_topk)]  # grouped by image, best first in each
     return (
         split_by_image(boxes[keep], image_idx[keep], num_images),
