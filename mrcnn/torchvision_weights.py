@@ -104,6 +104,26 @@ class LoadReport:
         return ", ".join(parts)
 
 
+def coco_category_names() -> tuple[str, ...]:
+    """torchvision's COCO category names by category id: 91 entries, "__background__" at 0 and "N/A" at the 10 ids
+    COCO leaves unused (12, 26, 29, 30, 45, 66, 68, 69, 71, 83). From its weights' meta, so nothing is downloaded."""
+    from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights
+
+    return tuple(MaskRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
+
+
+def coco_class_rows(coco_ids: Sequence[int], names: Sequence[str]) -> list[int] | None:
+    """The class rows that map torchvision's COCO-indexed outputs to contiguous classes ([0, *coco_ids]: our class k is
+    row coco_ids[k - 1]) when every category is one of COCO's (its id and name, case aside, are torchvision's); None
+    for any other category set, whose class layers then have nothing to come from."""
+    known = coco_category_names()
+    for coco_id, name in zip(coco_ids, names, strict=True):
+        if not 0 < int(coco_id) < len(known) or known[int(coco_id)] in ("N/A", "__background__") \
+                or known[int(coco_id)].lower() != str(name).strip().lower():
+            return None
+    return [0, *(int(c) for c in coco_ids)]
+
+
 def unwrap_state(state: object) -> dict[str, Tensor]:
     """The tensors of a state dict, also inside {"model": ...} (torchvision's reference scripts' checkpoints)."""
     if isinstance(state, dict) and isinstance(state.get("model"), dict):

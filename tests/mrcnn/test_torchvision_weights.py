@@ -25,7 +25,6 @@ from torch import nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import concat_box_prediction_layers
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mrcnn.config import torchvision_maskrcnn
 from mrcnn.model import build_model
@@ -37,68 +36,13 @@ from mrcnn.torchvision_weights import (
     convert_state,
     load_torchvision_state,
 )
+from tests.support.torchvision_reference import sample_images, torchvision_reference
 
 torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
 
 SIZE = 320
 WINDOWS = ((0, 0, SIZE, SIZE), (0, 0, SIZE, 224))  # (x1, y1, x2, y2): the second image is 320 wide, 224 high
 CONFIG = torchvision_maskrcnn().override([f"image.min_dim={SIZE}", f"image.max_dim={SIZE}"])
-
-
-def freeze_batchnorm(module: nn.Module, eps: float) -> None:
-    """Every BatchNorm2d under `module` -> FrozenBatchNorm2d(eps) with its statistics and affine parameters."""
-    for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            frozen = FrozenBatchNorm2d(child.num_features, eps=eps)
-            for key in ("weight", "bias", "running_mean", "running_var"):
-                getattr(frozen, key).copy_(getattr(child, key).detach())
-            setattr(module, name, frozen)
-        else:
-            freeze_batchnorm(child, eps)
-
-
-def torchvision_reference(seed: int = 0) -> nn.Module:
-    """torchvision's Mask R-CNN v1, seeded, with the non-degenerate weights described at the top, in eval mode."""
-    torch.manual_seed(seed)
-    model = maskrcnn_resnet50_fpn(weights=None, weights_backbone=None)
-    gen = torch.Generator().manual_seed(seed + 1)
-    for module in model.backbone.body.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
-            var = torch.rand(n, generator=gen) + 0.5
-            tiny = torch.rand(n, generator=gen) < 0.1
-            var[tiny] = 1e-4 + torch.rand(int(tiny.sum()), generator=gen) * 9e-4
-            module.running_var.copy_(var)
-            # weight ~ sqrt(var): each channel keeps its scale (no blow-up through 53 layers) and eps still shows
-            module.weight.data.copy_(var.sqrt() * (torch.rand(n, generator=gen) * 0.5 + 0.5))
-            module.bias.data.copy_(torch.randn(n, generator=gen) * 0.1)
-    freeze_batchnorm(model.backbone.body, eps=0.0)  # what weights=COCO_V1 builds: frozen, overwrite_eps(model, 0.0)
-    with torch.no_grad():
-        head, box, mask = model.rpn.head, model.roi_heads.box_predictor, model.roi_heads.mask_predictor
-        head.cls_logits.weight.normal_(0, 1.0, generator=gen)
-        head.cls_logits.bias.normal_(0, 0.5, generator=gen)
-        head.bbox_pred.weight.normal_(0, 0.05, generator=gen)
-        box.cls_score.weight.normal_(0, 1.5, generator=gen)
-        box.cls_score.bias.normal_(0, 0.5, generator=gen)
-        box.bbox_pred.weight.normal_(0, 0.1, generator=gen)
-        mask.mask_fcn_logits.weight.normal_(0, 0.2, generator=gen)
-    return model.eval()
-
-
-def sample_images() -> torch.Tensor:
-    """uint8 [2, 3, S, S]: smooth random texture with bright blocks; the second image only in its 320 x 224 window."""
-    rng = np.random.default_rng(0)
-    images = np.zeros((2, 3, SIZE, SIZE), np.uint8)
-    for i, (_, _, w, h) in enumerate(WINDOWS):
-        coarse = rng.integers(0, 256, (3, h // 16 + 1, w // 16 + 1)).astype(np.float32)
-        texture = np.kron(coarse, np.ones((1, 16, 16), np.float32))[:, :h, :w]
-        texture += rng.normal(0, 20, texture.shape)
-        for _ in range(4):
-            x, y = rng.integers(0, w - 80), rng.integers(0, h - 80)
-            texture[:, y : y + rng.integers(30, 80), x : x + rng.integers(30, 80)] = rng.integers(0, 256, (3, 1, 1))
-        images[i, :, :h, :w] = np.clip(texture, 0, 255).astype(np.uint8)
-    return torch.from_numpy(images)
 
 
 def converted_model(reference: nn.Module, config=CONFIG):
@@ -113,7 +57,7 @@ def outputs():
     """Both models' intermediate and final outputs on the same input (computed once: ResNet-50 on CPU)."""
     reference = torchvision_reference()
     ours, report = converted_model(reference)
-    images, windows = sample_images(), torch.tensor(WINDOWS)
+    images, windows = sample_images(SIZE, WINDOWS), torch.tensor(WINDOWS)
     with torch.no_grad():
         x = ours.normalize(images)  # the one normalised tensor both models see
         image_sizes = [(int(w[3]), int(w[2])) for w in windows]  # torchvision's (height, width)
@@ -208,7 +152,7 @@ def test_old_torchvision_key_names_convert_the_same():
 def test_each_torchvision_setting_matters(outputs):
     """The preset is needed as a whole: dropping any one of its conventions changes the outputs."""
     reference = torchvision_reference()
-    images, windows = sample_images()[:1], torch.tensor(WINDOWS[:1])
+    images, windows = sample_images(SIZE, WINDOWS)[:1], torch.tensor(WINDOWS[:1])
     baseline = outputs["ours"]
     for override in ["backbone.frozen_bn_eps=1.0e-5", "rpn.anchor_offset=0.5", "rpn.round_anchors=false",
                      "rpn.bbox_std=[0.1, 0.1, 0.2, 0.2]", "rpn.pre_nms_per_level=false", "rpn.nms_per_level=false",
