@@ -91,7 +91,7 @@ def model_run(sample: Sample, *, spec: Any = None, threshold: float | None = Non
             raise ModelMismatchError(f"the model's categories (COCO ids {_coco_ids(spec.categories)}) differ from "
                                      f"the data's ({list(sample.categories.coco_ids)})")
         model = load_model(spec, device=device, min_confidence=threshold)
-        return ModelRun(model, sample, f"model {spec.checkpoint or spec.mlflow_uri}")
+        return ModelRun(model, sample, f"model {spec.location}")
     config = sample.config
     if threshold is not None:
         config = replace(config, detection=replace(config.detection, min_confidence=threshold))
