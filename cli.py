@@ -149,6 +149,7 @@ def train(
     mrcnn-cli train --shards shards --config torchvision --init torchvision:maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
     --layers heads, then --init <its checkpoint> --layers 4+, then --layers all
     """
+    from mrcnn.config import ConfigError
     from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.training.train import TrainRequest
     from pipelines.training.train import train as run_train
@@ -179,6 +180,8 @@ def train(
         result = run_train(cfg, request)
     except WeightsFormatError as exc:
         raise typer.BadParameter(str(exc), param_hint="--init") from exc
+    except ConfigError as exc:  # settings valid on their own that training cannot use together (train.flip)
+        raise typer.BadParameter(str(exc), param_hint="--config/--set") from exc
     typer.echo(f"checkpoint: {result.checkpoint}\nbest: {result.best_checkpoint}\nmlflow run: {result.run_id}")
 
 

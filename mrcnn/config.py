@@ -232,17 +232,8 @@ class Config:
 
     # ----------------------------------------------------------------- fingerprint
     def shard_fields(self) -> dict[str, Any]:
-        """Every field that changes preprocessed shard content (docs/design.md, "The manifest").
-
-        `rpn.anchor_offset` and `rpn.round_anchors` are listed only where they differ from their defaults, so that
-        shards made before the two existed keep their fingerprint."""
+        """Every field that changes preprocessed shard content (docs/design.md, "The manifest")."""
         img, rpn, mask = self.image, self.rpn, self.mask
-        anchor_convention = {
-            key: value
-            for key, value, default in (("rpn.anchor_offset", rpn.anchor_offset, _DEFAULT_RPN.anchor_offset),
-                                        ("rpn.round_anchors", rpn.round_anchors, _DEFAULT_RPN.round_anchors))
-            if value != default
-        }
         return {
             "image.min_dim": img.min_dim,
             "image.max_dim": img.max_dim,
@@ -253,7 +244,8 @@ class Config:
             "rpn.feature_strides": list(rpn.feature_strides),
             "rpn.anchor_ratios": list(rpn.anchor_ratios),
             "rpn.anchor_stride": rpn.anchor_stride,
-            **anchor_convention,
+            "rpn.anchor_offset": rpn.anchor_offset,
+            "rpn.round_anchors": rpn.round_anchors,
             "rpn.positive_iou": rpn.positive_iou,
             "rpn.negative_iou": rpn.negative_iou,
             "rpn.crowd_iou": rpn.crowd_iou,
@@ -268,13 +260,21 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_DEFAULT_RPN = RPNConfig()
+# shard fields added after shards were first written, with the value every shard written before them has: a manifest
+# (or a checkpoint's config) without one of them is read as having this value
+LEGACY_SHARD_FIELDS: dict[str, Any] = {"rpn.anchor_offset": 0.5, "rpn.round_anchors": False}
 
 
 def fingerprint_diff(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Names of the shard fields whose values differ, e.g. ['image.max_dim: 1024 != 256']."""
+    """Names of the shard fields whose values differ, e.g. ['image.max_dim: 1024 != 256']; a field of
+    `LEGACY_SHARD_FIELDS` missing on one side counts as its legacy value."""
     keys = sorted(set(expected) | set(actual))
-    return [f"{k}: {expected.get(k)!r} != {actual.get(k)!r}" for k in keys if expected.get(k) != actual.get(k)]
+
+    def value(fields: dict[str, Any], key: str) -> Any:
+        return fields[key] if key in fields else LEGACY_SHARD_FIELDS.get(key)
+
+    return [f"{k}: {value(expected, k)!r} != {value(actual, k)!r}" for k in keys
+            if value(expected, k) != value(actual, k)]
 
 
 # --------------------------------------------------------------------- presets
@@ -445,6 +445,17 @@ def _check_choice(key: str, hint: Any, value: Any) -> None:
         raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, allowed))}")
 
 
+def check_flip(config: Config) -> None:
+    """ConfigError naming train.flip when it is set and the anchors are off the middle of their cells
+    (`rpn.anchor_offset` other than 0.5, torchvision's 0 among them): they are then not mirror-symmetric. Checked
+    where training starts (a config that only evaluates or predicts may hold both)."""
+    rpn = config.rpn
+    if config.train.flip and rpn.anchor_offset != 0.5:
+        raise ConfigError(f"config key 'train.flip': flips need mirror-symmetric anchors, and rpn.anchor_offset "
+                          f"{rpn.anchor_offset} puts their centres off the middle of their cells (only 0.5 does); set "
+                          "train.flip=false or rpn.anchor_offset=0.5")
+
+
 def _validate(config: Config) -> None:
     """Every choice and range, then the settings that must agree; ConfigError naming the key and what is allowed."""
     for section in fields(config):
@@ -467,10 +478,6 @@ def _validate(config: Config) -> None:
     if img.max_dim % max(rpn.feature_strides):
         raise ConfigError(f"config key 'image.max_dim': {img.max_dim} is not a multiple of the largest feature "
                           f"stride {max(rpn.feature_strides)} (rpn.feature_strides)")
-    if train.flip and rpn.anchor_offset != 0.5:
-        raise ConfigError(f"config key 'train.flip': flips need mirror-symmetric anchors, and rpn.anchor_offset "
-                          f"{rpn.anchor_offset} puts their centres off the middle of their cells (only 0.5 does); set "
-                          "train.flip=false or rpn.anchor_offset=0.5")
     if train.flip:  # a horizontal flip maps the anchor grid onto itself only when every level's grid fits exactly
         steps = [rpn.anchor_stride * s for s in rpn.feature_strides if img.max_dim % (rpn.anchor_stride * s)]
         if steps:

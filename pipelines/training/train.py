@@ -16,7 +16,7 @@ from typing import Any
 import mrcnn
 import pipelines
 from mrcnn.anchors import anchors_from_config
-from mrcnn.config import Config, fingerprint_diff
+from mrcnn.config import Config, ConfigError, check_flip, fingerprint_diff
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import batches_dataset
@@ -104,6 +104,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
 
     if request.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
+    check_flip(config)  # flips need centred anchors (the torchvision preset's are not: it sets train.flip=false)
     manifest = read_manifest(request.shards)
     check_fingerprint(manifest, config)  # before any work: shards made with another config are refused
     config = apply_request(config, request)
@@ -245,7 +246,12 @@ def resume_refusal(meta: dict[str, Any], config: Config, fingerprint: str) -> st
     `fingerprint`, or None when it is: another run's weights would be trained on as if they were this one's."""
     if meta.get("fingerprint") != fingerprint:
         return f"made from other shards (fingerprint {meta.get('fingerprint')!r}, these are {fingerprint!r})"
-    theirs = tracking.flatten("", meta.get("config") or {})
+    if not meta.get("config"):
+        return "its meta.json holds no config"
+    try:  # through the typed config: settings added since the checkpoint was written read as their defaults
+        theirs = tracking.flatten("", Config.from_dict(meta["config"]).to_dict())
+    except ConfigError as exc:
+        return f"its config does not load: {exc}"
     diff = fingerprint_diff(theirs, tracking.flatten("", config.to_dict()))
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""

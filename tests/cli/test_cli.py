@@ -165,3 +165,10 @@ def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys
                                  "--init", f"torchvision:{bad}"])
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and "--init" in text and words in text and "encoder.weight" in text, result.output
+
+
+def test_flips_with_off_centre_anchors_are_refused_before_any_work():
+    result = runner.invoke(app, ["train", "--shards", "nowhere", "--config", "shapes",
+                                 "--set", "rpn.anchor_offset=0.0"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "'train.flip': flips need mirror-symmetric anchors" in text, result.output

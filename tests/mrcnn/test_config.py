@@ -160,29 +160,35 @@ def test_torchvision_preset_sets_each_of_torchvisions_conventions():
     assert Config.from_dict(c.to_dict()) == c
 
 
-def test_new_settings_default_to_todays_behaviour_and_fingerprint():
-    """The torchvision conventions are off by default, and shards made before they existed keep their fingerprint."""
+def test_new_settings_default_to_todays_behaviour():
+    """The torchvision conventions are off by default; the two that change the anchors are shard fields."""
     c = coco()
     assert (c.backbone.frozen_bn_eps, c.rpn.anchor_offset, c.rpn.round_anchors) == (1e-5, 0.5, False)
     assert (c.rpn.pre_nms_per_level, c.rpn.nms_per_level, c.rpn.min_size) == (False, False, 1.0)
     assert c.roi.aligned is True and c.detection.min_size == 0.01
-    assert "rpn.anchor_offset" not in c.shard_fields() and "rpn.round_anchors" not in c.shard_fields()
-    # the presets' fingerprints as they were before these settings existed
-    assert (coco().fingerprint(), shapes().fingerprint()) == ("b7b05f244d4dff71", "9e7e5912bb323469")
     moved = c.override(["rpn.anchor_offset=0.0", "train.flip=false"])
-    assert fingerprint_diff(c.shard_fields(), moved.shard_fields()) == ["rpn.anchor_offset: None != 0.0"]
+    assert fingerprint_diff(c.shard_fields(), moved.shard_fields()) == ["rpn.anchor_offset: 0.5 != 0.0"]
     rounded = c.override(["rpn.round_anchors=true"])
-    assert fingerprint_diff(c.shard_fields(), rounded.shard_fields()) == ["rpn.round_anchors: None != True"]
+    assert fingerprint_diff(c.shard_fields(), rounded.shard_fields()) == ["rpn.round_anchors: False != True"]
     # model-only settings do not change the shards
     for o in ["backbone.frozen_bn_eps=0.0", "rpn.pre_nms_per_level=true", "rpn.nms_per_level=true",
               "rpn.min_size=0.001", "roi.aligned=false", "detection.min_size=0.5"]:
         assert c.override([o]).fingerprint() == c.fingerprint(), o
 
 
+def test_flips_need_centred_anchors():
+    from mrcnn.config import check_flip, torchvision_maskrcnn
+
+    check_flip(shapes())
+    check_flip(torchvision_maskrcnn())  # its train.flip is off
+    with pytest.raises(ConfigError, match=r"'train\.flip': flips need mirror-symmetric anchors, and "
+                                          r"rpn\.anchor_offset 0\.0"):
+        check_flip(shapes().override(["rpn.anchor_offset=0.0"]))
+
+
 @pytest.mark.parametrize("override, message", [
     ("rpn.anchor_offset=1.0", r"'rpn\.anchor_offset': 1\.0 is out of range \(must be in \[0, 1\)\)"),
     ("backbone.frozen_bn_eps=-1", r"'backbone\.frozen_bn_eps'"),
-    ("rpn.anchor_offset=0.0", r"'train\.flip': flips need mirror-symmetric anchors, and rpn\.anchor_offset 0\.0"),
 ])
 def test_torchvision_settings_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -157,6 +157,22 @@ def test_resume_refuses_a_checkpoint_of_another_config_or_other_shards(synth_sha
     assert taken == str(storage / "c/checkpoint_000004")
 
 
+def test_resume_takes_a_checkpoint_written_before_newer_settings_existed():
+    """A checkpoint's config from before a setting existed lacks it; read through the typed config it has the default,
+    so the run it belongs to still resumes (and another config is still refused)."""
+    from pipelines.training.train import resume_refusal
+
+    config = _config(steps=8)
+    old = config.to_dict()
+    for section, name in (("backbone", "frozen_bn_eps"), ("rpn", "anchor_offset"), ("rpn", "round_anchors"),
+                          ("rpn", "nms_per_level"), ("roi", "aligned"), ("detection", "min_size")):
+        del old[section][name]
+    meta = {"config": old, "fingerprint": "f"}
+    assert resume_refusal(meta, config, "f") is None
+    assert "roi.aligned: True != False" in resume_refusal(meta, config.override(["roi.aligned=false"]), "f")
+    assert resume_refusal({"fingerprint": "f"}, config, "f") == "its meta.json holds no config"
+
+
 def test_imagenet_resnet_backbone_weights_end_to_end(synth_shards, tmp_path):
     """`--backbone-weights FILE`, a torchvision ResNet-18 state dict (seeded, with BatchNorm statistics that a load
     skipping them would show), through train(): with `--layers heads` the backbone does not train, so the final
