@@ -232,6 +232,8 @@ def run(
     work_dir: Annotated[str, typer.Option(help="Where stage outputs live, keyed by fingerprint: a folder or URI "
                                                "(s3://, gs://, file://).")] = "pipeline_out",
     force: Annotated[DagStage | None, typer.Option(help="Rerun from this stage.")] = None,
+    init: Annotated[str | None, typer.Option(help="Train from these weights: our checkpoint, or torchvision:FILE "
+                                                  "(with --config torchvision).")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per train worker.")] = 1.0,
     placement_strategy: PlacementOpt = "PACK",
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
@@ -242,6 +244,9 @@ def run(
     """Run preprocess -> train -> evaluate as a DAG; stages whose inputs did not change are skipped.
 
     Example: mrcnn-cli run --dataset data/shapes --config shapes --workers 1 --no-gpu
+
+    Fine-tuning torchvision's COCO Mask R-CNN on a COCO-format dataset (DIR/annotations/instances_train2017.json ...):
+    mrcnn-cli run --dataset DIR --config torchvision --init torchvision:maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --gpu
     """
     from pipelines.dag import PipelineRequest, run_pipeline
     from pipelines.infra.tracking import resolve_tracking_uri, ui_command
@@ -253,7 +258,7 @@ def run(
         PipelineRequest(
             dataset=dataset, train_split=train_split, val_split=val_split, workers=workers, use_gpu=gpu,
             work_dir=work_dir, force=force, address=address, experiment=experiment, cpus_per_worker=cpus_per_worker,
-            placement_strategy=strategy,
+            placement_strategy=strategy, init=init,
         ),
     )
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: {', '.join(result.skipped) or 'nothing'}")
