@@ -31,7 +31,7 @@ from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_nodes, init_ray
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_bytes
-from pipelines.training.pretrained import is_torchvision_path, torchvision_file
+from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, torchvision_file
 from pipelines.training.train import TrainRequest, train
 
 log = get_logger("run")
@@ -172,6 +172,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     """The three stages of `mrcnn-cli run` with what each one's output depends on."""
 
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
+    init = absolute_model_path(request.init) if request.init else None  # the stages run where the cwd is not this
     annotations_hash = {name: _file_sha256(ann) for name, ann, _ in splits}
     uri = tracking.resolve_tracking_uri(request.tracking_uri)
 
@@ -195,7 +196,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
                 workers=request.workers, use_gpu=request.use_gpu, storage=out_dir, run_name="train",
                 tracking_uri=uri, experiment=request.experiment, parent_run_id=parent,
                 cpus_per_worker=request.cpus_per_worker, placement_strategy=request.placement_strategy,
-                model_path=request.init, extra_tags={"preprocess_run_id": upstream["preprocess"]["run_id"]},
+                model_path=init, extra_tags={"preprocess_run_id": upstream["preprocess"]["run_id"]},
             ),
         )
         return {"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint, "run_id": result.run_id,
@@ -217,7 +218,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     fields_of = stage_config_fields(config)
     return [
         Stage("preprocess", {**data_inputs, **fields_of["preprocess"]}, preprocess_stage),
-        Stage("train", {**fields_of["train"], "workers": request.workers, **_init_inputs(request.init)}, train_stage),
+        Stage("train", {**fields_of["train"], "workers": request.workers, **_init_inputs(init)}, train_stage),
         Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit}, evaluate_stage),
     ]
 

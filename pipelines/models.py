@@ -23,6 +23,7 @@ from pipelines.data.categories import CategoryMap
 from pipelines.infra.storage import exists, filesystem_for
 from pipelines.training.checkpoints import CheckpointError, load_checkpoint, load_model_state, read_meta
 from pipelines.training.pretrained import (
+    absolute_model_path,
     class_rows,
     coco_categories,
     is_torchvision_path,
@@ -77,7 +78,9 @@ def model_spec(model_path: str, *, categories: dict[str, Any] | None = None) -> 
                 f"{model_path} predicts COCO's categories, and these are not COCO's (ids and names): "
                 f"{', '.join(f'{c} {n!r}' for c, n in zip(wanted.coco_ids[:5], wanted.names[:5], strict=True))}"
             )
-        return ModelSpec(torchvision_config(), wanted.to_dict(), wanted.num_classes, torchvision=model_path)
+        # made absolute: evaluate loads it in Ray actors, which do not share this working directory
+        return ModelSpec(torchvision_config(), wanted.to_dict(), wanted.num_classes,
+                         torchvision=absolute_model_path(model_path))
     if not is_mlflow_model_uri(model_path):
         try:
             meta = read_meta(model_path)
