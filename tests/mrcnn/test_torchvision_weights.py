@@ -214,3 +214,22 @@ def test_a_file_of_neither_format_is_refused_naming_its_keys():
     del state["roi_heads.keypoint_head.0.weight"], state["backbone.fpn.layer_blocks.3.0.bias"]
     with pytest.raises(WeightsFormatError, match=r"missing fpn\.output\.3\.bias"):
         load_torchvision_state(model, state)
+
+
+def test_an_imagenet_resnet_fills_the_backbone_only():
+    import torchvision
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50(weights=None).state_dict()
+    model = build_model(CONFIG, num_classes=3)
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    report = load_torchvision_state(model, resnet)
+    assert report.format == "resnet" and not report.reinitialised
+    counters = sorted(f"backbone.{k}" for k in resnet if "num_batches" in k)  # no place in FrozenBatchNorm2d
+    assert sorted(report.skipped) == counters + ["fc.bias", "fc.weight"]
+    assert len(report.loaded) == 265 and all(k.startswith("backbone.") for k in report.loaded)
+    assert report.fresh and not any(k.startswith("backbone.") for k in report.fresh)
+    for key, value in model.state_dict().items():
+        expected = resnet[key.removeprefix("backbone.")] if key.startswith("backbone.") else fresh[key]
+        assert torch.equal(value, expected), key
+    assert "not in the file (fresh initialisation: fpn.lateral.0.weight" in report.summary()

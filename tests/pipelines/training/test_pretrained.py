@@ -223,3 +223,20 @@ def test_a_torchvision_file_as_a_model_for_evaluate_predict_and_inspect(torchvis
     torch.save(torchvision.models.resnet50(weights=None).state_dict(), resnet)
     with pytest.raises(ModelMismatchError, match="an ImageNet ResNet has no detection heads"):
         load_model(model_spec(f"torchvision:{resnet}"))
+
+
+def test_a_config_off_torchvisions_conventions_still_loads_and_is_told_so(torchvision_file):
+    """The weights fit any ResNet-50-FPN config with 256-channel heads (e.g. `coco`), as a starting point only: the
+    loop says which of the preset's conventions differ."""
+    from mrcnn.config import coco
+    from pipelines.training.loop import LoopConfig, initialise
+
+    config = coco()
+    model = build_model(config, num_classes=coco_categories().num_classes)
+    loop = LoopConfig(config=config, categories=coco_categories().to_dict(), fingerprint="f", num_classes=81,
+                      total_steps=1, steps_per_epoch=1, model_path=f"torchvision:{torchvision_file}")
+    messages = initialise(model, loop)
+    assert "307 tensors loaded, 0 re-initialised" in messages[0]  # the class layers too: COCO's categories
+    assert messages[1].startswith("classes: the shards' 80 COCO categories take torchvision's class rows")
+    assert "differs from the torchvision preset" in messages[2]
+    assert "rpn.anchor_offset: 0.5 (0.0)" in messages[2] and "roi.aligned: True (False)" in messages[2]
