@@ -362,7 +362,7 @@ def torchvision_maskrcnn() -> Config:
 
 
 PRESETS = {"coco": coco, "shapes": shapes, "torchvision": torchvision_maskrcnn}
-# the presets of a model trained here, and those that reproduce pretrained weights' conventions
+# the presets of models trained here from scratch; the others reproduce pretrained weights' conventions
 _OWN_PRESETS = ("coco", "shapes")
 
 
