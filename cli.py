@@ -33,7 +33,7 @@ def _main() -> None:
     setup_logging()
 
 
-ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes) or a YAML file.")]
+ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes, torchvision) or a YAML file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, repeatable: section.field=value.")]
 PlacementOpt = Annotated[
     str,
@@ -125,7 +125,11 @@ def train(
     steps: Annotated[int | None, typer.Option(help="Train this many steps (overrides epochs).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per worker per step.")] = None,
     layers: Annotated[Layers | None, typer.Option(help="The ResNet stages trained (matterport's names).")] = None,
-    model_path: Annotated[str | None, typer.Option(help="Our checkpoint to fine-tune from.")] = None,
+    init: Annotated[str | None, typer.Option(
+        "--init", "--model-path",
+        help="Weights to start from: our checkpoint to fine-tune, or torchvision:FILE (torchvision's Mask R-CNN v1 or "
+             "ImageNet ResNet state dict; use --config torchvision). Class layers of another class count are "
+             "re-initialised.")] = None,
     backbone_weights: Annotated[str | None, typer.Option(help="torchvision ResNet state dict file.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint under --storage.")] = False,
     storage: Annotated[str | None, typer.Option(help="Checkpoint storage path or URI (required on clusters).")] = None,
@@ -140,7 +144,13 @@ def train(
     """Train Mask R-CNN data-parallel with Ray Train (DDP), checkpoints, resume and MLflow tracking.
 
     Example: mrcnn-cli train --shards shards --workers 2 --no-gpu --steps 200 --config shapes --storage ckpt
+
+    From torchvision's COCO weights, matterport's stages (shards preprocessed with --config torchvision):
+    mrcnn-cli train --shards shards --config torchvision --init torchvision:maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
+    --layers heads, then --init <its checkpoint> --layers 4+, then --layers all
     """
+    from mrcnn.config import ConfigError
+    from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.training.train import TrainRequest
     from pipelines.training.train import train as run_train
 
@@ -156,7 +166,7 @@ def train(
         steps=steps,
         batch_size=batch_size,
         layers=layers,
-        model_path=model_path,
+        model_path=init,
         backbone_weights=backbone_weights,
         resume=resume,
         storage=storage,
@@ -166,14 +176,20 @@ def train(
         placement_strategy=strategy,
         address=address,
     )
-    result = run_train(cfg, request)
+    try:
+        result = run_train(cfg, request)
+    except WeightsFormatError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--init") from exc
+    except ConfigError as exc:  # settings valid on their own that training cannot use together (train.flip)
+        raise typer.BadParameter(str(exc), param_hint="--config/--set") from exc
     typer.echo(f"checkpoint: {result.checkpoint}\nbest: {result.best_checkpoint}\nmlflow run: {result.run_id}")
 
 
 @app.command()
 def evaluate(
     shards: Annotated[str, typer.Option(help="Shards folder or URI written by preprocess.")],
-    model_path: Annotated[str, typer.Option(help="Checkpoint directory or MLflow model URI (runs:/ID/model).")],
+    model_path: Annotated[str, typer.Option(help="Checkpoint directory, MLflow model URI (runs:/ID/model) or "
+                                                 "torchvision:FILE (torchvision's Mask R-CNN v1 state dict).")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val2017",
     annotations: Annotated[str | None, typer.Option(help="Ground truth; default: the manifest's.")] = None,
     workers: Annotated[int, typer.Option(help="Inference actors (one model each).")] = 1,
@@ -188,15 +204,20 @@ def evaluate(
 
     Example: mrcnn-cli evaluate --shards shards --split val2017 --model-path checkpoints/train/checkpoint_000003
     """
+    from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.evaluation.evaluate import EvaluateRequest
     from pipelines.evaluation.evaluate import evaluate as run_evaluate
+    from pipelines.models import ModelMismatchError
 
-    result = run_evaluate(
-        EvaluateRequest(
-            shards=shards, model_path=model_path, split=split, annotations=annotations, workers=workers,
-            use_gpu=gpu, limit=limit, out=out, backend=backend, experiment=experiment, address=address,
+    try:
+        result = run_evaluate(
+            EvaluateRequest(
+                shards=shards, model_path=model_path, split=split, annotations=annotations, workers=workers,
+                use_gpu=gpu, limit=limit, out=out, backend=backend, experiment=experiment, address=address,
+            )
         )
-    )
+    except (WeightsFormatError, ModelMismatchError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model-path") from exc
     typer.echo(result.table)
     typer.echo(f"metrics: {Path(result.out) / 'metrics.json'}  mlflow run: {result.run_id}")
 
@@ -211,6 +232,8 @@ def run(
     work_dir: Annotated[str, typer.Option(help="Where stage outputs live, keyed by fingerprint: a folder or URI "
                                                "(s3://, gs://, file://).")] = "pipeline_out",
     force: Annotated[DagStage | None, typer.Option(help="Rerun from this stage.")] = None,
+    init: Annotated[str | None, typer.Option(help="Train from these weights: our checkpoint, or torchvision:FILE "
+                                                  "(with --config torchvision).")] = None,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per train worker.")] = 1.0,
     placement_strategy: PlacementOpt = "PACK",
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
@@ -221,6 +244,9 @@ def run(
     """Run preprocess -> train -> evaluate as a DAG; stages whose inputs did not change are skipped.
 
     Example: mrcnn-cli run --dataset data/shapes --config shapes --workers 1 --no-gpu
+
+    Fine-tuning torchvision's COCO Mask R-CNN on a COCO-format dataset (DIR/annotations/instances_train2017.json ...):
+    mrcnn-cli run --dataset DIR --config torchvision --init torchvision:maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --gpu
     """
     from pipelines.dag import PipelineRequest, run_pipeline
     from pipelines.infra.tracking import resolve_tracking_uri, ui_command
@@ -232,7 +258,7 @@ def run(
         PipelineRequest(
             dataset=dataset, train_split=train_split, val_split=val_split, workers=workers, use_gpu=gpu,
             work_dir=work_dir, force=force, address=address, experiment=experiment, cpus_per_worker=cpus_per_worker,
-            placement_strategy=strategy,
+            placement_strategy=strategy, init=init,
         ),
     )
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: {', '.join(result.skipped) or 'nothing'}")
@@ -294,7 +320,8 @@ def inspect_command(
     split: Annotated[str, typer.Option(help="Split to take the image from.")] = "val2017",
     image_id: Annotated[int | None, typer.Option(help="The image with this COCO id.")] = None,
     index: Annotated[int, typer.Option(help="Else the image at this position of the split.")] = 0,
-    model_path: Annotated[str | None, typer.Option(help="Checkpoint or MLflow model URI; default: untrained.")] = None,
+    model_path: Annotated[str | None, typer.Option(help="Checkpoint, MLflow model URI or torchvision:FILE; default: "
+                                                        "untrained.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Detection score threshold (predictions).")] = None,
     step: Annotated[int, typer.Option(help="Train step whose flip augmentation `batch` shows.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the samplers and of an untrained model.")] = 0,
@@ -327,7 +354,8 @@ def inspect_command(
 @app.command("predict")
 def predict_command(
     images: Annotated[list[str], typer.Argument(help="JPEG / PNG files or folders of them.")],
-    model_path: Annotated[str, typer.Option(help="Checkpoint directory or MLflow model URI (runs:/ID/model).")],
+    model_path: Annotated[str, typer.Option(help="Checkpoint directory, MLflow model URI (runs:/ID/model) or "
+                                                 "torchvision:FILE (COCO's 80 categories).")],
     out: Annotated[str, typer.Option("--out", help="Folder for predictions.json, images.json and pictures.")],
     threshold: Annotated[float | None, typer.Option(help="Minimum score; default the model's own.")] = None,
     gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: a GPU when there is one.")] = None,
@@ -336,13 +364,17 @@ def predict_command(
 
     Example: mrcnn-cli predict photos/ street.jpg --model-path runs:/RUN_ID/model --out predictions --threshold 0.5
     """
+    from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.evaluation.predict import predict_images
+    from pipelines.models import ModelMismatchError
 
     device = None if gpu is None else ("cuda" if gpu else "cpu")
     try:
         result = predict_images(images, model_path, out, threshold=threshold, device=device)
     except FileNotFoundError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    except (WeightsFormatError, ModelMismatchError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="--model-path") from exc
     typer.echo(f"{len(result.images)} images, {result.num_detections} detections -> {result.predictions}")
 
 

@@ -2,11 +2,13 @@
 
 Order (docs/design.md, "Geometry"): level by level (P2 first), then row i, then column j, then ratio in config order.
 On a level of feature stride f, with d = anchor_stride * f, there are n = ceil(image_size / d) positions per side
-and anchor centres sit at ((j + 0.5) * d, (i + 0.5) * d). An anchor of scale s and ratio r (= width / height) is
-w = s * sqrt(r), h = s / sqrt(r). Anchors are (x1, y1, x2, y2) float32 in padded-image pixels.
+and anchor centres sit at ((j + offset) * d, (i + offset) * d), offset 0.5 by default (torchvision's: 0). An anchor
+of scale s and ratio r (= width / height) is w = s * sqrt(r), h = s / sqrt(r); with `round_sizes` its half-width and
+half-height are rounded to whole pixels (torchvision's base anchors). Anchors are (x1, y1, x2, y2) float32 in
+padded-image pixels.
 
-When d divides image_size the set is mirror-symmetric under x -> image_size - x: column j maps to column
-n - 1 - j with the same row, level and ratio, which is what `flip_permutation` returns.
+When d divides image_size and offset is 0.5 the set is mirror-symmetric under x -> image_size - x: column j maps to
+column n - 1 - j with the same row, level and ratio, which is what `flip_permutation` returns.
 """
 
 from __future__ import annotations
@@ -47,18 +49,25 @@ def generate_anchors(
     feature_strides: Sequence[int],
     ratios: Sequence[float],
     anchor_stride: int,
+    offset: float = 0.5,
+    round_sizes: bool = False,
 ) -> Tensor:
-    """All anchors of a square `image_size` input: float32 [A, 4] (x1, y1, x2, y2) in padded-image pixels."""
+    """All anchors of a square `image_size` input: float32 [A, 4] (x1, y1, x2, y2) in padded-image pixels.
+
+    offset: centres at (j + offset) * d; round_sizes: half-sizes rounded to whole pixels (half to even).
+    """
     _check(scales, feature_strides)
     levels = []
     for scale, stride in zip(scales, feature_strides, strict=True):
         n = _positions(image_size, stride, anchor_stride)
         step = anchor_stride * stride
         # float64 while building so mirrored anchors agree to float32 rounding
-        centres = (torch.arange(n, dtype=torch.float64) + 0.5) * step  # [n]
+        centres = (torch.arange(n, dtype=torch.float64) + offset) * step  # [n]
         r = torch.tensor(ratios, dtype=torch.float64)
         half_w = scale * r.sqrt() / 2  # [R]
         half_h = scale / r.sqrt() / 2  # [R]
+        if round_sizes:
+            half_w, half_h = half_w.round(), half_h.round()
         cy = centres[:, None, None]  # [n, 1, 1] row i
         cx = centres[None, :, None]  # [1, n, 1] column j
         shape = (n, n, len(ratios))
@@ -82,13 +91,19 @@ def flip_permutation(
     feature_strides: Sequence[int],
     ratios: Sequence[float],
     anchor_stride: int,
+    offset: float = 0.5,
+    round_sizes: bool = False,
 ) -> Tensor:
     """int64 [A]: index of each anchor's mirror image under x -> image_size - x (an involution).
 
-    Raises ValueError when anchor_stride * feature_stride does not divide image_size on some level: the centres
-    are then not mirror-symmetric and no such permutation exists.
+    Raises ValueError when anchor_stride * feature_stride does not divide image_size on some level, or when the
+    centres are not in the middle of their cells (offset != 0.5): the centres are then not mirror-symmetric and no
+    such permutation exists. Rounded sizes keep the symmetry (rounding is the same on both sides).
     """
     _check(scales, feature_strides)
+    if offset != 0.5:
+        raise ValueError(f"anchors are not mirror-symmetric: centres at (j + {offset}) * stride, not at "
+                         "(j + 0.5) * stride")
     perms = []
     offset = 0
     for stride in feature_strides:
@@ -110,6 +125,8 @@ def _config_kwargs(config) -> dict:
         "feature_strides": rpn.feature_strides,
         "ratios": rpn.anchor_ratios,
         "anchor_stride": rpn.anchor_stride,
+        "offset": rpn.anchor_offset,
+        "round_sizes": rpn.round_anchors,
     }
 
 

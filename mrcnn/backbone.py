@@ -9,6 +9,7 @@ Glossary: N images, C2..C5 the outputs of ResNet stages layer1..layer4 (strides 
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,13 +39,15 @@ class ResNetBackbone(nn.Module):
     state dict loads without renaming. `out_channels` lists the channels of C2..C5.
     """
 
-    def __init__(self, depth: int = 50, *, frozen_bn: bool = True, trainable_layers: int = 5):
+    def __init__(self, depth: int = 50, *, frozen_bn: bool = True, trainable_layers: int = 5,
+                 frozen_bn_eps: float = 1e-5):
         super().__init__()
         if depth not in RESNETS:
             raise ValueError(f"ResNet depth {depth} not supported (choose from {sorted(RESNETS)})")
         # FrozenBatchNorm2d: with 1-2 images per GPU, batch statistics are too noisy to train, so the
         # (pretrained) statistics and affine parameters are kept fixed, as in Detectron and torchvision.
-        norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        # frozen_bn_eps: its eps (torchvision's COCO v1 Mask R-CNN weights: 0.0)
+        norm_layer = partial(FrozenBatchNorm2d, eps=frozen_bn_eps) if frozen_bn else nn.BatchNorm2d
         resnet = RESNETS[depth](weights=None, norm_layer=norm_layer)
         self.depth = depth
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
@@ -89,8 +92,9 @@ class ResNetBackbone(nn.Module):
         return [c2, c3, c4, c5]
 
 
-def build_backbone(depth: int = 50, *, frozen_bn: bool = True, trainable_layers: int = 5) -> ResNetBackbone:
-    return ResNetBackbone(depth, frozen_bn=frozen_bn, trainable_layers=trainable_layers)
+def build_backbone(depth: int = 50, *, frozen_bn: bool = True, trainable_layers: int = 5,
+                   frozen_bn_eps: float = 1e-5) -> ResNetBackbone:
+    return ResNetBackbone(depth, frozen_bn=frozen_bn, trainable_layers=trainable_layers, frozen_bn_eps=frozen_bn_eps)
 
 
 def _find_backbone(model: nn.Module) -> ResNetBackbone:

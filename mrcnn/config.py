@@ -1,6 +1,6 @@
 """The one typed configuration of mrcnn-pipeline.
 
-Frozen dataclasses grouped by concern, two named presets (`coco`, `shapes`), YAML load/save,
+Frozen dataclasses grouped by concern, three named presets (`coco`, `shapes`, `torchvision`), YAML load/save,
 `section.field=value` overrides and the shard fingerprint. Every other module takes plain keyword
 arguments; only the `build_*` factories and the pipeline stages read a `Config`.
 """
@@ -51,6 +51,9 @@ class BackboneConfig:
     depth: Literal[18, 34, 50, 101] = 50  # ResNet depth
     fpn_channels: int = 256
     frozen_bn: bool = True
+    # eps of the FrozenBatchNorm2d layers (frozen_bn): x * w / sqrt(var + eps) + ...; torchvision's COCO v1 Mask R-CNN
+    # weights were trained with 0.0 (its `overwrite_eps(model, 0.0)` when they are loaded)
+    frozen_bn_eps: float = 1e-5
     trainable_layers: int = 5  # ResNet stages trained, counted from the top (5 = all, 0 = none)
 
 
@@ -62,13 +65,20 @@ class RPNConfig:
     feature_strides: tuple[int, ...] = (4, 8, 16, 32, 64)  # P2..P6
     anchor_ratios: tuple[float, ...] = (0.5, 1.0, 2.0)  # width / height
     anchor_stride: int = 2  # anchors at every anchor_stride-th feature cell
+    # anchor centres at ((j + anchor_offset) * d, (i + anchor_offset) * d), d = anchor_stride * feature stride:
+    # 0.5 puts them at the centre of their cell (mirror-symmetric, so flips work); torchvision's are at 0.0
+    anchor_offset: float = 0.5
+    round_anchors: bool = False  # anchor half-widths and half-heights rounded to whole pixels (torchvision's)
     positive_iou: float = 0.7
     negative_iou: float = 0.3
     crowd_iou: float = 0.001
     anchors_per_image: int = 256  # the per-step sample
     positive_fraction: float = 0.5
     pre_nms_topk: int = 6000
+    pre_nms_per_level: bool = False  # pre_nms_topk of each FPN level (torchvision's) rather than of the whole image
     nms_threshold: float = 0.7
+    nms_per_level: bool = False  # NMS within each FPN level (torchvision's) rather than over the whole image
+    min_size: float = 1.0  # proposals narrower or lower than this (px, after clipping) are dropped; torchvision 1e-3
     post_nms_train: int = 2000
     post_nms_test: int = 1000
     bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2)
@@ -85,6 +95,9 @@ class RoIConfig:
     pool_size: int = 7
     mask_pool_size: int = 14
     sampling_ratio: int = 2  # RoIAlign bilinear samples per bin side (torchvision's default 2; 0 = adaptive)
+    # RoIAlign's `aligned`: True samples at pixel centres (x - 0.5, our box convention); torchvision's
+    # MultiScaleRoIAlign uses False
+    aligned: bool = True
     fc_dim: int = 1024
     mask_conv_dim: int = 256
     mask_conv_layers: int = 4
@@ -105,6 +118,7 @@ class DetectionConfig:
     min_confidence: float = 0.7
     nms_threshold: float = 0.3
     max_detections: int = 100
+    min_size: float = 0.01  # detections narrower or lower than this (px, after clipping) are dropped (torchvision's)
 
 
 @dataclass(frozen=True)
@@ -230,6 +244,8 @@ class Config:
             "rpn.feature_strides": list(rpn.feature_strides),
             "rpn.anchor_ratios": list(rpn.anchor_ratios),
             "rpn.anchor_stride": rpn.anchor_stride,
+            "rpn.anchor_offset": rpn.anchor_offset,
+            "rpn.round_anchors": rpn.round_anchors,
             "rpn.positive_iou": rpn.positive_iou,
             "rpn.negative_iou": rpn.negative_iou,
             "rpn.crowd_iou": rpn.crowd_iou,
@@ -244,10 +260,21 @@ class Config:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# shard fields added after shards were first written, with the value every shard written before them has: a manifest
+# (or a checkpoint's config) without one of them is read as having this value
+LEGACY_SHARD_FIELDS: dict[str, Any] = {"rpn.anchor_offset": 0.5, "rpn.round_anchors": False}
+
+
 def fingerprint_diff(expected: dict[str, Any], actual: dict[str, Any]) -> list[str]:
-    """Names of the shard fields whose values differ, e.g. ['image.max_dim: 1024 != 256']."""
+    """Names of the shard fields whose values differ, e.g. ['image.max_dim: 1024 != 256']; a field of
+    `LEGACY_SHARD_FIELDS` missing on one side counts as its legacy value."""
     keys = sorted(set(expected) | set(actual))
-    return [f"{k}: {expected.get(k)!r} != {actual.get(k)!r}" for k in keys if expected.get(k) != actual.get(k)]
+
+    def value(fields: dict[str, Any], key: str) -> Any:
+        return fields[key] if key in fields else LEGACY_SHARD_FIELDS.get(key)
+
+    return [f"{k}: {value(expected, k)!r} != {value(actual, k)!r}" for k in keys
+            if value(expected, k) != value(actual, k)]
 
 
 # --------------------------------------------------------------------- presets
@@ -304,7 +331,39 @@ def shapes() -> Config:
     )
 
 
-PRESETS = {"coco": coco, "shapes": shapes}
+def torchvision_maskrcnn() -> Config:
+    """torchvision's `maskrcnn_resnet50_fpn` (v1): every setting where its conventions differ from ours, so that its
+    weights, converted by `mrcnn.torchvision_weights`, give its outputs (docs/design.md, "Model")."""
+    return Config(
+        name="torchvision",
+        # torchvision resizes to 800 (short side), at most 1333 (long side); the canvas must be a multiple of 64.
+        # PNG: no JPEG loss between the original image and the network
+        image=ImageConfig(min_dim=800, max_dim=1344, encoding="png"),
+        backbone=BackboneConfig(depth=50, fpn_channels=256, frozen_bn=True, frozen_bn_eps=0.0),
+        rpn=RPNConfig(
+            # torchvision's aspect ratios are height / width (0.5, 1, 2); ours are width / height, in the same order
+            # of the RPN head's channels
+            anchor_ratios=(2.0, 1.0, 0.5),
+            anchor_stride=1,
+            anchor_offset=0.0,
+            round_anchors=True,
+            pre_nms_topk=1000,  # torchvision's testing value (2000 in its training)
+            pre_nms_per_level=True,
+            nms_per_level=True,
+            min_size=1e-3,
+            bbox_std=(1.0, 1.0, 1.0, 1.0),  # its RPN BoxCoder's weights (1, 1, 1, 1)
+        ),
+        roi=RoIConfig(aligned=False, rois_per_image=512, positive_fraction=0.25),  # its box sampler: 512, 0.25
+        detection=DetectionConfig(min_confidence=0.05, nms_threshold=0.5, max_detections=100, min_size=0.01),
+        # anchors at j * stride are not mirror-symmetric: no flips. "3+": torchvision's trainable_backbone_layers=3
+        train=TrainConfig(flip=False, layers="3+"),
+        evaluate=EvalConfig(min_confidence=0.05),  # its published COCO numbers are at box_score_thresh 0.05
+    )
+
+
+PRESETS = {"coco": coco, "shapes": shapes, "torchvision": torchvision_maskrcnn}
+# the presets of models trained here from scratch; the others reproduce pretrained weights' conventions
+_OWN_PRESETS = ("coco", "shapes")
 
 
 def load_config(preset_or_file: str = "coco", overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -314,7 +373,9 @@ def load_config(preset_or_file: str = "coco", overrides: list[str] | tuple[str, 
     else:
         path = Path(preset_or_file)
         if not path.is_file():
-            raise ConfigError(f"--config {preset_or_file!r}: neither a preset ({', '.join(PRESETS)}) nor a file")
+            others = ", ".join(p for p in PRESETS if p not in _OWN_PRESETS)
+            raise ConfigError(f"--config {preset_or_file!r}: neither a preset ({', '.join(_OWN_PRESETS)}) nor a file, "
+                              f"nor a preset of pretrained weights ({others})")
         config = Config.load(path)
     return config.override(list(overrides)) if overrides else config
 
@@ -344,6 +405,8 @@ _RANGES: dict[str, tuple] = {
     "image.min_dim": _AT_LEAST_1, "image.max_dim": _AT_LEAST_1, "image.jpeg_quality": _between(1, 100),
     "image.pixel_std": _POSITIVE,
     "backbone.fpn_channels": _AT_LEAST_1, "backbone.trainable_layers": _between(0, 5),
+    "backbone.frozen_bn_eps": _AT_LEAST_0, "rpn.anchor_offset": _between(0, 1, hi_open=True),
+    "rpn.min_size": _AT_LEAST_0, "detection.min_size": _AT_LEAST_0,
     "rpn.anchor_scales": _AT_LEAST_1, "rpn.feature_strides": _AT_LEAST_1, "rpn.anchor_ratios": _POSITIVE,
     "rpn.anchor_stride": _AT_LEAST_1, "rpn.positive_iou": _OPEN_FRACTION, "rpn.negative_iou": _FRACTION,
     "rpn.crowd_iou": _FRACTION, "rpn.anchors_per_image": _AT_LEAST_1, "rpn.positive_fraction": _OPEN_FRACTION,
@@ -380,6 +443,17 @@ def _check_choice(key: str, hint: Any, value: Any) -> None:
     # True == 1 in Python: a bool is no choice of an int setting, nor is 1 of a str one
     if allowed is not None and not any(value == a and type(value) is type(a) for a in allowed):
         raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+
+
+def check_flip(config: Config) -> None:
+    """ConfigError naming train.flip when it is set and the anchors are off the middle of their cells
+    (`rpn.anchor_offset` other than 0.5, torchvision's 0 among them): they are then not mirror-symmetric. Checked
+    where training starts (a config that only evaluates or predicts may hold both)."""
+    rpn = config.rpn
+    if config.train.flip and rpn.anchor_offset != 0.5:
+        raise ConfigError(f"config key 'train.flip': flips need mirror-symmetric anchors, and rpn.anchor_offset "
+                          f"{rpn.anchor_offset} puts their centres off the middle of their cells (only 0.5 does); set "
+                          "train.flip=false or rpn.anchor_offset=0.5")
 
 
 def _validate(config: Config) -> None:

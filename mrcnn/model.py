@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mrcnn.anchors import anchors_from_config, flip_permutation_from_config
+from mrcnn.anchors import anchors_from_config, anchors_per_level, flip_permutation_from_config
 from mrcnn.backbone import ResNetBackbone
 from mrcnn.config import Config
 from mrcnn.detection_targets import sample_detection_targets
@@ -40,10 +40,11 @@ LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask"
 class MaskRCNN(nn.Module):
     """The model from finished parts plus plain settings (see `build_model` for where each comes from).
 
-    proposal_settings: generate_proposals kwargs except post_nms_topk (pre_nms_topk, nms_threshold, bbox_std);
+    proposal_settings: generate_proposals kwargs except post_nms_topk (pre_nms_topk, nms_threshold, bbox_std,
+    min_size, level_sizes, pre_nms_per_level, nms_per_level);
     post_nms_train / post_nms_test: proposals kept per image; rpn_sample_settings: rpn_losses kwargs
     (num_samples, positive_fraction); target_settings: sample_detection_targets kwargs; pool_settings:
-    pool_rois kwargs except output_size (strides, canonical_level, canonical_size, sampling_ratio);
+    pool_rois kwargs except output_size (strides, canonical_level, canonical_size, sampling_ratio, aligned);
     detection_settings: detect kwargs; loss_weights: one weight per LOSS_KEYS entry. anchors: [A, 4];
     flip_perm: int64 [A] or None.
     """
@@ -178,7 +179,8 @@ def build_model(config: Config, num_classes: int) -> MaskRCNN:
     bb, rpn, roi, mask = config.backbone, config.rpn, config.roi, config.mask
     if mask.mask_size != 2 * roi.mask_pool_size:
         raise ValueError(f"mask.mask_size ({mask.mask_size}) must be 2 x roi.mask_pool_size ({roi.mask_pool_size})")
-    backbone = ResNetBackbone(bb.depth, frozen_bn=bb.frozen_bn, trainable_layers=bb.trainable_layers)
+    backbone = ResNetBackbone(bb.depth, frozen_bn=bb.frozen_bn, trainable_layers=bb.trainable_layers,
+                              frozen_bn_eps=bb.frozen_bn_eps)
     fpn = FPN(backbone.out_channels, bb.fpn_channels)
     rpn_head = RPNHead(
         bb.fpn_channels, len(rpn.anchor_ratios), head_channels=rpn.head_channels, anchor_stride=rpn.anchor_stride
@@ -202,6 +204,13 @@ def build_model(config: Config, num_classes: int) -> MaskRCNN:
             "pre_nms_topk": rpn.pre_nms_topk,
             "nms_threshold": rpn.nms_threshold,
             "bbox_std": rpn.bbox_std,
+            "min_size": rpn.min_size,
+            "level_sizes": tuple(anchors_per_level(
+                image_size=config.image.max_dim, scales=rpn.anchor_scales, feature_strides=rpn.feature_strides,
+                ratios=rpn.anchor_ratios, anchor_stride=rpn.anchor_stride,
+            )),
+            "pre_nms_per_level": rpn.pre_nms_per_level,
+            "nms_per_level": rpn.nms_per_level,
         },
         post_nms_train=rpn.post_nms_train,
         post_nms_test=rpn.post_nms_test,
@@ -221,12 +230,14 @@ def build_model(config: Config, num_classes: int) -> MaskRCNN:
             "canonical_level": roi.canonical_level,
             "canonical_size": roi.canonical_size,
             "sampling_ratio": roi.sampling_ratio,
+            "aligned": roi.aligned,
         },
         detection_settings={
             "bbox_std": roi.bbox_std,
             "min_confidence": config.detection.min_confidence,
             "nms_threshold": config.detection.nms_threshold,
             "max_detections": config.detection.max_detections,
+            "min_size": config.detection.min_size,
         },
         loss_weights={key: getattr(config.train, key) for key in LOSS_KEYS},
     )

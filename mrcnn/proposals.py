@@ -5,11 +5,19 @@ the image window (the unpadded region), boxes thinner than `min_size` dropped, N
 then the best `post_nms_topk` kept. All images go through one batched NMS call (the image index is the NMS
 group), so nothing loops over images or anchors in Python.
 
-Glossary: N images, A anchors, K = min(pre_nms_topk, A) candidates per image.
-Boxes: (x1, y1, x2, y2) in padded-image pixels.
+torchvision's (and Detectron's FPN) variant, given the anchors per level (`level_sizes`): `pre_nms_per_level`
+takes the `pre_nms_topk` best of each level, and `nms_per_level` suppresses only within a level (the NMS group is
+then (image, level)), ranking by the sigmoid probabilities as torchvision's `filter_proposals` does (logits that
+differ can share one float32 probability near 1; the order among such ties is then torchvision's); the
+`post_nms_topk` best of an image are still kept over all its levels.
+
+Glossary: N images, A anchors, L levels, K candidates per image (min(pre_nms_topk, A), or the sum over the
+levels of min(pre_nms_topk, A_l)). Boxes: (x1, y1, x2, y2) in padded-image pixels.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -61,11 +69,15 @@ def generate_proposals(
     nms_threshold: float,
     bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
     min_size: float = 1.0,
+    level_sizes: Sequence[int] | None = None,
+    pre_nms_per_level: bool = False,
+    nms_per_level: bool = False,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Proposals for each image.
 
     objectness: [N, A] logits; deltas: [N, A, 4] (divided by `bbox_std`); anchors: [A, 4] padded pixels;
-    windows: [N, 4] (x1, y1, x2, y2), the unpadded region of each image.
+    windows: [N, 4] (x1, y1, x2, y2), the unpadded region of each image. level_sizes: anchors per level, in anchor
+    order (sum A), needed by `pre_nms_per_level` and `nms_per_level`.
     Returns (boxes, scores): N tensors [P_i, 4] padded pixels and [P_i] objectness probabilities, sorted by
     decreasing score, P_i <= post_nms_topk.
 
@@ -73,10 +85,21 @@ def generate_proposals(
     the proposal coordinates; the RPN learns from its own losses only.
     """
     num_images, num_anchors = objectness.shape
+    if (pre_nms_per_level or nms_per_level) and (level_sizes is None or sum(level_sizes) != num_anchors):
+        raise ValueError(f"per-level proposals need the anchors per level summing to {num_anchors}, got {level_sizes}")
     # Box coding in float32, also under bf16 autocast: exp() of the size deltas needs the range.
     objectness, deltas = objectness.float(), deltas.float()
-    k = min(pre_nms_topk, num_anchors)
-    scores, idx = objectness.topk(k, dim=1)  # [N, K], best first
+    if pre_nms_per_level:
+        # each level's best, level by level: (N, A_l) -> (N, K_l), concatenated to (N, K)
+        parts, first = [], 0
+        for size in level_sizes:
+            parts.append(objectness[:, first : first + size].topk(min(pre_nms_topk, size), dim=1)[1] + first)
+            first += size
+        idx = torch.cat(parts, dim=1)
+        scores = torch.gather(objectness, 1, idx)
+    else:
+        scores, idx = objectness.topk(min(pre_nms_topk, num_anchors), dim=1)  # [N, K], best first
+    k = idx.shape[1]
     # (N, A, 4) -> (N, K, 4): the deltas of the chosen anchors
     top_deltas = torch.gather(deltas, 1, idx.unsqueeze(-1).expand(-1, -1, 4))
     top_anchors = anchors.to(deltas.dtype)[idx]  # [N, K, 4]
@@ -86,9 +109,15 @@ def generate_proposals(
     sizes = boxes[..., 2:] - boxes[..., :2]
     valid = (sizes >= min_size).all(dim=-1)  # [N, K]
     image_idx = torch.arange(num_images, device=boxes.device).unsqueeze(1).expand(num_images, k)
-    boxes, scores, image_idx = boxes[valid], scores[valid], image_idx[valid]  # [M, 4], [M], [M]
-    # The image index as NMS group: one call suppresses within each image only; `keep` is in score order.
-    keep = batched_nms(boxes, scores, image_idx, nms_threshold)
+    groups = image_idx
+    if nms_per_level:  # (image, level) groups: level of anchor a, gathered like the scores
+        anchor_level = torch.repeat_interleave(torch.arange(len(level_sizes), device=boxes.device),
+                                               torch.as_tensor(list(level_sizes), device=boxes.device))
+        groups = image_idx * len(level_sizes) + anchor_level[idx]
+    boxes, scores, image_idx, groups = boxes[valid], scores[valid], image_idx[valid], groups[valid]  # [M, 4], [M] x 3
+    # The image index as NMS group: one call suppresses within each image only (within each of its levels with
+    # nms_per_level); `keep` is in score order.
+    keep = batched_nms(boxes, torch.sigmoid(scores) if nms_per_level else scores, groups, nms_threshold)
     keep = keep[top_per_group(image_idx[keep], post_nms_topk)]  # grouped by image, best first in each
     return (
         split_by_image(boxes[keep], image_idx[keep], num_images),

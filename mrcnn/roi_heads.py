@@ -36,12 +36,14 @@ def pool_rois(
     canonical_level: int = 4,
     canonical_size: int = 224,
     sampling_ratio: int = 2,
+    aligned: bool = True,
 ) -> Tensor:
     """RoIAlign each RoI on its FPN level.
 
     features: [P2, .., P5], Pl: [N, C, Hl, Wl] with stride strides[l - 2]; rois: [R, 5] (image index, x1, y1,
     x2, y2) padded px -> [R, C, output_size, output_size]. Loops over the (4) levels, never over RoIs.
-    aligned=True: a pixel's centre is at +0.5, the convention of our boxes (pixel i covers [i, i+1)).
+    aligned=True: a pixel's centre is at +0.5, the convention of our boxes (pixel i covers [i, i+1));
+    aligned=False samples half a feature cell off (torchvision's MultiScaleRoIAlign, which its weights learned).
     """
     min_level = int(round(math.log2(strides[0])))
     max_level = min_level + len(features) - 1
@@ -63,7 +65,7 @@ def pool_rois(
             output_size=output_size,
             spatial_scale=1.0 / strides[offset],
             sampling_ratio=sampling_ratio,
-            aligned=True,
+            aligned=aligned,
         )
         pooled.append(level_pooled.to(feature.dtype))
         order.append(idx)

@@ -31,6 +31,7 @@ from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_nodes, init_ray
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_bytes
+from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, torchvision_file
 from pipelines.training.train import TrainRequest, train
 
 log = get_logger("run")
@@ -164,12 +165,14 @@ class PipelineRequest:
     cpus_per_worker: float = 1.0
     placement_strategy: str = "PACK"
     eval_limit: int | None = None
+    init: str | None = None  # train from these weights (`train --init`): our checkpoint, or torchvision:FILE
 
 
 def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     """The three stages of `mrcnn-cli run` with what each one's output depends on."""
 
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
+    init = absolute_model_path(request.init) if request.init else None  # the stages run where the cwd is not this
     annotations_hash = {name: _file_sha256(ann) for name, ann, _ in splits}
     uri = tracking.resolve_tracking_uri(request.tracking_uri)
 
@@ -193,7 +196,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
                 workers=request.workers, use_gpu=request.use_gpu, storage=out_dir, run_name="train",
                 tracking_uri=uri, experiment=request.experiment, parent_run_id=parent,
                 cpus_per_worker=request.cpus_per_worker, placement_strategy=request.placement_strategy,
-                extra_tags={"preprocess_run_id": upstream["preprocess"]["run_id"]},
+                model_path=init, extra_tags={"preprocess_run_id": upstream["preprocess"]["run_id"]},
             ),
         )
         return {"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint, "run_id": result.run_id,
@@ -215,7 +218,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     fields_of = stage_config_fields(config)
     return [
         Stage("preprocess", {**data_inputs, **fields_of["preprocess"]}, preprocess_stage),
-        Stage("train", {**fields_of["train"], "workers": request.workers}, train_stage),
+        Stage("train", {**fields_of["train"], "workers": request.workers, **_init_inputs(init)}, train_stage),
         Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit}, evaluate_stage),
     ]
 
@@ -265,6 +268,17 @@ def _local_dir(out_dir: str) -> Iterator[str]:
     with tempfile.TemporaryDirectory() as tmp:
         yield tmp
         pafs.copy_files(tmp, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=filesystem)
+
+
+def _init_inputs(init: str | None) -> dict[str, str]:
+    """What the train stage's output depends on in `--init`: nothing without it (the keys stay as they were), else the
+    location and, for a torchvision file, its sha256 (a file replaced in place retrains)."""
+    if not init:
+        return {}
+    inputs = {"init": init}
+    if is_torchvision_path(init):
+        inputs["init_sha256"] = _file_sha256(torchvision_file(init))
+    return inputs
 
 
 def _file_sha256(path: str) -> str:

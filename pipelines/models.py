@@ -1,8 +1,13 @@
-"""A trained model from wherever it lives: a checkpoint folder (local or URI) or an MLflow model URI.
+"""A trained model from wherever it lives: a checkpoint folder (local or URI), an MLflow model URI, or
+`torchvision:FILE` (torchvision's Mask R-CNN v1 state dict, pipelines/training/pretrained.py).
 
 `model_spec(path)` reads what the model is (config, categories) without loading weights; `load_model(spec)`
 builds and loads it in eval mode; `check_model_fits(spec, manifest)` refuses shards of another geometry or
 another category set. Used by evaluate, predict and inspect.
+
+A torchvision file carries neither config nor categories: its config is the `torchvision` preset, its categories
+those of the shards it is evaluated on (`model_spec(path, categories=manifest["categories"])`, which must be COCO's,
+all or some of them), else COCO's 80 (torchvision's own names, from its weights' meta).
 """
 
 from __future__ import annotations
@@ -18,6 +23,14 @@ from pipelines.data.categories import CategoryMap
 from pipelines.infra import tracking
 from pipelines.infra.storage import exists, filesystem_for
 from pipelines.training.checkpoints import CheckpointError, load_checkpoint, load_model_state, read_meta
+from pipelines.training.pretrained import (
+    absolute_model_path,
+    class_rows,
+    coco_categories,
+    is_torchvision_path,
+    load_torchvision_file,
+    torchvision_config,
+)
 
 
 class ModelMismatchError(ValueError):
@@ -33,8 +46,14 @@ class ModelSpec:
     num_classes: int
     checkpoint: str | None = None
     mlflow_uri: str | None = None
+    torchvision: str | None = None  # `torchvision:FILE`
     # where `mlflow_uri` resolves (runs:/, models:/): the tracking store, carried to the Ray actors that load it
     tracking_uri: str | None = None
+
+    @property
+    def location(self) -> str | None:
+        """Where the weights come from, as given."""
+        return self.checkpoint or self.mlflow_uri or self.torchvision
 
 
 MLFLOW_MODEL_SCHEMES = ("runs", "models", "mlflow-artifacts")
@@ -47,12 +66,26 @@ def is_mlflow_model_uri(model_path: str) -> bool:
     return bool(sep) and scheme.lower() in MLFLOW_MODEL_SCHEMES
 
 
-def model_spec(model_path: str, *, tracking_uri: str | None = None) -> ModelSpec:
+def model_spec(model_path: str, *, categories: dict[str, Any] | None = None,
+               tracking_uri: str | None = None) -> ModelSpec:
     """Read a checkpoint's meta.json (local path or URI), or an MLflow model's carried meta, without building
     the model. A location without meta.json but with an MLmodel file (an MLflow model saved to a path or an
     artifact store URI) is an MLflow model too. `tracking_uri`: the store MLflow model URIs resolve in (default:
-    `pipelines.infra.tracking.resolve_tracking_uri()`, as the stages log to)."""
+    `pipelines.infra.tracking.resolve_tracking_uri()`, as the stages log to).
 
+    categories: for `torchvision:FILE` only (other models carry theirs), the category map (`CategoryMap.to_dict()`
+    form, e.g. a manifest's "categories") its COCO-indexed classes are mapped to; default COCO's 80."""
+
+    if is_torchvision_path(model_path):
+        wanted = CategoryMap.from_dict(categories) if categories is not None else coco_categories()
+        if class_rows(wanted) is None:
+            raise ModelMismatchError(
+                f"{model_path} predicts COCO's categories, and these are not COCO's (ids and names): "
+                f"{', '.join(f'{c} {n!r}' for c, n in zip(wanted.coco_ids[:5], wanted.names[:5], strict=True))}"
+            )
+        # made absolute: evaluate loads it in Ray actors, which do not share this working directory
+        return ModelSpec(torchvision_config(), wanted.to_dict(), wanted.num_classes,
+                         torchvision=absolute_model_path(model_path))
     if not is_mlflow_model_uri(model_path):
         try:
             meta = read_meta(model_path)
@@ -76,7 +109,15 @@ def load_model(spec: ModelSpec, *, device: torch.device | str = "cpu", min_confi
     if min_confidence is not None:
         config = replace(config, detection=replace(config.detection, min_confidence=min_confidence))
     model = build_model(config, num_classes=spec.num_classes)
-    if spec.checkpoint:
+    if spec.torchvision:
+        report = load_torchvision_file(model, spec.torchvision, CategoryMap.from_dict(spec.categories))
+        if report.format != "maskrcnn" or report.reinitialised:
+            raise ModelMismatchError(
+                f"{spec.torchvision} is not a model of these classes: an ImageNet ResNet has no detection heads, a "
+                "Mask R-CNN of another class count no class layers for them; start training from it with train "
+                f"--init ({report.summary()})"
+            )
+    elif spec.checkpoint:
         load_model_state(model, load_checkpoint(spec.checkpoint).model)
     else:
         load_model_state(model, _load_mlflow_model(spec.mlflow_uri, spec.tracking_uri).state_dict())

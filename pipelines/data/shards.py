@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from mrcnn.config import Config, fingerprint_diff
+from mrcnn.config import LEGACY_SHARD_FIELDS, Config, fingerprint_diff
 from mrcnn.mini_masks import unpack_masks
 from mrcnn.rpn_targets import dense_rpn_targets
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_file
@@ -88,7 +88,11 @@ def check_fingerprint(manifest: dict[str, Any], config: Config) -> None:
     """Refuse shards made with another shard config, naming each differing field (FingerprintMismatch)."""
     if manifest.get("fingerprint") == config.fingerprint():
         return
-    diff = fingerprint_diff(manifest.get("shard_fields", {}), config.shard_fields())
+    theirs = manifest.get("shard_fields", {})
+    diff = fingerprint_diff(theirs, config.shard_fields())
+    if not diff and set(theirs) < set(config.shard_fields()) and set(config.shard_fields()) - set(theirs) <= set(
+            LEGACY_SHARD_FIELDS):
+        return  # shards written before some shard fields existed, with the values those fields have now
     raise FingerprintMismatch(diff or [f"fingerprint: {manifest.get('fingerprint')!r} != {config.fingerprint()!r}"])
 
 

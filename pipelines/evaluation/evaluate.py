@@ -39,7 +39,7 @@ log = get_logger("evaluate")
 @dataclass(frozen=True)
 class EvaluateRequest:
     shards: str
-    model_path: str  # a checkpoint directory or an MLflow model URI (runs:/..., models:/...)
+    model_path: str  # a checkpoint directory, an MLflow model URI (runs:/..., models:/...) or torchvision:FILE
     split: str = "val2017"
     annotations: str | None = None  # default: the one recorded in the manifest
     workers: int = 1
@@ -171,8 +171,11 @@ def predict_split(
 
 def evaluate(request: EvaluateRequest) -> EvaluateResult:
     manifest = read_manifest(request.shards)
-    spec = model_spec(request.model_path, tracking_uri=request.tracking_uri)
+    spec = model_spec(request.model_path, categories=manifest["categories"],  # (a torchvision file's: the shards')
+                      tracking_uri=request.tracking_uri)
     check_model_fits(spec, manifest)
+    if spec.torchvision:  # a file that does not fit is refused here, naming its keys, not in each inference actor
+        load_model(spec)
     if request.detection or request.settings:  # the caller's detection / evaluation settings over the model's
         spec = replace(spec, config=replace(spec.config, detection=request.detection or spec.config.detection,
                                             evaluate=request.settings or spec.config.evaluate))

@@ -57,7 +57,7 @@ class InspectRequest:
     split: str = "val2017"
     image_id: int | None = None
     index: int = 0
-    model_path: str | None = None  # checkpoint directory or MLflow model URI; None: an untrained model
+    model_path: str | None = None  # checkpoint directory, MLflow model URI or torchvision:FILE; None: untrained
     config: Config | None = None  # for --dataset without a model, and anchors without data; default coco
     threshold: float | None = None
     step: int = 0  # the train step whose flips `batch` shows
@@ -79,9 +79,12 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
     spec = None
     if request.model_path and uses_model:
 
-        spec = model_spec(request.model_path, tracking_uri=request.tracking_uri)
-        if request.shards:
-            check_model_fits(spec, read_manifest(request.shards))
+        manifest = read_manifest(request.shards) if request.shards else None
+        # a torchvision file's classes are the shards' (COCO's 80 without shards)
+        spec = model_spec(request.model_path, categories=manifest["categories"] if manifest else None,
+                          tracking_uri=request.tracking_uri)
+        if manifest:
+            check_model_fits(spec, manifest)
     # the shards' own config unless a model's (just checked to share their geometry)
     config = spec.config if spec else (None if request.shards else request.config)
     sample = None

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from mrcnn.anchors import anchors_per_level, generate_anchors
+from mrcnn.anchors import anchors_from_config, anchors_per_level
 from mrcnn.box_coder import decode
 from mrcnn.config import Config
 from mrcnn.geometry import coco_bbox_to_box
@@ -66,9 +66,8 @@ def anchors_picture(config: Config, path: str | os.PathLike, sample: Sample | No
     """Anchors of every ratio at three positions of each level (centre, and a quarter in from two corners),
     every anchor centre of the coarser levels as a dot, and the counts; on the sample's image when given."""
 
-    kwargs = _anchor_kwargs(config)
-    anchors = generate_anchors(**kwargs).numpy()
-    per_level = anchors_per_level(**kwargs)
+    anchors = anchors_from_config(config).numpy()  # with the config's centre offset and rounding
+    per_level = anchors_per_level(**_anchor_kwargs(config))
     total, size, ratios = len(anchors), config.image.max_dim, config.rpn.anchor_ratios
     title = (f"anchors: {total:,} in total, per level {', '.join(f'{n:,}' for n in per_level)}\n"
              f"'{config.name}' config, {size}x{size} input, anchor stride {config.rpn.anchor_stride}, "

@@ -91,7 +91,7 @@ def model_run(sample: Sample, *, spec: Any = None, threshold: float | None = Non
             raise ModelMismatchError(f"the model's categories (COCO ids {_coco_ids(spec.categories)}) differ from "
                                      f"the data's ({list(sample.categories.coco_ids)})")
         model = load_model(spec, device=device, min_confidence=threshold)
-        return ModelRun(model, sample, f"model {spec.checkpoint or spec.mlflow_uri}")
+        return ModelRun(model, sample, f"model {spec.location}")
     config = sample.config
     if threshold is not None:
         config = replace(config, detection=replace(config.detection, min_confidence=threshold))
@@ -128,7 +128,8 @@ def proposals_picture(run: ModelRun, path: str | os.PathLike) -> dict[str, Any]:
     model, sample = run.model, run.sample
     settings = model.proposal_settings
     num_anchors = len(model.anchors)
-    candidates = min(settings["pre_nms_topk"], num_anchors)
+    candidates = (sum(min(settings["pre_nms_topk"], n) for n in settings["level_sizes"])
+                  if settings.get("pre_nms_per_level") else min(settings["pre_nms_topk"], num_anchors))
     # every box surviving NMS (post_nms_topk = A), then the first post_nms_test: what the model keeps
     boxes, scores = _proposals(run, num_anchors)
     after_nms = len(boxes)

@@ -26,6 +26,7 @@ from mrcnn.backbone import load_backbone_weights
 from mrcnn.config import Config, GradCompression
 from mrcnn.flip import flip_batch
 from mrcnn.model import LOSS_KEYS, build_model
+from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import to_device
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger, setup_logging
@@ -37,6 +38,7 @@ from pipelines.training.optim import (
     scaled_lr,
     set_trainable_layers,
 )
+from pipelines.training.pretrained import initialise_from_torchvision, is_torchvision_path
 
 log = get_logger("train")
 
@@ -54,7 +56,9 @@ class LoopConfig:
     num_classes: int
     total_steps: int  # the schedule's length
     steps_per_epoch: int
-    model_path: str | None = None  # our checkpoint to fine-tune from
+    # where the weights start (`--init`): our checkpoint to fine-tune from, or `torchvision:FILE` (torchvision's Mask
+    # R-CNN or ImageNet ResNet state dict, pipelines/training/pretrained.py)
+    model_path: str | None = None
     backbone_weights: str | None = None  # a torchvision ResNet state dict
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None  # rank 0 logs metrics and tags here
@@ -377,9 +381,13 @@ def record_placement(loop_config: LoopConfig, rank: int, world: int) -> list[str
 
 
 def initialise(model: nn.Module, loop_config: LoopConfig) -> list[str]:
-    """`--model-path` (our checkpoint, fine-tuning) and `--backbone-weights` (torchvision ResNet state dict)."""
+    """`--init` (our checkpoint, or `torchvision:FILE`; fine-tuning) and `--backbone-weights` (torchvision ResNet
+    state dict). Returns the lines that say what was loaded (rank 0 prints them)."""
     messages = []
-    if loop_config.model_path:
+    if is_torchvision_path(loop_config.model_path):
+        messages += initialise_from_torchvision(model, loop_config.model_path,
+                                                CategoryMap.from_dict(loop_config.categories), loop_config.config)
+    elif loop_config.model_path:
         state = load_checkpoint(loop_config.model_path)
         reinit = load_model_state(model, state.model, reinit_class_layers=True)
         messages.append(f"initialised from {loop_config.model_path} (step {state.step})")

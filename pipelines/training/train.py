@@ -16,7 +16,7 @@ from typing import Any
 import mrcnn
 import pipelines
 from mrcnn.anchors import anchors_from_config
-from mrcnn.config import Config, fingerprint_diff
+from mrcnn.config import Config, ConfigError, check_flip, fingerprint_diff
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import batches_dataset
@@ -27,6 +27,7 @@ from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
 from pipelines.infra.storage import absolute
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
 from pipelines.training.loop import LoopConfig, total_steps_for, train_loop_per_worker
+from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, load_torchvision_file
 
 log = get_logger("train")
 
@@ -44,7 +45,7 @@ class TrainRequest:
     steps: int | None = None
     batch_size: int | None = None
     layers: str | None = None
-    model_path: str | None = None
+    model_path: str | None = None  # `--init`: our checkpoint, or torchvision:FILE
     backbone_weights: str | None = None
     resume: bool = False
     storage: str | None = None
@@ -103,6 +104,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
 
     if request.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
+    check_flip(config)  # flips need centred anchors (the torchvision preset's are not: it sets train.flip=false)
     manifest = read_manifest(request.shards)
     check_fingerprint(manifest, config)  # before any work: shards made with another config are refused
     config = apply_request(config, request)
@@ -112,6 +114,9 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     val_split = request.val_split if request.val_split in splits else None
     categories = manifest["categories"]
     num_classes = CategoryMap.from_dict(categories).num_classes
+    if is_torchvision_path(request.model_path):  # a file that does not fit is refused here, not in each worker
+        load_torchvision_file(build_model(config, num_classes=num_classes), request.model_path,
+                              CategoryMap.from_dict(categories))
 
     init_ray(request.address)
     use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu
@@ -177,7 +182,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         num_classes=num_classes,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        model_path=absolute(request.model_path) if request.model_path else None,
+        model_path=absolute_model_path(request.model_path) if request.model_path else None,
         backbone_weights=absolute(request.backbone_weights) if request.backbone_weights else None,
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
@@ -241,7 +246,12 @@ def resume_refusal(meta: dict[str, Any], config: Config, fingerprint: str) -> st
     `fingerprint`, or None when it is: another run's weights would be trained on as if they were this one's."""
     if meta.get("fingerprint") != fingerprint:
         return f"made from other shards (fingerprint {meta.get('fingerprint')!r}, these are {fingerprint!r})"
-    theirs = tracking.flatten("", meta.get("config") or {})
+    if not meta.get("config"):
+        return "its meta.json holds no config"
+    try:  # through the typed config: settings added since the checkpoint was written read as their defaults
+        theirs = tracking.flatten("", Config.from_dict(meta["config"]).to_dict())
+    except ConfigError as exc:
+        return f"its config does not load: {exc}"
     diff = fingerprint_diff(theirs, tracking.flatten("", config.to_dict()))
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""

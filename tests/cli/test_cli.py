@@ -137,3 +137,38 @@ def test_demo_short_variant_then_run_skips_every_stage(ray_session, tmp_path, mo
                                 "--work-dir", str(tmp_path / "pipeline")])
     assert rerun.exit_code == 0, rerun.output
     assert "ran: nothing; skipped: preprocess, train, evaluate" in rerun.output
+
+
+def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys(tmp_path):
+    """`predict --model-path torchvision:FILE` and `train --init torchvision:FILE` (on the driver, before Ray starts)
+    refuse a state dict that is neither torchvision's Mask R-CNN nor its ResNet, naming its first keys."""
+    from pipelines.data.categories import CategoryMap
+    from pipelines.data.shards import SCHEMA_VERSION
+
+    bad = tmp_path / "bad.pt"
+    torch.save({"encoder.weight": torch.zeros(2), "decoder.bias": torch.zeros(1)}, bad)
+    image = tmp_path / "1.png"
+    Image.new("RGB", (40, 30)).save(image)
+    words = "fits neither torchvision's Mask R-CNN state dict"
+    result = runner.invoke(app, ["predict", str(image), "--model-path", f"torchvision:{bad}", "--out",
+                                 str(tmp_path / "out"), "--no-gpu"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and words in text and "first keys encoder.weight, decoder.bias" in text, result.output
+    config = shapes()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
+        "splits": {"train2017": {"num_images": 4}},
+        "categories": CategoryMap((1, 3), ("circle", "square")).to_dict()}))
+    result = runner.invoke(app, ["train", "--shards", str(shards), "--config", "shapes",
+                                 "--init", f"torchvision:{bad}"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "--init" in text and words in text and "encoder.weight" in text, result.output
+
+
+def test_flips_with_off_centre_anchors_are_refused_before_any_work():
+    result = runner.invoke(app, ["train", "--shards", "nowhere", "--config", "shapes",
+                                 "--set", "rpn.anchor_offset=0.0"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "'train.flip': flips need mirror-symmetric anchors" in text, result.output

@@ -111,3 +111,33 @@ def test_flip_permutation_refuses_asymmetric_layout():
 def test_one_scale_per_level_is_required():
     with pytest.raises(ValueError, match="one anchor scale per level"):
         generate_anchors(image_size=8, scales=(4, 8), feature_strides=(4,), ratios=(1.0,), anchor_stride=1)
+
+
+def test_torchvision_convention_equals_its_anchor_generator():
+    """`rpn.anchor_offset=0` and `rpn.round_anchors` at the `torchvision` preset: exactly the anchors of torchvision's
+    AnchorGenerator for maskrcnn_resnet50_fpn (its ratios are h / w, ours w / h: (2, 1, 0.5) is its (0.5, 1, 2))."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    from mrcnn.config import torchvision_maskrcnn
+
+    config = torchvision_maskrcnn().override(["image.max_dim=320", "image.min_dim=320"])
+    generator = AnchorGenerator(sizes=((32,), (64,), (128,), (256,), (512,)), aspect_ratios=((0.5, 1.0, 2.0),) * 5)
+    features = [torch.zeros(1, 1, 320 // s, 320 // s) for s in (4, 8, 16, 32, 64)]
+    theirs = generator(ImageList(torch.zeros(1, 3, 320, 320), [(320, 320)]), features)[0]
+    ours = anchors_from_config(config)
+    assert torch.equal(ours, theirs)
+    # each convention on its own moves them: centres by half a stride, sizes by the rounding
+    centred = anchors_from_config(config.override(["rpn.anchor_offset=0.5"]))
+    assert torch.equal(centred[0] - ours[0], torch.tensor([2.0, 2.0, 2.0, 2.0]))  # P2: stride 4
+    unrounded = anchors_from_config(config.override(["rpn.round_anchors=false"]))
+    assert not torch.equal(unrounded, ours) and (unrounded - ours).abs().max() < 0.5 + 1e-4
+
+
+def test_off_centre_anchors_have_no_flip_permutation():
+    with pytest.raises(ValueError, match="not mirror-symmetric"):
+        flip_permutation(**TINY, offset=0.0)
+    # rounding keeps the symmetry
+    perm = flip_permutation(**TINY, round_sizes=True)
+    anchors = generate_anchors(**TINY, round_sizes=True)
+    torch.testing.assert_close(anchors[perm][:, [2, 0]], 8 - anchors[:, [0, 2]])

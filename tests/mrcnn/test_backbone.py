@@ -99,3 +99,13 @@ def test_frozen_stages_keep_batchnorm_statistics_in_training():
     backbone(torch.randn(2, 3, 64, 64))
     assert torch.equal(backbone.layer1[0].bn1.running_mean, before)  # layer1 frozen: stats untouched
     assert backbone.layer2[0].bn1.training and not backbone.layer1[0].bn1.training
+
+
+def test_frozen_bn_eps_is_a_setting():
+    """backbone.frozen_bn_eps reaches every FrozenBatchNorm2d (torchvision's COCO v1 weights want 0.0)."""
+    from mrcnn.config import coco, torchvision_maskrcnn
+    from mrcnn.model import build_model
+
+    for config, eps in ((coco(), 1e-5), (torchvision_maskrcnn(), 0.0)):
+        norms = [m for m in build_model(config, num_classes=2).backbone.modules() if isinstance(m, FrozenBatchNorm2d)]
+        assert len(norms) == 53 and {m.eps for m in norms} == {eps}

@@ -140,3 +140,56 @@ def test_every_choice_setting_lists_what_the_code_accepts():
     assert typing.get_args(Optimizer) == OPTIMIZERS and typing.get_args(GradCompression) == GRAD_COMPRESSIONS
     assert typing.get_args(Schedule) == ("step", "cosine")
     assert choices(typing.get_type_hints(TrainConfig)["layers"]) == typing.get_args(Layers)
+
+
+def test_torchvision_preset_sets_each_of_torchvisions_conventions():
+    from mrcnn.config import torchvision_maskrcnn
+
+    c = torchvision_maskrcnn()
+    assert load_config("torchvision") == c and c.name == "torchvision"
+    b = c.backbone
+    assert (b.depth, b.fpn_channels, b.frozen_bn, b.frozen_bn_eps) == (50, 256, True, 0.0)
+    r = c.rpn
+    assert (r.anchor_offset, r.round_anchors, r.anchor_stride, r.anchor_ratios) == (0.0, True, 1, (2.0, 1.0, 0.5))
+    assert (r.pre_nms_topk, r.pre_nms_per_level, r.nms_per_level, r.min_size) == (1000, True, True, 1e-3)
+    assert r.bbox_std == (1.0, 1.0, 1.0, 1.0) and (r.post_nms_test, r.nms_threshold) == (1000, 0.7)
+    assert c.roi.aligned is False and c.roi.sampling_ratio == 2
+    d = c.detection
+    assert (d.min_confidence, d.nms_threshold, d.max_detections, d.min_size) == (0.05, 0.5, 100, 0.01)
+    assert c.train.flip is False
+    assert Config.from_dict(c.to_dict()) == c
+
+
+def test_new_settings_default_to_todays_behaviour():
+    """The torchvision conventions are off by default; the two that change the anchors are shard fields."""
+    c = coco()
+    assert (c.backbone.frozen_bn_eps, c.rpn.anchor_offset, c.rpn.round_anchors) == (1e-5, 0.5, False)
+    assert (c.rpn.pre_nms_per_level, c.rpn.nms_per_level, c.rpn.min_size) == (False, False, 1.0)
+    assert c.roi.aligned is True and c.detection.min_size == 0.01
+    moved = c.override(["rpn.anchor_offset=0.0", "train.flip=false"])
+    assert fingerprint_diff(c.shard_fields(), moved.shard_fields()) == ["rpn.anchor_offset: 0.5 != 0.0"]
+    rounded = c.override(["rpn.round_anchors=true"])
+    assert fingerprint_diff(c.shard_fields(), rounded.shard_fields()) == ["rpn.round_anchors: False != True"]
+    # model-only settings do not change the shards
+    for o in ["backbone.frozen_bn_eps=0.0", "rpn.pre_nms_per_level=true", "rpn.nms_per_level=true",
+              "rpn.min_size=0.001", "roi.aligned=false", "detection.min_size=0.5"]:
+        assert c.override([o]).fingerprint() == c.fingerprint(), o
+
+
+def test_flips_need_centred_anchors():
+    from mrcnn.config import check_flip, torchvision_maskrcnn
+
+    check_flip(shapes())
+    check_flip(torchvision_maskrcnn())  # its train.flip is off
+    with pytest.raises(ConfigError, match=r"'train\.flip': flips need mirror-symmetric anchors, and "
+                                          r"rpn\.anchor_offset 0\.0"):
+        check_flip(shapes().override(["rpn.anchor_offset=0.0"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rpn.anchor_offset=1.0", r"'rpn\.anchor_offset': 1\.0 is out of range \(must be in \[0, 1\)\)"),
+    ("backbone.frozen_bn_eps=-1", r"'backbone\.frozen_bn_eps'"),
+])
+def test_torchvision_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        coco().override([override])

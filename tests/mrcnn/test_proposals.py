@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mrcnn.proposals import clip_to_window, generate_proposals, top_per_group
@@ -79,3 +80,53 @@ def test_clip_to_window_per_image():
 def test_top_per_group_keeps_the_first_k_of_each_group_in_order():
     groups = torch.tensor([1, 0, 1, 1, 0, 2, 1])
     torch.testing.assert_close(top_per_group(groups, 2), torch.tensor([1, 4, 0, 2, 5]))
+
+
+# two levels: a0..a2 on level 0, a3, a4 on level 1; a3 overlaps a0 (IoU 0.82), a4 is far from everything
+LEVEL_ANCHORS = torch.tensor(
+    [
+        [10.0, 10.0, 30.0, 30.0],
+        [60.0, 60.0, 80.0, 80.0],
+        [60.0, 10.0, 80.0, 30.0],
+        [12.0, 10.0, 32.0, 30.0],
+        [10.0, 60.0, 30.0, 80.0],
+    ]
+)
+
+
+def _levels(logits, pre, *, pre_per_level=False, nms_per_level=False, post=10):
+    return generate_proposals(
+        torch.tensor([logits]), torch.zeros(1, 5, 4), LEVEL_ANCHORS, torch.tensor([[0, 0, 100, 100]]), pre_nms_topk=pre,
+        post_nms_topk=post, nms_threshold=0.7, level_sizes=(3, 2), pre_nms_per_level=pre_per_level,
+        nms_per_level=nms_per_level,
+    )
+
+
+def test_pre_nms_topk_per_level_takes_each_levels_best():
+    logits = [5.0, 4.0, 3.0, 1.0, 0.0]
+    boxes, _ = _levels(logits, pre=2)  # over the image: a0, a1
+    torch.testing.assert_close(boxes[0], LEVEL_ANCHORS[[0, 1]])
+    boxes, scores = _levels(logits, pre=2, pre_per_level=True)  # a0, a1 of level 0; a3, a4 of level 1
+    # a3 is suppressed by a0 (one NMS over the image); the rest in score order
+    torch.testing.assert_close(boxes[0], LEVEL_ANCHORS[[0, 1, 4]])
+    torch.testing.assert_close(scores[0], torch.sigmoid(torch.tensor([5.0, 4.0, 0.0])))
+
+
+def test_nms_per_level_suppresses_only_within_a_level():
+    logits = [5.0, 4.0, 3.0, 1.0, 0.0]
+    boxes, _ = _levels(logits, pre=5, nms_per_level=True)  # a3 survives a0: another level
+    torch.testing.assert_close(boxes[0], LEVEL_ANCHORS[[0, 1, 2, 3, 4]])
+    boxes, _ = _levels(logits, pre=5, nms_per_level=True, post=2)  # the image's best 2 over both levels
+    torch.testing.assert_close(boxes[0], LEVEL_ANCHORS[[0, 1]])
+    with pytest.raises(ValueError, match="anchors per level"):
+        generate_proposals(torch.zeros(1, 5), torch.zeros(1, 5, 4), LEVEL_ANCHORS, torch.tensor([[0, 0, 100, 100]]),
+                           pre_nms_topk=5, post_nms_topk=5, nms_threshold=0.7, level_sizes=(3, 1), nms_per_level=True)
+
+
+def test_min_size_is_a_setting():
+    thin = torch.tensor([[50.0, 50.0, 50.5, 70.0]])
+    kwargs = dict(pre_nms_topk=1, post_nms_topk=1, nms_threshold=0.7)
+    window = torch.tensor([[0, 0, 100, 100]])
+    assert len(generate_proposals(torch.zeros(1, 1), torch.zeros(1, 1, 4), thin, window, **kwargs)[0][0]) == 0
+    kept = generate_proposals(torch.zeros(1, 1), torch.zeros(1, 1, 4), thin, window, min_size=1e-3, **kwargs)[0][0]
+    torch.testing.assert_close(kept, thin)

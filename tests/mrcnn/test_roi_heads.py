@@ -49,3 +49,22 @@ def test_head_shapes():
     mask_head = MaskHead(in_channels=3, conv_dim=8, num_convs=2, num_classes=5)
     assert mask_head(torch.randn(6, 3, 14, 14)).shape == (6, 5, 28, 28)
     assert len([m for m in mask_head.convs if isinstance(m, torch.nn.Conv2d)]) == 2
+
+
+def test_unaligned_pooling_is_torchvisions_multiscale_roi_align():
+    """roi.aligned=False: exactly torchvision's MultiScaleRoIAlign (levels by FPN eq. 1, aligned=False); the default
+    aligned=True samples half a cell away, which its weights never saw."""
+    from collections import OrderedDict
+
+    from torchvision.ops import MultiScaleRoIAlign
+
+    torch.manual_seed(0)
+    strides = (4, 8, 16, 32)
+    features = [torch.randn(2, 3, 256 // s, 256 // s) for s in strides]
+    boxes = [torch.tensor([_square(30, 5), _square(60, 3)]), torch.tensor([_square(230, 10), _square(120, 40.5)])]
+    rois = torch.cat([torch.cat([torch.full((2, 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])
+    pooler = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
+    theirs = pooler(OrderedDict((str(i), f) for i, f in enumerate(features)), boxes, [(256, 256), (256, 256)])
+    ours = pool_rois(features, rois, output_size=7, strides=strides, aligned=False)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+    assert not torch.allclose(pool_rois(features, rois, output_size=7, strides=strides), theirs, atol=1e-3)

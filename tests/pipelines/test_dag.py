@@ -215,3 +215,35 @@ def test_the_pipeline_evaluates_with_its_own_detection_settings(synth_dataset, t
     with pytest.raises(RuntimeError, match="stop"):
         evaluate_stage(str(tmp_path / "out"), upstream, None)
     assert seen["request"].settings.min_confidence == 0.05 and seen["request"].detection.nms_threshold == 0.4
+
+
+def test_init_weights_rerun_train_and_evaluate_and_reach_training(synth_dataset, tmp_path, monkeypatch):
+    """`run --init`: without it the keys are what they were; with it (and with another file behind the same name)
+    train and evaluate rerun, preprocess does not; the train stage trains from it."""
+    import torch
+
+    from mrcnn.config import shapes
+    from pipelines import dag
+
+    weights = tmp_path / "w.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, weights)
+    base = dict(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def keys(**kw):
+        return [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), dag.PipelineRequest(**base, **kw)))]
+
+    plain, tv = keys(), keys(init=f"torchvision:{weights}")
+    assert plain == keys(init=None) and plain[0] == tv[0] and plain[1] != tv[1] and plain[2] != tv[2]
+    torch.save({"conv1.weight": torch.ones(1)}, weights)
+    assert keys(init=f"torchvision:{weights}")[1] != tv[1]
+    seen = {}
+
+    def fake_train(config, request):
+        seen["request"] = request
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(dag, "train", fake_train)
+    stages = dag.pipeline_stages(shapes(), dag.PipelineRequest(**base, init=f"torchvision:{weights}"))
+    with pytest.raises(RuntimeError, match="stop"):
+        stages[1].fn(str(tmp_path / "out"), {"preprocess": {"shards": "S", "run_id": "r"}}, None)
+    assert seen["request"].model_path == f"torchvision:{weights}"

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from mrcnn.config import shapes
+from mrcnn.config import fingerprint_diff, shapes
 from mrcnn.mini_masks import pack_masks
 from pipelines.data.shards import (
     SHARD_SCHEMA,
@@ -80,3 +80,18 @@ def test_manifest_must_exist_and_match_the_config(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 0}))
     with pytest.raises(ValueError, match="schema version 0"):
         read_manifest(str(tmp_path))
+
+
+def test_shard_fields_of_manifests_written_before_the_anchor_conventions_read_as_their_old_values():
+    """A manifest from before rpn.anchor_offset and rpn.round_anchors existed lacks them: its anchors were centred
+    and unrounded, which is what the diff (and so check_fingerprint, check_model_fits and resume) takes them to be."""
+    config = shapes()
+    old = {k: v for k, v in config.shard_fields().items() if k not in ("rpn.anchor_offset", "rpn.round_anchors")}
+    assert fingerprint_diff(old, config.shard_fields()) == []
+    check_fingerprint({"fingerprint": "written-before", "shard_fields": old}, config)
+    off = config.override(["rpn.anchor_offset=0.0", "train.flip=false"])
+    assert fingerprint_diff(old, off.shard_fields()) == ["rpn.anchor_offset: 0.5 != 0.0"]
+    with pytest.raises(FingerprintMismatch, match=r"rpn\.anchor_offset: 0\.5 != 0\.0"):
+        check_fingerprint({"fingerprint": "written-before", "shard_fields": old}, off)
+    with pytest.raises(FingerprintMismatch, match="fingerprint"):  # same fields, another fingerprint: not trusted
+        check_fingerprint({"fingerprint": "other", "shard_fields": config.shard_fields()}, config)

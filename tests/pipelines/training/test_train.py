@@ -10,6 +10,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from mrcnn.config import shapes
+from mrcnn.model import build_model
 from pipelines.data.shards import FingerprintMismatch
 from pipelines.training.checkpoints import load_checkpoint
 from pipelines.training.train import TrainRequest, train
@@ -154,3 +155,49 @@ def test_resume_refuses_a_checkpoint_of_another_config_or_other_shards(synth_sha
 
     taken = find_latest_checkpoint(storage, accept=lambda m: resume_refusal(m, config, manifest["fingerprint"]))
     assert taken == str(storage / "c/checkpoint_000004")
+
+
+def test_resume_takes_a_checkpoint_written_before_newer_settings_existed():
+    """A checkpoint's config from before a setting existed lacks it; read through the typed config it has the default,
+    so the run it belongs to still resumes (and another config is still refused)."""
+    from pipelines.training.train import resume_refusal
+
+    config = _config(steps=8)
+    old = config.to_dict()
+    for section, name in (("backbone", "frozen_bn_eps"), ("rpn", "anchor_offset"), ("rpn", "round_anchors"),
+                          ("rpn", "nms_per_level"), ("roi", "aligned"), ("detection", "min_size")):
+        del old[section][name]
+    meta = {"config": old, "fingerprint": "f"}
+    assert resume_refusal(meta, config, "f") is None
+    assert "roi.aligned: True != False" in resume_refusal(meta, config.override(["roi.aligned=false"]), "f")
+    assert resume_refusal({"fingerprint": "f"}, config, "f") == "its meta.json holds no config"
+
+
+def test_imagenet_resnet_backbone_weights_end_to_end(synth_shards, tmp_path):
+    """`--backbone-weights FILE`, a torchvision ResNet-18 state dict (seeded, with BatchNorm statistics that a load
+    skipping them would show), through train(): with `--layers heads` the backbone does not train, so the final
+    checkpoint's backbone is exactly the file's, while the heads trained."""
+    import torchvision
+    from torch import nn
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet18(weights=None)
+    for module in resnet.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path / "resnet18.pth"
+    torch.save(resnet.state_dict(), path)
+    result = train(
+        _config(steps=2, lr=0.01),
+        TrainRequest(shards=synth_shards, workers=1, use_gpu=False, storage=str(tmp_path / "ckpt"), val_split=None,
+                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_model=False, backbone_weights=str(path),
+                     layers="heads", run_name="imagenet-backbone"),
+    )
+    state = load_checkpoint(result.checkpoint)
+    assert state.step == 2
+    expected = {f"backbone.{k}": v for k, v in resnet.state_dict().items() if not k.startswith("fc.")}
+    assert len(expected) == 120 and all(torch.equal(state.model[k], v) for k, v in expected.items())
+    torch.manual_seed(0)  # the loop's seed: the heads as they were before the two steps
+    initial = build_model(_config(), num_classes=4).state_dict()
+    assert not torch.equal(state.model["box_head.fc1.weight"], initial["box_head.fc1.weight"])

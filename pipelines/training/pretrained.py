@@ -1,0 +1,133 @@
+"""`torchvision:FILE`: torchvision's weights as where training starts (`train --init`) or as the model itself
+(`evaluate`, `predict`, `inspect --model-path`).
+
+FILE, a local path or a URI, holds a state dict saved by torchvision, read as data (`weights_only`): its Mask R-CNN v1
+(`maskrcnn_resnet50_fpn`, e.g. the COCO file `maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth`, or
+`model.state_dict()` of one), or an ImageNet ResNet (`resnet50-0676ba61.pth`, ...: the backbone only). The tensors are
+converted by `mrcnn.torchvision_weights`. The class layers, 91 rows indexed by COCO category id, reach our contiguous
+classes through the category map: categories that are COCO's (ids and names, `coco_class_rows`) take torchvision's
+rows for their ids; any other set re-initialises the class-specific layers. A torchvision file carries no config: its
+model is the `torchvision` preset's (`mrcnn.config.torchvision_maskrcnn`), whose conventions give torchvision's outputs.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from mrcnn.config import Config, torchvision_maskrcnn
+from mrcnn.torchvision_weights import (
+    LoadReport,
+    WeightsFormatError,
+    coco_category_names,
+    coco_class_rows,
+    load_torchvision_state,
+    unwrap_state,
+)
+from pipelines.data.categories import CategoryMap
+from pipelines.infra.storage import absolute, read_bytes
+
+TORCHVISION_PREFIX = "torchvision:"
+
+# settings of the torchvision preset that its weights were trained with (a config differing in any of them still loads
+# the weights, as a starting point, and is told so)
+CONVENTIONS = (
+    "backbone.depth", "backbone.fpn_channels", "backbone.frozen_bn_eps", "rpn.anchor_scales", "rpn.feature_strides",
+    "rpn.anchor_ratios", "rpn.anchor_stride", "rpn.anchor_offset", "rpn.round_anchors", "rpn.bbox_std",
+    "rpn.pre_nms_per_level", "rpn.nms_per_level", "roi.aligned", "roi.pool_size", "roi.mask_pool_size", "roi.fc_dim",
+    "roi.mask_conv_dim", "roi.mask_conv_layers", "roi.bbox_std", "image.pixel_mean", "image.pixel_std",
+)
+
+
+def is_torchvision_path(path: str | os.PathLike | None) -> bool:
+    return path is not None and os.fspath(path).startswith(TORCHVISION_PREFIX)
+
+
+def torchvision_file(path: str) -> str:
+    """`torchvision:FILE` -> FILE."""
+    return os.fspath(path)[len(TORCHVISION_PREFIX):]
+
+
+def absolute_model_path(path: str) -> str:
+    """A checkpoint path or URI, or `torchvision:FILE`, with a local path made absolute (for Ray workers)."""
+    if is_torchvision_path(path):
+        return TORCHVISION_PREFIX + absolute(torchvision_file(path))
+    return absolute(path)
+
+
+def torchvision_config() -> Config:
+    """The config of a torchvision file's model: the `torchvision` preset."""
+    return torchvision_maskrcnn()
+
+
+def coco_categories() -> CategoryMap:
+    """COCO's 80 categories (ids 1..90 with gaps, torchvision's names): what a torchvision COCO model predicts."""
+    names = coco_category_names()
+    ids = [i for i, name in enumerate(names) if name not in ("__background__", "N/A")]
+    return CategoryMap(tuple(ids), tuple(names[i] for i in ids))
+
+
+def class_rows(categories: CategoryMap) -> list[int] | None:
+    """torchvision's class row of each of our classes ([0, *coco_ids]) when the categories are COCO's, else None."""
+    return coco_class_rows(categories.coco_ids, categories.names)
+
+
+def read_torchvision_state(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of `torchvision:FILE` (or FILE), read whole through pyarrow and unpickled as data only."""
+    file = torchvision_file(path) if is_torchvision_path(path) else os.fspath(path)
+    try:
+        data = read_bytes(file)
+    except (FileNotFoundError, OSError) as exc:
+        raise WeightsFormatError(f"{file}: cannot read torchvision weights: {exc}") from exc
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure: not a (safe) weights file
+        raise WeightsFormatError(f"{file}: not a state dict that loads safely (weights_only): {exc}") from exc
+    try:
+        return unwrap_state(state)
+    except WeightsFormatError as exc:
+        raise WeightsFormatError(f"{file}: {exc}") from exc
+
+
+def load_torchvision_file(model: nn.Module, path: str, categories: CategoryMap) -> LoadReport:
+    """Load `torchvision:FILE` into our MaskRCNN, its class layers through `categories` (see the module docstring).
+    WeightsFormatError naming the file and the keys when it fits neither torchvision format nor this model."""
+    state = read_torchvision_state(path)
+    try:
+        return load_torchvision_state(model, state, class_rows=class_rows(categories))
+    except WeightsFormatError as exc:
+        raise WeightsFormatError(f"{torchvision_file(path)}: {exc}") from exc
+
+
+def initialise_from_torchvision(model: nn.Module, path: str, categories: CategoryMap, config: Config) -> list[str]:
+    """`train --init torchvision:FILE`: load it, and the lines that say what was loaded, re-initialised and skipped."""
+    report = load_torchvision_file(model, path, categories)
+    kind = "Mask R-CNN" if report.format == "maskrcnn" else "ImageNet ResNet (backbone only)"
+    messages = [f"initialised from {path} (torchvision's {kind}): {report.summary()}"]
+    if report.format == "maskrcnn":
+        if class_rows(categories) is not None:
+            messages.append(f"classes: the shards' {len(categories.coco_ids)} COCO categories take torchvision's "
+                            "class rows of their COCO ids")
+        else:
+            messages.append("classes: the shards' categories are not COCO's (ids and names): the class-specific "
+                            "layers are re-initialised")
+    differing = convention_diff(config)
+    if differing:
+        messages.append("this config differs from the torchvision preset the weights were trained with in "
+                        f"{', '.join(differing)}: they are a starting point, not torchvision's model")
+    return messages
+
+
+def convention_diff(config: Config) -> list[str]:
+    """The `CONVENTIONS` in which `config` differs from the torchvision preset, as "key: ours (torchvision's)"."""
+    ours, theirs = _flat(config.to_dict()), _flat(torchvision_config().to_dict())
+    return [f"{key}: {ours[key]} ({theirs[key]})" for key in CONVENTIONS if ours[key] != theirs[key]]
+
+
+def _flat(data: dict[str, Any]) -> dict[str, Any]:
+    return {f"{section}.{key}": value for section, values in data.items() if isinstance(values, dict)
+            for key, value in values.items()}
