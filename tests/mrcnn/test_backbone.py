@@ -7,25 +7,13 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from mrcnn.backbone import BackboneWeightsError, ResNetBackbone, load_backbone_weights
+from tests.support.torchvision_reference import randomised_resnet18
 
 torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
 
 
-def _randomised_resnet18() -> nn.Module:
-    """A torchvision ResNet-18 with non-trivial BatchNorm statistics, so a load that skipped them would show."""
-    torch.manual_seed(0)
-    reference = torchvision.models.resnet18(weights=None)
-    for module in reference.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
-            module.weight.data.uniform_(0.5, 1.5)
-            module.bias.data.uniform_(-0.2, 0.2)
-    return reference.eval()
-
-
 def test_weights_round_trip_matches_torchvision_features(tmp_path):
-    reference = _randomised_resnet18()
+    reference = randomised_resnet18()
     path = tmp_path / "r18.pth"
     torch.save(reference.state_dict(), path)  # includes fc.* and num_batches_tracked
 
@@ -47,7 +35,7 @@ def test_weights_round_trip_matches_torchvision_features(tmp_path):
 
 
 def test_load_into_a_model_holding_the_backbone(tmp_path):
-    reference = _randomised_resnet18()
+    reference = randomised_resnet18()
     path = tmp_path / "r18.pth"
     torch.save(reference.state_dict(), path)
     holder = nn.Module()

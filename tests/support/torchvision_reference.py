@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 from torchvision.models.detection import maskrcnn_resnet50_fpn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -65,3 +66,16 @@ def sample_images(size: int, windows, seed: int = 0) -> torch.Tensor:
             texture[:, y : y + rng.integers(30, 80), x : x + rng.integers(30, 80)] = rng.integers(0, 256, (3, 1, 1))
         images[i, :, :h, :w] = np.clip(texture, 0, 255).astype(np.uint8)
     return torch.from_numpy(images)
+
+
+def randomised_resnet18() -> nn.Module:
+    """A torchvision ResNet-18 with non-trivial BatchNorm statistics, so a load that skipped them would show."""
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18(weights=None)
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.2, 0.2)
+    return reference.eval()

@@ -15,6 +15,7 @@ from pipelines.data.shards import FingerprintMismatch
 from pipelines.training.checkpoints import load_checkpoint
 from pipelines.training.train import TrainRequest, train
 from tests.support.fault_drill import FaultDrill
+from tests.support.torchvision_reference import randomised_resnet18
 
 pytestmark = pytest.mark.slow
 
@@ -177,15 +178,8 @@ def test_imagenet_resnet_backbone_weights_end_to_end(synth_shards, tmp_path):
     """`--backbone-weights FILE`, a torchvision ResNet-18 state dict (seeded, with BatchNorm statistics that a load
     skipping them would show), through train(): with `--layers heads` the backbone does not train, so the final
     checkpoint's backbone is exactly the file's, while the heads trained."""
-    import torchvision
-    from torch import nn
 
-    torch.manual_seed(0)
-    resnet = torchvision.models.resnet18(weights=None)
-    for module in resnet.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.5, 0.5)
-            module.running_var.uniform_(0.5, 2.0)
+    resnet = randomised_resnet18()
     path = tmp_path / "resnet18.pth"
     torch.save(resnet.state_dict(), path)
     result = train(
