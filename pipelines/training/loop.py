@@ -132,7 +132,7 @@ class StepRunner:
         total = sum(loss_dict.values())
         lr = self.optimizer.param_groups[0]["lr"]
         values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        if not torch.isfinite(total):
+        if not finite_on_every_rank(total):
             # skip the step: no update from a NaN/inf gradient; give up after too many in a row
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
@@ -152,6 +152,17 @@ class StepRunner:
         self.optimizer.step()
         self.scheduler.step()
         return StepResult(values, float(total.detach()), True, lr)
+
+
+def finite_on_every_rank(total: torch.Tensor) -> bool:
+    """Whether the loss is finite on EVERY rank: one decision for all (a MIN all-reduce of the flag under
+    torch.distributed), so that all ranks skip a step together. A rank that skipped `backward()` alone would pair
+    the others' gradient all-reduces with its next step's, averaging mismatched gradients or hanging."""
+    flag = torch.isfinite(total.detach()).to(torch.int32).reshape(1)  # on the loss's device (NCCL: CUDA tensors)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def validation_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict:

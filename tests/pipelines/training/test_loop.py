@@ -229,6 +229,52 @@ def test_validation_losses_are_the_mean_over_every_ranks_batches(tmp_path):
         assert val["val_loss"] == pytest.approx(3.0 * (1 + 2 + 3 + 4 + 5))
 
 
+class _Scaled(nn.Module):
+    """One weight; loss terms w * sum(x) * 1..5, so a NaN in x makes this rank's loss non-finite."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, batch):
+        return {k: (self.w * batch["x"]).sum() * (i + 1) for i, k in enumerate(LOSS_KEYS)}
+
+
+def _step_on_rank(rank: int, world: int, store: str, out: str) -> None:
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    # a rank left waiting in an all-reduce the other never joins fails after the timeout instead of hanging
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(_Scaled())
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    sched = build_scheduler(opt, total_steps=10, warmup_steps=0, schedule="cosine")
+    runner = StepRunner(model=model, optimizer=opt, scheduler=sched, device=torch.device("cpu"), grad_clip=0.0,
+                        flip=False, rank=rank, max_nonfinite_in_a_row=2)
+    finite = []
+    for step in range(3):
+        x = torch.tensor([float("nan") if (rank == 1 and step == 1) else 1.0 + step])  # rank 1's step 1 only
+        finite.append(runner({"x": x}, step).finite)
+    torch.save({"finite": finite, "w": model.module.w.detach().clone(), "skipped": runner.nonfinite_total},
+               f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_a_non_finite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Rank 1's loss alone is NaN at step 1: both ranks skip that step (counted on both), so their weights stay
+    equal; with a rank-local decision rank 0 would run backward alone and wait in DDP's all-reduce."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_step_on_rank, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+    first, second = (torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2))
+    assert first["finite"] == second["finite"] == [True, False, True]
+    assert first["skipped"] == second["skipped"] == 1
+    assert torch.equal(first["w"], second["w"]) and not torch.equal(first["w"], torch.ones(1))
+
+
 def test_fine_tuning_the_real_model_from_a_checkpoint_with_another_number_of_classes(tmp_path):
     """`--model-path` into a model with fewer classes: every tensor that fits is the checkpoint's, the
     class-specific layers alone are fresh, and the loop says which."""
