@@ -110,6 +110,10 @@ class StepRunner:
     nonfinite_total: int = 0
     autocast: bool = field(default=False)
 
+    def __post_init__(self):
+        if self.flip_perm is not None:  # a constant: on the device once, not copied there every step
+            self.flip_perm = self.flip_perm.to(self.device)
+
     def flip_choice(self, step: int, n: int) -> torch.Tensor:
         """Which images of the batch are flipped at `step`: a pure function of (seed, step, rank), so a
         resumed run flips exactly as an uninterrupted one."""
@@ -123,7 +127,7 @@ class StepRunner:
         batch = to_device(batch, self.device)
         if self.flip and self.flip_perm is not None:
             which = self.flip_choice(step, batch["images"].shape[0]).to(self.device)
-            batch = flip_batch(batch, flip_perm=self.flip_perm.to(self.device), which=which)
+            batch = flip_batch(batch, flip_perm=self.flip_perm, which=which)
         self.model.train()
         freeze_norm_statistics(self.model)  # frozen stages (--layers heads / 4+) keep their BatchNorm statistics
         amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
@@ -131,8 +135,10 @@ class StepRunner:
             loss_dict = self.model(batch)
         total = sum(loss_dict.values())
         lr = self.optimizer.param_groups[0]["lr"]
-        values = {k: float(v.detach()) for k, v in loss_dict.items()}
-        if not finite_on_every_rank(total):
+        # every loss value and the total in ONE device -> host transfer (not one sync per value)
+        host = torch.stack([v.detach().float().reshape(()) for v in (*loss_dict.values(), total)]).cpu().tolist()
+        values, total_value = dict(zip(loss_dict, host[:-1], strict=True)), host[-1]
+        if not finite_on_every_rank(total, local=math.isfinite(total_value)):
             # skip the step: no update from a NaN/inf gradient; give up after too many in a row
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
@@ -151,16 +157,24 @@ class StepRunner:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        return StepResult(values, float(total.detach()), True, lr)
+        return StepResult(values, total_value, True, lr)
 
 
-def finite_on_every_rank(total: torch.Tensor) -> bool:
+def finite_on_every_rank(total: torch.Tensor, *, local: bool | None = None) -> bool:
     """Whether the loss is finite on EVERY rank: one decision for all (a MIN all-reduce of the flag under
     torch.distributed), so that all ranks skip a step together. A rank that skipped `backward()` alone would pair
-    the others' gradient all-reduces with its next step's, averaging mismatched gradients or hanging."""
-    flag = torch.isfinite(total.detach()).to(torch.int32).reshape(1)  # on the loss's device (NCCL: CUDA tensors)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    the others' gradient all-reduces with its next step's, averaging mismatched gradients or hanging.
+
+    local: this rank's answer when the caller already has it on the host (then a single process needs no sync)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+    if local is not None and not distributed:
+        return local
+    if local is None:
+        flag = torch.isfinite(total.detach()).to(torch.int32).reshape(1)
+    else:
+        flag = torch.tensor([int(local)], dtype=torch.int32, device=total.device)  # NCCL reduces device tensors
+    if distributed:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag.item())
 
