@@ -22,6 +22,7 @@ Layers = Literal["heads", "3+", "4+", "5+", "all"]
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["step", "cosine"]
 GradCompression = Literal["none", "fp16"]
+Amp = Literal["auto", "bf16", "fp16", "off"]
 ImageEncoding = Literal["jpeg", "png"]
 
 
@@ -140,6 +141,14 @@ class TrainConfig:
     log_every: int = 20
     val_every: int = 1  # validation loss after every this many epochs and after the last step; 0: the last only
     grad_compression: GradCompression = "none"  # "fp16": DDP all-reduces gradients in half precision
+    # mixed precision (pipelines/training/precision.py): auto = bf16 autocast on a GPU that has bf16 (A100, H100,
+    # L4), fp16 with a GradScaler on one that has not (V100, T4), off on CPU; bf16 / fp16 / off force a choice
+    amp: Amp = "auto"
+    # batches Ray Data prepares ahead of the step on the GPU worker: pinned, copied to the device with
+    # non_blocking=True on a background thread (`iter_torch_batches(prefetch_batches=, pin_memory=)`)
+    prefetch_batches: int = 2
+    cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark on GPU workers (fixed input sizes)
+    channels_last: bool = False  # the model in channels_last memory format on GPU workers
     # decode the splits once into Ray's object store (`Dataset.materialize`) instead of re-reading the shards every
     # epoch: for datasets that fit in memory (the demo's: an epoch then starts in under a second, not ~8 s). On one
     # node only: a lost node takes its cached blocks with it and training cannot restore (tests/cluster)
@@ -227,7 +236,12 @@ class Config:
                 raise ConfigError(f"unknown config section {section!r} (in {item!r})")
             if name not in data[section]:
                 raise ConfigError(f"unknown config key {key!r}")
-            data[section][name] = yaml.safe_load(raw)
+            value = yaml.safe_load(raw)
+            hint = typing.get_type_hints(type(getattr(self, section))).get(name)
+            allowed = choices(hint) if hint is not None else None
+            if allowed and all(isinstance(a, str) for a in allowed):
+                value = raw.strip()  # a word setting takes the word: YAML would read `off` / `no` as a bool
+            data[section][name] = value
         return Config.from_dict(data)
 
     # ----------------------------------------------------------------- fingerprint
@@ -426,7 +440,8 @@ _RANGES: dict[str, tuple] = {
     "train.decay_at": _between(0, 1, lo_open=True, hi_open=True), "train.decay_factor": _OPEN_FRACTION,
     "train.checkpoint_every": _AT_LEAST_1, "train.log_every": _AT_LEAST_1, "train.val_every": _AT_LEAST_0,
     "train.num_to_keep": _AT_LEAST_1, "train.max_failures": _between(-1),  # -1: retry forever (Ray's meaning)
-    "train.max_nonfinite_in_a_row": _AT_LEAST_1, "train.loss_rpn_cls": _AT_LEAST_0, "train.loss_rpn_box": _AT_LEAST_0,
+    "train.max_nonfinite_in_a_row": _AT_LEAST_1, "train.prefetch_batches": _AT_LEAST_1,
+    "train.loss_rpn_cls": _AT_LEAST_0, "train.loss_rpn_box": _AT_LEAST_0,
     "train.loss_cls": _AT_LEAST_0, "train.loss_box": _AT_LEAST_0, "train.loss_mask": _AT_LEAST_0,
     "preprocess.rows_per_shard": _AT_LEAST_1, "preprocess.rows_per_row_group": _AT_LEAST_1,
     "evaluate.min_confidence": _FRACTION, "evaluate.batch_size": _AT_LEAST_1,

@@ -9,7 +9,8 @@ Anchor labels: 1 positive, 0 negative, -1 ignored (neither; contributes no loss)
 A positive's deltas go to the gt box it overlaps most (argmax IoU over gt, as matterport and torchvision do).
 
 `compute_rpn_targets` runs once per image in preprocessing and stores the sparse form; `dense_rpn_targets`
-rebuilds the [A] labels in the loader, and `sample_anchors` draws the 256-anchor sample on the device.
+rebuilds one image's [A] labels and deltas, `scatter_positive_deltas` a batch's deltas on the device (the loader
+ships them sparse), and `sample_anchors` draws the 256-anchor sample on the device.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -109,6 +111,14 @@ def compute_rpn_targets(
     return RPNTargets(pos_idx=pos_idx, pos_deltas=pos_deltas, ignore_idx=ignored.nonzero().flatten())
 
 
+def _tensor(values, dtype: torch.dtype, device=None) -> Tensor:
+    """A tensor of `values` (a tensor, a list, or a NumPy array, read-only ones included: those from Arrow are,
+    and `torch.as_tensor` would warn that it cannot share them)."""
+    if isinstance(values, Tensor):
+        return values.to(device=device, dtype=dtype)
+    return torch.tensor(np.asarray(values), dtype=dtype, device=device)
+
+
 def dense_rpn_targets(
     num_anchors: int, pos_idx: Tensor, pos_deltas: Tensor, ignore_idx: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -116,16 +126,30 @@ def dense_rpn_targets(
 
     Array-likes are accepted (e.g. the lists read from a shard row); output on pos_idx's device.
     """
-    pos_idx = torch.as_tensor(pos_idx, dtype=torch.int64).reshape(-1)
+    pos_idx = _tensor(pos_idx, torch.int64).reshape(-1)
     device = pos_idx.device
-    ignore_idx = torch.as_tensor(ignore_idx, dtype=torch.int64, device=device).reshape(-1)
-    pos_deltas = torch.as_tensor(pos_deltas, dtype=torch.float32, device=device).reshape(-1, 4)
+    ignore_idx = _tensor(ignore_idx, torch.int64, device).reshape(-1)
+    pos_deltas = _tensor(pos_deltas, torch.float32, device).reshape(-1, 4)
     match = torch.zeros(num_anchors, dtype=torch.int8, device=device)
     match[ignore_idx] = -1
     match[pos_idx] = 1
     deltas = torch.zeros(num_anchors, 4, dtype=torch.float32, device=device)
     deltas[pos_idx] = pos_deltas
     return match, deltas
+
+
+def scatter_positive_deltas(num_anchors: int, pos_idx: Tensor, pos_deltas: Tensor) -> Tensor:
+    """The batched, padded sparse deltas -> dense deltas, on their device with no host sync.
+
+    pos_idx: int [N, K] anchor indices, -1 = padding; pos_deltas: float [N, K, 4] (rows of padding ignored).
+    Returns float32 [N, A, 4]: pos_deltas at pos_idx, zero elsewhere (what `dense_rpn_targets` gives per image).
+    """
+    n, k = pos_idx.shape
+    # padding goes to a spare anchor slot A, dropped at the end: a scatter without boolean indexing (no sync)
+    index = torch.where(pos_idx >= 0, pos_idx, num_anchors).to(torch.int64)
+    dense = torch.zeros(n, num_anchors + 1, 4, dtype=torch.float32, device=pos_deltas.device)
+    dense.scatter_(1, index.unsqueeze(-1).expand(n, k, 4), pos_deltas.float())
+    return dense[:, :num_anchors]
 
 
 def sample_anchors(

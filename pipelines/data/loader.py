@@ -1,8 +1,9 @@
 """From Parquet shards to fixed-size training batches, in Ray Data on CPUs.
 
-JPEG decoding, mini-mask unpacking, densifying the sparse RPN targets and padding every tensor to a fixed
-shape happen here, in `map_batches` on CPU workers, never in the GPU process (docs/design.md, "Ray"). The
-result is exactly the Batch of the model (mrcnn/model.py):
+JPEG decoding, mini-mask unpacking, the RPN labels and padding every tensor to a fixed shape happen here, in
+`map_batches` on CPU workers, never in the GPU process (docs/design.md, "Ray"). The positives' RPN deltas travel
+sparse (K = rpn.anchors_per_image a image: 5 KB, not 1 MB of mostly zeros at 1024 px) and `densify_rpn_deltas`
+makes them dense on the training device. After it the batch is exactly the Batch of the model (mrcnn/model.py):
 
     images        uint8   [N, 3, S, S]   RGB, image at the top-left, zero padding
     windows       int64   [N, 4]         (x1, y1, x2, y2) of the image in the padded frame
@@ -14,7 +15,13 @@ result is exactly the Batch of the model (mrcnn/model.py):
     gt_mini_masks uint8   [N, G, m, m]
     crowd_boxes   float32 [N, C, 4]      zero rows = padding
     rpn_match     int8    [N, A]         1 / 0 / -1 = positive / negative / ignored
-    rpn_deltas    float32 [N, A, 4]      zero except positives
+    rpn_deltas    float32 [N, A, 4]      zero except positives (made on the device by densify_rpn_deltas from
+    rpn_pos_idx   int64   [N, K]         the positive anchors, -1 = padding, and
+    rpn_pos_deltas float32 [N, K, 4]     their deltas, as the decoder ships them)
+
+An image with more than K positive anchors keeps K of them, drawn with a seed of its image id, and the others
+are ignored (-1): the RPN loss samples at most rpn.anchors_per_image x rpn.positive_fraction <= K positives a step
+uniformly, so it draws them from a uniform subset instead of from all (`ShardBatchDecoder.max_positives`).
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mrcnn.rpn_targets import scatter_positive_deltas
 from pipelines.data.shards import MAX_CROWD, decode_row
 from pipelines.infra.storage import filesystem_for, join_uri
 
@@ -31,31 +39,35 @@ from pipelines.infra.storage import filesystem_for, join_uri
 class ShardBatchDecoder:
     """Callable class for `Dataset.map_batches(batch_format="numpy")`: shard rows -> padded batch arrays."""
 
-    def __init__(self, *, image_size: int, max_instances: int, mini_mask_size: int, num_anchors: int):
+    def __init__(self, *, image_size: int, max_instances: int, mini_mask_size: int, num_anchors: int,
+                 max_positives: int):
         self.image_size = image_size
         self.max_instances = max_instances
         self.mini_mask_size = mini_mask_size
         self.num_anchors = num_anchors
+        self.max_positives = max_positives  # K: positive anchors shipped an image (the sparse deltas' length)
 
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(rows["image_id"])
         s, g, m, a = self.image_size, self.max_instances, self.mini_mask_size, self.num_anchors
+        p = self.max_positives
         out = {
             "images": np.zeros((n, 3, s, s), np.uint8),
             "windows": np.zeros((n, 4), np.int64),
-            "image_ids": np.asarray(rows["image_id"], np.int64),
-            "scales": np.asarray(rows["scale"], np.float32),
-            "heights": np.asarray(rows["height"], np.int64),
-            "widths": np.asarray(rows["width"], np.int64),
+            "image_ids": np.array(rows["image_id"], np.int64),  # copies: Arrow's arrays are read-only
+            "scales": np.array(rows["scale"], np.float32),
+            "heights": np.array(rows["height"], np.int64),
+            "widths": np.array(rows["width"], np.int64),
             "gt_class_ids": np.zeros((n, g), np.int64),
             "gt_boxes": np.zeros((n, g, 4), np.float32),
             "gt_mini_masks": np.zeros((n, g, m, m), np.uint8),
             "crowd_boxes": np.zeros((n, MAX_CROWD, 4), np.float32),
             "rpn_match": np.zeros((n, a), np.int8),
-            "rpn_deltas": np.zeros((n, a, 4), np.float32),
+            "rpn_pos_idx": np.full((n, p), -1, np.int64),
+            "rpn_pos_deltas": np.zeros((n, p, 4), np.float32),
         }
         for i in range(n):
-            row = decode_row({k: v[i] for k, v in rows.items()}, num_anchors=a, mini_mask_size=m)
+            row = decode_row({key: v[i] for key, v in rows.items()}, mini_mask_size=m)
             image = row["image"]  # [h, w, 3] uint8, unpadded
             h, w = image.shape[:2]
             out["images"][i, :, :h, :w] = image.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
@@ -66,9 +78,43 @@ class ShardBatchDecoder:
             out["gt_mini_masks"][i, :k] = row["mini_masks"][:k]
             crowd = row["crowd_boxes"][:MAX_CROWD]
             out["crowd_boxes"][i, : len(crowd)] = crowd
-            out["rpn_match"][i] = row["rpn_match"]
-            out["rpn_deltas"][i] = row["rpn_deltas"]
+            out["rpn_match"][i], pos_idx, pos_deltas = rpn_labels(row, num_anchors=a, max_positives=p)
+            out["rpn_pos_idx"][i, : len(pos_idx)] = pos_idx
+            out["rpn_pos_deltas"][i, : len(pos_idx)] = pos_deltas
         return out
+
+
+def rpn_labels(row: dict[str, Any], *, num_anchors: int, max_positives: int) -> tuple[np.ndarray, np.ndarray,
+                                                                                        np.ndarray]:
+    """One decoded row's RPN targets as the batch ships them: (match int8 [A] 1 / 0 / -1, the kept positives'
+    anchor indices int64 [P'] sorted, their deltas float32 [P', 4]), P' = min(P, max_positives); the positives
+    past max_positives (a uniform draw seeded by the image id) become ignored. ValueError for an index outside
+    the anchors (shards of another anchor set)."""
+    pos_idx, pos_deltas, ignore_idx = row["rpn_pos_idx"], row["rpn_pos_deltas"], row["rpn_ignore_idx"]
+    for key, idx in (("rpn_pos_idx", pos_idx), ("rpn_ignore_idx", ignore_idx)):
+        if len(idx) and (idx.min() < 0 or idx.max() >= num_anchors):
+            raise ValueError(f"{key} of image {row['image_id']} outside 0..{num_anchors - 1}: wrong anchor set?")
+    match = np.zeros(num_anchors, np.int8)
+    match[ignore_idx] = -1
+    if len(pos_idx) > max_positives:
+        rng = np.random.default_rng(int(row["image_id"]) % 2**64)
+        keep = np.sort(rng.choice(len(pos_idx), max_positives, replace=False))
+        match[pos_idx] = -1  # the positives left out are neither positive nor negative
+        pos_idx, pos_deltas = pos_idx[keep], pos_deltas[keep]
+    match[pos_idx] = 1
+    return match, pos_idx, pos_deltas
+
+
+def densify_rpn_deltas(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch with the decoder's sparse RPN deltas (`rpn_pos_idx`, `rpn_pos_deltas`) -> the model's Batch with
+    dense `rpn_deltas` [N, A, 4], on the batch's device and without a host sync; a batch without them (already
+    dense, or for inference) is returned as it is."""
+    if "rpn_pos_idx" not in batch:
+        return batch
+    out = {k: v for k, v in batch.items() if k not in ("rpn_pos_idx", "rpn_pos_deltas")}
+    out["rpn_deltas"] = scatter_positive_deltas(batch["rpn_match"].shape[1], batch["rpn_pos_idx"],
+                                                batch["rpn_pos_deltas"])
+    return out
 
 
 def decoder_for(config: Any, num_anchors: int) -> dict[str, Any]:
@@ -78,6 +124,8 @@ def decoder_for(config: Any, num_anchors: int) -> dict[str, Any]:
         "max_instances": config.roi.max_gt_instances,
         "mini_mask_size": config.mask.mini_mask_size,
         "num_anchors": num_anchors,
+        # at least the positives the RPN loss samples a step (anchors_per_image x positive_fraction)
+        "max_positives": config.rpn.anchors_per_image,
     }
 
 

@@ -28,7 +28,7 @@ from mrcnn.flip import flip_batch
 from mrcnn.model import build_model
 from mrcnn.proposals import generate_proposals
 from pipelines.data.categories import CategoryMap
-from pipelines.data.loader import ShardBatchDecoder, decoder_for
+from pipelines.data.loader import ShardBatchDecoder, decoder_for, densify_rpn_deltas
 from pipelines.data.shards import read_manifest, read_rows
 from pipelines.inspection.panels import (
     GT,
@@ -246,7 +246,8 @@ def batch_picture(shards: str, split: str, path: str | os.PathLike, *, index: in
     rows, manifest = read_rows(shards, split, start=index, count=config.train.batch_size)
     categories = CategoryMap.from_dict(manifest["categories"])
     decoder = ShardBatchDecoder(**decoder_for(config, len(anchors_from_config(config))))
-    batch = {k: torch.as_tensor(v) for k, v in decoder({k: [r[k] for r in rows] for k in rows[0]}).items()}
+    decoded = decoder({k: [r[k] for r in rows] for k in rows[0]})
+    batch = densify_rpn_deltas({k: torch.as_tensor(v) for k, v in decoded.items()})
     n = len(rows)
     runner = StepRunner(model=None, optimizer=None, scheduler=None, device=torch.device("cpu"), grad_clip=0.0,
                         seed=config.train.seed)

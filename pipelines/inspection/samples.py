@@ -17,7 +17,7 @@ from mrcnn.mini_masks import expand_masks, mini_mask_boxes
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb, read_split, split_paths
 from pipelines.data.errors import DatasetError
-from pipelines.data.loader import ShardBatchDecoder, decoder_for
+from pipelines.data.loader import ShardBatchDecoder, decoder_for, densify_rpn_deltas
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import decode_row, read_rows
 
@@ -75,7 +75,8 @@ class Sample:
         """A one-image batch (docs/design.md, "The training batch") from this row, through the loader's own decoder."""
 
         decoder = ShardBatchDecoder(**decoder_for(self.config, len(self.anchors)))
-        return {k: torch.as_tensor(v) for k, v in decoder({k: [v] for k, v in self.raw.items()}).items()}
+        decoded = decoder({k: [v] for k, v in self.raw.items()})
+        return densify_rpn_deltas({k: torch.as_tensor(v) for k, v in decoded.items()})
 
     def coco_record(self) -> dict[str, Any]:
         """The image's record in the original COCO split (original-resolution annotations)."""

@@ -1,7 +1,8 @@
 """Training checkpoints: what one holds, how it is written and read back safely.
 
 A checkpoint is a directory:
-    state.pt    torch.save of plain containers and tensors only (model, optimizer, scheduler, RNG),
+    state.pt    torch.save of plain containers and tensors only (model, optimizer, scheduler, fp16 GradScaler,
+                and the random states of every rank: CPU and each CUDA device),
                 so that it loads with `torch.load(..., weights_only=True)`
     meta.json   step, epoch, config, category map, shard fingerprint, validation loss
 Written by rank 0 into a temporary directory and handed to `ray.train.report(checkpoint=...)`, which
@@ -46,8 +47,37 @@ class TrainingState:
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any] | None
     scheduler: dict[str, Any] | None
-    rng: torch.Tensor | None
+    rng: torch.Tensor | None  # rank 0's CPU generator (what checkpoints before per-rank states held)
     meta: dict[str, Any]
+    rng_by_rank: list[dict[str, Any]] | None = None  # `rng_state()` of each rank, in rank order
+    scaler: dict[str, Any] | None = None  # the fp16 GradScaler's state_dict (loss scale, growth tracker)
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random state: the CPU generator and, where CUDA has been used, every CUDA device's
+    (the RPN and RoI samplers draw on the training device)."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    return {"cpu": torch.get_rng_state(), "cuda": list(cuda)}
+
+
+def set_rng_state(state: dict[str, Any] | torch.Tensor) -> None:
+    """Restore `rng_state()` (or a bare CPU state, as older checkpoints hold). CUDA states are restored where
+    this process has as many CUDA devices as were saved; a checkpoint saved on CUDA still loads on a CPU."""
+    if isinstance(state, torch.Tensor):
+        torch.set_rng_state(state)
+        return
+    torch.set_rng_state(state["cpu"])
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda):
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def rank_rng_state(state: TrainingState, rank: int) -> dict[str, Any] | torch.Tensor | None:
+    """The random state rank `rank` resumes with: its own where the checkpoint has one, else (another world size,
+    or an older checkpoint) rank 0's."""
+    if state.rng_by_rank:
+        return state.rng_by_rank[rank if rank < len(state.rng_by_rank) else 0]
+    return state.rng
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -65,14 +95,20 @@ def save_checkpoint(
     epoch: int,
     batch_in_epoch: int,
     meta: dict[str, Any],
+    scaler: torch.amp.GradScaler | None = None,
+    rng_by_rank: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """rng_by_rank: every rank's `rng_state()` (gathered by the caller), None: this process's alone."""
     directory = Path(directory)
+    rng_by_rank = rng_by_rank if rng_by_rank is not None else [rng_state()]
     directory.mkdir(parents=True, exist_ok=True)
     state = {
         "model": {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": _scheduler_state(scheduler),
-        "rng": torch.get_rng_state(),
+        "rng": rng_by_rank[0]["cpu"],
+        "rng_by_rank": rng_by_rank,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "step": int(step),
         "epoch": int(epoch),
         "batch_in_epoch": int(batch_in_epoch),
@@ -113,6 +149,8 @@ def load_checkpoint(location: str | Path, *, map_location: str | torch.device = 
         scheduler=state.get("scheduler"),
         rng=state.get("rng"),
         meta=meta,
+        rng_by_rank=state.get("rng_by_rank"),
+        scaler=state.get("scaler"),
     )
 
 

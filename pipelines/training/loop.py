@@ -13,7 +13,6 @@ import tempfile
 import time
 import typing
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +26,18 @@ from mrcnn.config import Config, GradCompression
 from mrcnn.flip import flip_batch
 from mrcnn.model import LOSS_KEYS, build_model
 from pipelines.data.categories import CategoryMap
-from pipelines.data.loader import to_device
+from pipelines.data.loader import densify_rpn_deltas, to_device
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger, setup_logging
-from pipelines.training.checkpoints import load_checkpoint, load_model_state, save_checkpoint, unwrap
+from pipelines.training.checkpoints import (
+    load_checkpoint,
+    load_model_state,
+    rank_rng_state,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    unwrap,
+)
 from pipelines.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -38,6 +45,7 @@ from pipelines.training.optim import (
     scaled_lr,
     set_trainable_layers,
 )
+from pipelines.training.precision import Precision, resolve_precision
 from pipelines.training.pretrained import initialise_from_torchvision, is_torchvision_path
 
 log = get_logger("train")
@@ -94,7 +102,11 @@ class StepResult:
 
 @dataclass
 class StepRunner:
-    """One optimisation step: flip augmentation, forward under autocast, non-finite guard, clip, step."""
+    """One optimisation step: sparse RPN targets densified and the flip applied on the device, forward under
+    the chosen autocast, one all-ranks non-finite decision, loss scaling (fp16), clip, step.
+
+    One device -> host transfer a step (every loss value, the total and the all-reduced finite flag together);
+    the flip permutation moves to the device once."""
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -108,11 +120,16 @@ class StepRunner:
     max_nonfinite_in_a_row: int = 10
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
-    autocast: bool = field(default=False)
+    precision: Precision | None = None  # None: float32 (no autocast)
+    scaler: torch.amp.GradScaler | None = field(default=None)  # fp16 only; None builds it from `precision`
 
     def __post_init__(self):
         if self.flip_perm is not None:  # a constant: on the device once, not copied there every step
             self.flip_perm = self.flip_perm.to(self.device)
+        if self.precision is None:
+            self.precision = resolve_precision("off", self.device)
+        if self.scaler is None:
+            self.scaler = self.precision.grad_scaler()
 
     def flip_choice(self, step: int, n: int) -> torch.Tensor:
         """Which images of the batch are flipped at `step`: a pure function of (seed, step, rank), so a
@@ -124,22 +141,23 @@ class StepRunner:
         if self.flip and self.flip_perm is None:
             raise ValueError("flip augmentation needs the anchors' flip permutation (model.flip_perm), and this model "
                              "has none: its anchors are not mirror-symmetric; train with train.flip=false")
-        batch = to_device(batch, self.device)
+        batch = densify_rpn_deltas(to_device(batch, self.device))
         if self.flip and self.flip_perm is not None:
-            which = self.flip_choice(step, batch["images"].shape[0]).to(self.device)
+            which = self.flip_choice(step, batch["images"].shape[0]).to(self.device, non_blocking=True)
             batch = flip_batch(batch, flip_perm=self.flip_perm, which=which)
         self.model.train()
         freeze_norm_statistics(self.model)  # frozen stages (--layers heads / 4+) keep their BatchNorm statistics
-        amp = torch.autocast("cuda", dtype=torch.bfloat16) if self.autocast else nullcontext()
-        with amp:
+        with self.precision.autocast():
             loss_dict = self.model(batch)
         total = sum(loss_dict.values())
         lr = self.optimizer.param_groups[0]["lr"]
-        # every loss value and the total in ONE device -> host transfer (not one sync per value)
-        host = torch.stack([v.detach().float().reshape(()) for v in (*loss_dict.values(), total)]).cpu().tolist()
-        values, total_value = dict(zip(loss_dict, host[:-1], strict=True)), host[-1]
-        if not finite_on_every_rank(total, local=math.isfinite(total_value)):
-            # skip the step: no update from a NaN/inf gradient; give up after too many in a row
+        flag = finite_flag_on_every_rank(total)  # stays on the device: the all-reduce needs no host sync
+        # every loss value, the total and the flag in ONE device -> host transfer (not one sync per value)
+        host = torch.cat([torch.stack([v.detach().float().reshape(()) for v in (*loss_dict.values(), total)]),
+                          flag.float()]).cpu().tolist()
+        values, total_value, finite = dict(zip(loss_dict, host[:-2], strict=True)), host[-2], bool(host[-1])
+        if not finite:
+            # skip the step on every rank together: no update from a NaN/inf gradient; give up after too many
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
@@ -152,31 +170,36 @@ class StepRunner:
             return StepResult(values, float("nan"), False, lr)
         self.nonfinite_in_a_row = 0
         self.optimizer.zero_grad(set_to_none=True)
-        total.backward()
+        scaler = self.scaler
+        (scaler.scale(total) if scaler is not None else total).backward()
         if self.grad_clip > 0:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.grad_clip)
-        self.optimizer.step()
+        if scaler is not None:
+            scaler.step(self.optimizer)  # skipped by the scaler where fp16 gradients overflowed
+            scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         return StepResult(values, total_value, True, lr)
 
 
-def finite_on_every_rank(total: torch.Tensor, *, local: bool | None = None) -> bool:
-    """Whether the loss is finite on EVERY rank: one decision for all (a MIN all-reduce of the flag under
-    torch.distributed), so that all ranks skip a step together. A rank that skipped `backward()` alone would pair
-    the others' gradient all-reduces with its next step's, averaging mismatched gradients or hanging.
-
-    local: this rank's answer when the caller already has it on the host (then a single process needs no sync)."""
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-    if local is not None and not distributed:
-        return local
-    if local is None:
-        flag = torch.isfinite(total.detach()).to(torch.int32).reshape(1)
-    else:
-        flag = torch.tensor([int(local)], dtype=torch.int32, device=total.device)  # NCCL reduces device tensors
-    if distributed:
+def finite_flag_on_every_rank(total: torch.Tensor) -> torch.Tensor:
+    """int32 [1] on the loss's device: 1 where the loss is finite on EVERY rank, else 0 (a MIN all-reduce under
+    torch.distributed), so that all ranks skip a step together. A rank that skipped `backward()` alone would
+    pair the others' gradient all-reduces with its next step's, averaging mismatched gradients or hanging.
+    No host sync: the flag is read with the loss values in the step's one transfer."""
+    flag = torch.isfinite(total.detach()).to(torch.int32).reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
-    return bool(flag.item())
+    return flag
+
+
+def finite_on_every_rank(total: torch.Tensor) -> bool:
+    """`finite_flag_on_every_rank` read on the host."""
+    return bool(finite_flag_on_every_rank(total).item())
 
 
 def validation_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict:
@@ -192,7 +215,7 @@ def validation_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor
     sums = torch.zeros(len(LOSS_KEYS) + 1, dtype=torch.float64)  # the loss terms in LOSS_KEYS order, then count
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for batch in batches:
-            losses = model(to_device(batch, device))
+            losses = model(densify_rpn_deltas(to_device(batch, device)))
             sums += torch.tensor([float(losses[k]) for k in LOSS_KEYS] + [1.0], dtype=torch.float64)
     model.train(was_training)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -239,32 +262,77 @@ def total_steps_for(config: Config, *, train_images: int, global_batch: int) -> 
     return total, per_epoch
 
 
-def restore(state_dir: str, model: nn.Module, optimizer, scheduler) -> tuple[int, int, int]:
-    """Load a training checkpoint into model/optimizer/scheduler/RNG; returns (step, epoch, batch_in_epoch)."""
+def restore(state_dir: str, model: nn.Module, optimizer, scheduler, *, scaler: torch.amp.GradScaler | None = None,
+            rank: int = 0) -> tuple[int, int, int]:
+    """Load a training checkpoint into model/optimizer/scheduler/GradScaler and this rank's random state;
+    returns (step, epoch, batch_in_epoch)."""
     state = load_checkpoint(state_dir)
     load_model_state(unwrap(model), state.model)
     if state.optimizer is not None:
         optimizer.load_state_dict(state.optimizer)
     if state.scheduler is not None:
         scheduler.load_state_dict(state.scheduler)
-    if state.rng is not None:
-        torch.set_rng_state(state.rng)
+    if scaler is not None and state.scaler is not None:
+        scaler.load_state_dict(state.scaler)
+    rng = rank_rng_state(state, rank)
+    if rng is not None:
+        set_rng_state(rng)
     return state.step, state.epoch, state.batch_in_epoch
 
 
-def epoch_batches(shard, *, batch_size: int, seed: int, epoch: int, skip: int = 0) -> Iterator[dict]:
+def gather_rng_states(rank: int, world: int) -> list[dict[str, Any]]:
+    """Every rank's `rng_state()` in rank order (a collective under torch.distributed: every rank calls it)."""
+    mine = rng_state()
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def epoch_batches(shard, *, batch_size: int, seed: int, epoch: int, skip: int = 0,
+                  device: torch.device | None = None, prefetch_batches: int = 2) -> Iterator[dict]:
     """One epoch of this worker's batches, shuffled locally with a seed that changes every epoch, skipping
-    the first `skip` batches (already consumed before a resume)."""
+    the first `skip` batches (already consumed before a resume).
+
+    On a GPU the batches arrive on the device: Ray Data pins each collated batch and copies it with
+    non_blocking=True on its background fetch thread, `prefetch_batches` ahead of the step, so the host-to-device
+    copy is off the step's critical path. On a CPU they stay in (unpinned) host memory."""
+    device = device or torch.device("cpu")
     it = shard.iter_torch_batches(
         batch_size=batch_size,
         drop_last=True,
         local_shuffle_buffer_size=batch_size * 8,
         local_shuffle_seed=seed * 1000 + epoch,
-        device="cpu",
+        device=device,
+        pin_memory=device.type == "cuda",
+        prefetch_batches=prefetch_batches,
     )
     for i, batch in enumerate(it):
         if i >= skip:
             yield batch
+
+
+def timed(batches: Iterable[dict]) -> Iterator[tuple[dict, float]]:
+    """(batch, seconds this loop waited for it): the time spent blocked on the input pipeline, which a
+    step time alone would leave out."""
+    it = iter(batches)
+    while True:
+        started = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - started
+
+
+def prepare_device(model: nn.Module, device: torch.device, *, cudnn_benchmark: bool, channels_last: bool
+                   ) -> nn.Module:
+    """`train.cudnn_benchmark` and `train.channels_last`, on a GPU only (on CPU both are left as they are)."""
+    if device.type != "cuda":
+        return model
+    torch.backends.cudnn.benchmark = cudnn_benchmark
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
@@ -287,6 +355,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
     model = build_model(config, num_classes=loop_config.num_classes)
     init_messages = initialise(model, loop_config)
     set_trainable_layers(model, tc.layers)
+    model = prepare_device(model, device, cudnn_benchmark=tc.cudnn_benchmark, channels_last=tc.channels_last)
     flip_perm = model.flip_perm  # None where the anchors are not mirror-symmetric (then train.flip is false)
     # anchors, flip permutation and pixel statistics are constant buffers: no need to re-broadcast each step
     model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
@@ -306,14 +375,21 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         decay_at=tc.decay_at,
         decay_factor=tc.decay_factor,
     )
+    precision = resolve_precision(tc.amp, device)
+    scaler = precision.grad_scaler()
+    if rank == 0:
+        log.info("%s", precision.describe())
+        if loop_config.mlflow_run_id:
+            tracking.set_tag(loop_config.tracking_uri, loop_config.mlflow_run_id, "amp", precision.name)
     step, epoch, skip = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None or loop_config.resume_from:
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                step, epoch, skip = restore(d, model, optimizer, scheduler)
+                step, epoch, skip = restore(d, model, optimizer, scheduler, scaler=scaler, rank=rank)
         else:
-            step, epoch, skip = restore(loop_config.resume_from, model, optimizer, scheduler)
+            step, epoch, skip = restore(loop_config.resume_from, model, optimizer, scheduler, scaler=scaler,
+                                        rank=rank)
         if rank == 0:
             log.info("restored from checkpoint at step %d (epoch %d, batch %d)", step, epoch, skip)
     elif rank == 0:
@@ -331,7 +407,8 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         seed=tc.seed,
         rank=rank,
         max_nonfinite_in_a_row=tc.max_nonfinite_in_a_row,
-        autocast=device.type == "cuda",
+        precision=precision,
+        scaler=scaler,
     )
     logger = _RankZeroLogger(loop_config, total_steps) if rank == 0 else None
     meta = loop_config.checkpoint_meta
@@ -342,26 +419,31 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
     def report(batch_in_epoch: int, extra: dict[str, float]) -> None:
         metrics = {"step": step, "epoch": epoch, **last_val, **extra}
         metrics.setdefault("val_loss", float("inf"))  # the score attribute must exist in every report
+        rng_by_rank = gather_rng_states(rank, world)  # every rank reports here together
         if rank != 0:
             ray.train.report(metrics, checkpoint=None)
             return
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(
                 tmp, model=model, optimizer=optimizer, scheduler=scheduler, step=step, epoch=epoch,
-                batch_in_epoch=batch_in_epoch, meta={**meta, **last_val},
+                batch_in_epoch=batch_in_epoch, meta={**meta, **last_val}, scaler=runner.scaler,
+                rng_by_rank=rng_by_rank,
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     stop_at = min(loop_config.stop_at or total_steps, total_steps)
     while step < stop_at:
         batch_in_epoch, exhausted = skip, True
-        for batch in epoch_batches(train_shard, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch, skip=skip):
+        batches = epoch_batches(train_shard, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch, skip=skip,
+                                device=device, prefetch_batches=tc.prefetch_batches)
+        for batch, waited in timed(batches):
             t0 = time.perf_counter()
             result = runner(batch, step)
             step += 1
             batch_in_epoch += 1
             if logger:
-                logger.step(step, epoch, result, global_batch / max(time.perf_counter() - t0, 1e-9), runner)
+                logger.step(step, epoch, result, runner, data_wait_s=waited, step_s=time.perf_counter() - t0,
+                            images=global_batch)
             if step % tc.checkpoint_every == 0 and step < stop_at:
                 report(batch_in_epoch, {"loss": result.total})
             if loop_config.after_step is not None:
@@ -374,7 +456,8 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         skip = 0
         if val_shard is not None and validation_due(epoch, done=step >= stop_at, epoch_ended=exhausted,
                                                     every=tc.val_every):
-            val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=False, device="cpu")
+            val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=False, device=device,
+                                                       pin_memory=device.type == "cuda")
             last_val = validation_losses(model, val_batches, device)
             if logger:
                 logger.validation(step, epoch, last_val)
@@ -427,7 +510,9 @@ def initialise(model: nn.Module, loop_config: LoopConfig) -> list[str]:
 
 
 class _RankZeroLogger:
-    """Console progress and MLflow metrics, from rank 0 only."""
+    """Console progress and MLflow metrics, from rank 0 only. Each logged step reports the window since the
+    last one: images/s over its whole wall time, the mean step time, the mean time waited for data, and the
+    fraction of the time that went to waiting (input_bound_fraction: near 0 when the input pipeline keeps up)."""
 
     def __init__(self, loop_config: LoopConfig, total_steps: int):
         self.every = loop_config.config.train.log_every
@@ -436,20 +521,26 @@ class _RankZeroLogger:
         self.total = total_steps
         self.start = time.perf_counter()
         self.first_step: int | None = None
+        self.window = WindowTimes()
 
-    def step(self, step: int, epoch: int, result: StepResult, images_per_s: float, runner: StepRunner) -> None:
+    def step(self, step: int, epoch: int, result: StepResult, runner: StepRunner, *, data_wait_s: float,
+             step_s: float, images: int) -> None:
         if self.first_step is None:
             self.first_step = step - 1
+        self.window.add(data_wait_s=data_wait_s, step_s=step_s, images=images)
         if step % self.every and step != self.total:
             return
+        timing = self.window.summary()
+        self.window = WindowTimes()
         elapsed = time.perf_counter() - self.start
         done = step - self.first_step
         eta = elapsed / max(done, 1) * (self.total - step)
         losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in result.losses.items())
-        log.info("step %d/%d epoch %d loss=%.4f %s lr=%.5f %.1f img/s eta %.0fs", step, self.total, epoch,
-                 result.total, losses, result.lr, images_per_s, eta)
+        log.info("step %d/%d epoch %d loss=%.4f %s lr=%.5f %.1f img/s step %.3fs data wait %.3fs eta %.0fs", step,
+                 self.total, epoch, result.total, losses, result.lr, timing["images_per_s"], timing["step_s"],
+                 timing["data_wait_s"], eta)
         if self.run_id:
-            metrics = {**result.losses, "lr": result.lr, "images_per_s": images_per_s, "epoch": epoch}
+            metrics = {**result.losses, "lr": result.lr, "epoch": epoch, **timing}
             metrics["nonfinite_steps"] = runner.nonfinite_total
             if math.isfinite(result.total):
                 metrics["loss"] = result.total
@@ -464,3 +555,27 @@ class _RankZeroLogger:
 
     def close(self) -> None:
         log.info("done in %.0fs", time.perf_counter() - self.start)
+
+
+@dataclass
+class WindowTimes:
+    """Step and data-wait times of the steps since the last logged one."""
+
+    steps: int = 0
+    images: int = 0
+    data_wait_s: float = 0.0
+    step_s: float = 0.0
+
+    def add(self, *, data_wait_s: float, step_s: float, images: int) -> None:
+        self.steps += 1
+        self.images += images
+        self.data_wait_s += data_wait_s
+        self.step_s += step_s
+
+    def summary(self) -> dict[str, float]:
+        """images_per_s (all ranks' images over wait + step time), mean step_s and data_wait_s a step, and
+        input_bound_fraction = wait / (wait + step)."""
+        wall = self.data_wait_s + self.step_s
+        n = max(self.steps, 1)
+        return {"images_per_s": self.images / max(wall, 1e-9), "step_s": self.step_s / n,
+                "data_wait_s": self.data_wait_s / n, "input_bound_fraction": self.data_wait_s / max(wall, 1e-9)}

@@ -11,8 +11,11 @@ from pipelines.training.checkpoints import (
     find_latest_checkpoint,
     load_checkpoint,
     load_model_state,
+    rank_rng_state,
     read_meta,
+    rng_state,
     save_checkpoint,
+    set_rng_state,
 )
 from pipelines.training.optim import build_optimizer, build_scheduler
 from pipelines.training.train import checkpoint_uri
@@ -47,6 +50,33 @@ def test_round_trip_restores_everything(tmp_path):
     torch.set_rng_state(state.rng)
     assert torch.equal(torch.rand(3), expected_next)
     assert torch.equal(state.rng, rng_before)
+
+
+def test_every_ranks_random_state_is_saved_and_each_rank_resumes_with_its_own(tmp_path):
+    """rank 1 resumes from rank 1's generator, not rank 0's (they diverge: the samplers draw data-dependent
+    counts); a checkpoint of another world size or an older one gives rank 0's; a CUDA state list rides along
+    and a CPU-only process restores the CPU part."""
+    model, opt, sched = _parts()
+    torch.manual_seed(1)
+    rank0 = rng_state()
+    torch.manual_seed(2)
+    rank1 = rng_state()
+    save_checkpoint(tmp_path / "ck", model=model, optimizer=opt, scheduler=sched, step=1, epoch=0, batch_in_epoch=1,
+                    meta={}, rng_by_rank=[rank0, rank1])
+    state = load_checkpoint(tmp_path / "ck")
+    assert torch.equal(state.rng, rank0["cpu"])  # what older readers take
+    for rank, own in ((0, rank0), (1, rank1), (5, rank0)):
+        torch.manual_seed(99)
+        set_rng_state(rank_rng_state(state, rank))
+        after = torch.rand(3)
+        torch.set_rng_state(own["cpu"])
+        assert torch.equal(after, torch.rand(3)), rank
+    legacy = load_checkpoint(tmp_path / "ck")
+    legacy.rng_by_rank = None
+    assert torch.equal(rank_rng_state(legacy, 1), rank0["cpu"])
+    # a state saved where CUDA was used: the CUDA part is skipped on a machine without that many devices
+    set_rng_state({"cpu": rank1["cpu"], "cuda": [torch.zeros(16, dtype=torch.uint8)] * 8})
+    assert torch.equal(torch.get_rng_state(), rank1["cpu"])
 
 
 def test_not_a_checkpoint(tmp_path):

@@ -97,7 +97,7 @@ def test_anchors_without_mirror_symmetry_train_without_flips(batch):
     small = {k: v[:1].clone() for k, v in batch.items()}
     small["images"] = torch.nn.functional.pad(small["images"], (0, 64, 0, 64))
     small["rpn_match"] = torch.zeros(1, anchors, dtype=batch["rpn_match"].dtype)
-    small["rpn_deltas"] = torch.zeros(1, anchors, 4, dtype=batch["rpn_deltas"].dtype)
+    small["rpn_pos_idx"] = torch.full_like(small["rpn_pos_idx"], -1)  # no positives on this anchor set
     assert _runner(model)(small, step=0).lr > 0
 
 
