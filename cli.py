@@ -135,7 +135,8 @@ def train(
     storage: Annotated[str | None, typer.Option(help="Checkpoint storage path or URI (required on clusters).")] = None,
     run_name: Annotated[str | None, typer.Option(help="Ray Train / MLflow run name.")] = None,
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per train worker.")] = 1.0,
+    cpus_per_worker: Annotated[float | None, typer.Option(
+        help="CPUs reserved per train worker (default: 2 with GPUs, 1 without).")] = None,
     placement_strategy: PlacementOpt = "PACK",
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
@@ -234,7 +235,8 @@ def run(
     force: Annotated[DagStage | None, typer.Option(help="Rerun from this stage.")] = None,
     init: Annotated[str | None, typer.Option(help="Train from these weights: our checkpoint, or torchvision:FILE "
                                                   "(with --config torchvision).")] = None,
-    cpus_per_worker: Annotated[float, typer.Option(help="CPUs reserved per train worker.")] = 1.0,
+    cpus_per_worker: Annotated[float | None, typer.Option(
+        help="CPUs reserved per train worker (default: 2 with GPUs, 1 without).")] = None,
     placement_strategy: PlacementOpt = "PACK",
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
     config: ConfigOpt = "coco",

@@ -162,7 +162,7 @@ class PipelineRequest:
     address: str | None = None
     tracking_uri: str | None = None
     experiment: str = tracking.DEFAULT_EXPERIMENT
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: the train stage's default (pipelines.training.train)
     placement_strategy: str = "PACK"
     eval_limit: int | None = None
     init: str | None = None  # train from these weights (`train --init`): our checkpoint, or torchvision:FILE

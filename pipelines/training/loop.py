@@ -8,7 +8,6 @@ step). Rank 0 alone writes checkpoints, logs to MLflow and prints progress. The 
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 import typing
@@ -47,6 +46,7 @@ from pipelines.training.optim import (
 )
 from pipelines.training.precision import Precision, resolve_precision
 from pipelines.training.pretrained import initialise_from_torchvision, is_torchvision_path
+from pipelines.training.progress import RankZeroLogger
 
 log = get_logger("train")
 
@@ -410,7 +410,8 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         precision=precision,
         scaler=scaler,
     )
-    logger = _RankZeroLogger(loop_config, total_steps) if rank == 0 else None
+    logger = RankZeroLogger(tc.log_every, total_steps, tracking_uri=loop_config.tracking_uri,
+                            run_id=loop_config.mlflow_run_id) if rank == 0 else None
     meta = loop_config.checkpoint_meta
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.has_val else None
@@ -507,75 +508,3 @@ def initialise(model: nn.Module, loop_config: LoopConfig) -> list[str]:
         load_backbone_weights(model, loop_config.backbone_weights)
         messages.append(f"backbone weights from {loop_config.backbone_weights}")
     return messages
-
-
-class _RankZeroLogger:
-    """Console progress and MLflow metrics, from rank 0 only. Each logged step reports the window since the
-    last one: images/s over its whole wall time, the mean step time, the mean time waited for data, and the
-    fraction of the time that went to waiting (input_bound_fraction: near 0 when the input pipeline keeps up)."""
-
-    def __init__(self, loop_config: LoopConfig, total_steps: int):
-        self.every = loop_config.config.train.log_every
-        self.tracking_uri = loop_config.tracking_uri
-        self.run_id = loop_config.mlflow_run_id
-        self.total = total_steps
-        self.start = time.perf_counter()
-        self.first_step: int | None = None
-        self.window = WindowTimes()
-
-    def step(self, step: int, epoch: int, result: StepResult, runner: StepRunner, *, data_wait_s: float,
-             step_s: float, images: int) -> None:
-        if self.first_step is None:
-            self.first_step = step - 1
-        self.window.add(data_wait_s=data_wait_s, step_s=step_s, images=images)
-        if step % self.every and step != self.total:
-            return
-        timing = self.window.summary()
-        self.window = WindowTimes()
-        elapsed = time.perf_counter() - self.start
-        done = step - self.first_step
-        eta = elapsed / max(done, 1) * (self.total - step)
-        losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in result.losses.items())
-        log.info("step %d/%d epoch %d loss=%.4f %s lr=%.5f %.1f img/s step %.3fs data wait %.3fs eta %.0fs", step,
-                 self.total, epoch, result.total, losses, result.lr, timing["images_per_s"], timing["step_s"],
-                 timing["data_wait_s"], eta)
-        if self.run_id:
-            metrics = {**result.losses, "lr": result.lr, "epoch": epoch, **timing}
-            metrics["nonfinite_steps"] = runner.nonfinite_total
-            if math.isfinite(result.total):
-                metrics["loss"] = result.total
-            tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=step)
-
-    def validation(self, step: int, epoch: int, val: dict[str, float]) -> None:
-        if not val:
-            return
-        log.info("validation after epoch %d: val_loss=%.4f", epoch, val["val_loss"])
-        if self.run_id:
-            tracking.log_metrics(self.tracking_uri, self.run_id, val, step=step)
-
-    def close(self) -> None:
-        log.info("done in %.0fs", time.perf_counter() - self.start)
-
-
-@dataclass
-class WindowTimes:
-    """Step and data-wait times of the steps since the last logged one."""
-
-    steps: int = 0
-    images: int = 0
-    data_wait_s: float = 0.0
-    step_s: float = 0.0
-
-    def add(self, *, data_wait_s: float, step_s: float, images: int) -> None:
-        self.steps += 1
-        self.images += images
-        self.data_wait_s += data_wait_s
-        self.step_s += step_s
-
-    def summary(self) -> dict[str, float]:
-        """images_per_s (all ranks' images over wait + step time), mean step_s and data_wait_s a step, and
-        input_bound_fraction = wait / (wait + step)."""
-        wall = self.data_wait_s + self.step_s
-        n = max(self.steps, 1)
-        return {"images_per_s": self.images / max(wall, 1e-9), "step_s": self.step_s / n,
-                "data_wait_s": self.data_wait_s / n, "input_bound_fraction": self.data_wait_s / max(wall, 1e-9)}

@@ -53,7 +53,7 @@ class TrainRequest:
     experiment: str = tracking.DEFAULT_EXPERIMENT
     tracking_uri: str | None = None
     parent_run_id: str | None = None
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float | None = None  # None: `default_cpus_per_worker`
     placement_strategy: str = "PACK"  # of the workers' placement group; STRICT_SPREAD: one worker per node
     address: str | None = None
     log_model: bool = True
@@ -89,6 +89,22 @@ def apply_request(config: Config, request: TrainRequest) -> Config:
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
+# CPUs a GPU train worker reserves: one for the Python step loop, which launches the kernels (Mask R-CNN's
+# many small ops make it launch-bound), and one for Ray Data's fetch thread, which collates, pins and copies each
+# batch to the device. The rest of a node's CPUs stay free for the decode tasks that feed it: reserving more per
+# worker would take them from the input pipeline (docs/design.md, "Ray").
+GPU_WORKER_CPUS = 2.0
+
+
+def default_cpus_per_worker(requested: float | None, *, use_gpu: bool) -> float:
+    """`--cpus-per-worker`, or its default: GPU_WORKER_CPUS on GPUs, 1 on CPUs (a CPU worker's torch threads
+    follow the CPUs it holds; on a small box the rest feed it)."""
+    if requested is not None:
+        if requested <= 0:
+            raise ValueError(f"--cpus-per-worker {requested}: must be above 0")
+        return float(requested)
+    return GPU_WORKER_CPUS if use_gpu else 1.0
+
 
 def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, int], None] | None = None
           ) -> TrainResult:
@@ -120,6 +136,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
 
     init_ray(request.address)
     use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu
+    cpus_per_worker = default_cpus_per_worker(request.cpus_per_worker, use_gpu=use_gpu)
     if request.storage is None and cluster_nodes() > 1:
         raise ValueError("--storage is required on a multi-node cluster: a path or URI every node can read")
     storage = request.storage or str(Path("checkpoints").resolve())
@@ -163,6 +180,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
             "global_batch": global_batch,
             "total_steps": total_steps,
             "use_gpu": use_gpu,
+            "cpus_per_worker": cpus_per_worker,
             "code_version": tracking.code_version(),
         },
     )
@@ -197,7 +215,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         scaling_config=ScalingConfig(
             num_workers=request.workers,
             use_gpu=use_gpu,
-            resources_per_worker={"CPU": request.cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             placement_strategy=request.placement_strategy,
         ),
         run_config=RunConfig(

@@ -14,6 +14,7 @@ from pipelines.training.loop import (
     NonFiniteLossError,
     StepRunner,
     compress_gradients,
+    timed,
     total_steps_for,
     validation_due,
     validation_losses,
@@ -301,3 +302,30 @@ def test_fine_tuning_the_real_model_from_a_checkpoint_with_another_number_of_cla
         expected = fresh[key] if key in reinitialised else theirs[key]
         assert torch.equal(value, expected), key
     assert all(k in messages[1] for k in reinitialised)
+
+
+def test_timed_says_how_long_the_loop_waited_for_each_batch():
+    import time as _time
+
+    def slow():
+        for i in range(3):
+            _time.sleep(0.05 if i == 1 else 0.0)  # the input pipeline stalls before batch 1
+            yield {"i": i}
+
+    got = list(timed(slow()))
+    assert [b["i"] for b, _ in got] == [0, 1, 2]
+    waits = [w for _, w in got]
+    assert all(w >= 0 for w in waits) and waits[1] >= 0.05  # a lower bound: sleep never returns early
+
+
+def test_the_logged_window_splits_wall_time_into_steps_and_data_wait():
+    from pipelines.training.progress import WindowTimes
+
+    w = WindowTimes()
+    w.add(data_wait_s=0.1, step_s=0.3, images=8)
+    w.add(data_wait_s=0.3, step_s=0.3, images=8)
+    got = w.summary()
+    assert got["images_per_s"] == pytest.approx(16 / 1.0)  # every image over wait + step time
+    assert got["step_s"] == pytest.approx(0.3) and got["data_wait_s"] == pytest.approx(0.2)
+    assert got["input_bound_fraction"] == pytest.approx(0.4)
+    assert WindowTimes().summary()["input_bound_fraction"] == 0.0

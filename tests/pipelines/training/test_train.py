@@ -52,8 +52,13 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     losses = [m.value for m in client.get_metric_history(result.run_id, "loss")]
     assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-2:]) < sum(losses[:2]), f"loss did not fall: {losses}"
-    for key in ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask", "lr", "images_per_s", "val_loss"):
+    for key in ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask", "lr", "images_per_s", "val_loss",
+                "step_s", "data_wait_s", "input_bound_fraction"):
         assert client.get_metric_history(result.run_id, key), key
+    for key in ("data_wait_s", "input_bound_fraction"):  # the time waited for data: measured, never negative
+        assert all(0 <= m.value for m in client.get_metric_history(result.run_id, key)), key
+    assert all(m.value <= 1 for m in client.get_metric_history(result.run_id, "input_bound_fraction"))
+    assert run.data.tags["amp"] == "off"  # train.amp=auto on CPU workers
     assert "checkpoint" in {a.path for a in client.list_artifacts(result.run_id)}
     # MLflow 3 keeps the model as a logged model linked to the run
     assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["model"]
@@ -195,3 +200,13 @@ def test_imagenet_resnet_backbone_weights_end_to_end(synth_shards, tmp_path):
     torch.manual_seed(0)  # the loop's seed: the heads as they were before the two steps
     initial = build_model(_config(), num_classes=4).state_dict()
     assert not torch.equal(state.model["box_head.fc1.weight"], initial["box_head.fc1.weight"])
+
+
+def test_cpus_per_worker_defaults_to_two_on_gpus_and_one_on_cpus():
+    from pipelines.training.train import GPU_WORKER_CPUS, default_cpus_per_worker
+
+    assert default_cpus_per_worker(None, use_gpu=True) == GPU_WORKER_CPUS == 2
+    assert default_cpus_per_worker(None, use_gpu=False) == 1
+    assert default_cpus_per_worker(3, use_gpu=True) == 3  # what was asked for wins
+    with pytest.raises(ValueError, match="--cpus-per-worker 0"):
+        default_cpus_per_worker(0, use_gpu=False)
