@@ -33,9 +33,10 @@ def flip_batch(batch: dict, *, flip_perm: Tensor, which: Tensor) -> dict:
     images = batch["images"]
     size = images.shape[-1]
     device = images.device
-    which = torch.as_tensor(which, dtype=torch.bool, device=device)
-    if not which.any():
+    which = torch.as_tensor(which, dtype=torch.bool)
+    if which.device.type == "cpu" and not which.any():  # read where it is free: a device tensor would be a sync
         return out
+    which = which.to(device, non_blocking=True)
     per_image = which.view(-1, 1)  # [N, 1], broadcast against per-image rows
 
     out["images"] = torch.where(which.view(-1, 1, 1, 1), images.flip(-1), images)

@@ -143,7 +143,7 @@ class StepRunner:
                              "has none: its anchors are not mirror-symmetric; train with train.flip=false")
         batch = densify_rpn_deltas(to_device(batch, self.device))
         if self.flip and self.flip_perm is not None:
-            which = self.flip_choice(step, batch["images"].shape[0]).to(self.device, non_blocking=True)
+            which = self.flip_choice(step, batch["images"].shape[0])  # on the host: flip_batch reads it there
             batch = flip_batch(batch, flip_perm=self.flip_perm, which=which)
         self.model.train()
         freeze_norm_statistics(self.model)  # frozen stages (--layers heads / 4+) keep their BatchNorm statistics

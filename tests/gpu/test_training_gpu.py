@@ -1,0 +1,182 @@
+"""Training on a CUDA GPU: the `coco` geometry under the chosen AMP, CPU/CUDA agreement of the sub-nets, empty
+cases, checkpoints across devices. Marker `gpu`: skipped without CUDA (tests/conftest.py). Imports only torch,
+torchvision, numpy and the project (the GPU machine has no Ray, MLflow or pycocotools).
+
+    python -m pytest tests/gpu -m gpu -q
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mrcnn.config import coco, shapes
+from mrcnn.detection_targets import sample_detection_targets
+from mrcnn.detections import detect
+from mrcnn.flip import flip_batch
+from mrcnn.model import build_model
+from mrcnn.proposals import generate_proposals
+from mrcnn.roi_heads import pool_rois
+from pipelines.data.loader import densify_rpn_deltas, to_device
+from pipelines.training.checkpoints import load_checkpoint, load_model_state, save_checkpoint
+from pipelines.training.loop import StepRunner
+from pipelines.training.optim import build_optimizer, build_scheduler
+from pipelines.training.precision import resolve_precision
+from tests.support.synthetic_batch import loader_batch, random_instances
+
+pytestmark = pytest.mark.gpu
+CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+
+
+def _runner(model, device, precision):
+    opt = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
+    sched = build_scheduler(opt, total_steps=10, warmup_steps=0, schedule="cosine")
+    return StepRunner(model=model, optimizer=opt, scheduler=sched, device=device, grad_clip=5.0,
+                      flip=model.flip_perm is not None, flip_perm=model.flip_perm, precision=precision)
+
+
+def _model_and_batch(config, n=2, instances=3, empty=(), num_classes=81, seed=0):
+    torch.manual_seed(seed)
+    model = build_model(config, num_classes)
+    size = config.image.max_dim
+    images, per_image = random_instances(size, n, instances, num_classes, seed=seed, empty=empty)
+    return model, loader_batch(config, model.anchors, images, per_image)
+
+
+def test_coco_geometry_at_batch_2_gives_finite_losses_and_one_step_changes_the_weights():
+    model, batch = _model_and_batch(coco())
+    model = model.to(CUDA)
+    precision = resolve_precision("auto", CUDA)
+    assert precision.dtype is not None  # autocast on every GPU: bf16 where it exists, else fp16 with a scaler
+    runner = _runner(model, CUDA, precision)
+    before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    result = runner(batch, step=0)
+    assert result.finite and all(torch.isfinite(torch.tensor(list(result.losses.values()))))
+    changed = [k for k, v in model.named_parameters() if v.requires_grad and not torch.equal(v, before[k])]
+    assert len(changed) > 0.9 * len(before), f"only {len(changed)} of {len(before)} parameters moved"
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
+def test_every_amp_choice_trains_a_step_on_cuda(amp):
+    model, batch = _model_and_batch(shapes(), num_classes=4)
+    runner = _runner(model.to(CUDA), CUDA, resolve_precision(amp, CUDA))
+    assert runner(batch, step=0).finite
+    assert (runner.scaler is not None) == (amp == "fp16")
+
+
+def test_sparse_rpn_deltas_densify_on_cuda_as_on_cpu():
+    model, batch = _model_and_batch(coco())
+    on_cpu = densify_rpn_deltas(batch)
+    on_cuda = densify_rpn_deltas(to_device(batch, CUDA))
+    assert on_cuda["rpn_deltas"].is_cuda and torch.equal(on_cuda["rpn_deltas"].cpu(), on_cpu["rpn_deltas"])
+
+
+def test_proposals_agree_on_cpu_and_cuda():
+    config = coco()
+    model, batch = _model_and_batch(config)
+    gen = torch.Generator().manual_seed(0)
+    a = model.anchors.shape[0]
+    objectness = torch.randn(2, a, generator=gen) * 3  # distinct scores: no ties for top-k to order differently
+    deltas = torch.randn(2, a, 4, generator=gen) * 0.5
+    kwargs = dict(model.proposal_settings, post_nms_topk=config.rpn.post_nms_train)
+    cpu, _ = generate_proposals(objectness, deltas, model.anchors, batch["windows"], **kwargs)
+    cuda, _ = generate_proposals(objectness.to(CUDA), deltas.to(CUDA), model.anchors.to(CUDA),
+                                 batch["windows"].to(CUDA), **kwargs)
+    for p, q in zip(cpu, cuda, strict=True):
+        assert p.shape == q.shape
+        torch.testing.assert_close(q.cpu(), p, rtol=0, atol=1e-3)
+
+
+def test_roi_pooling_agrees_on_cpu_and_cuda():
+    config = coco()
+    model, _ = _model_and_batch(config)
+    gen = torch.Generator().manual_seed(1)
+    size, c = config.image.max_dim, config.backbone.fpn_channels
+    strides = model.pool_settings["strides"]
+    pyramid = [torch.randn(2, c, size // s, size // s, generator=gen) for s in strides]
+    xy = torch.rand(200, 2, generator=gen) * (size - 300)
+    wh = torch.rand(200, 2, generator=gen) * 290 + 4  # every FPN level gets RoIs
+    rois = torch.cat([torch.randint(0, 2, (200, 1), generator=gen).float(), xy, xy + wh], dim=1)
+    cpu = pool_rois(pyramid, rois, output_size=7, **model.pool_settings)
+    cuda = pool_rois([p.to(CUDA) for p in pyramid], rois.to(CUDA), output_size=7, **model.pool_settings)
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_targets_agree_on_cpu_and_cuda():
+    """Proposals = the gt boxes shifted by a pixel, all of them positive and all sampled: the same RoIs on both
+    devices (in their own random order), so each RoI's class, deltas and mask target must agree."""
+    config = coco()
+    _, batch = _model_and_batch(config, instances=5)
+    valid = batch["gt_class_ids"] > 0
+    proposals = [batch["gt_boxes"][i][valid[i]] + 1.0 for i in range(2)]
+    kwargs = {"rois_per_image": 10, "positive_fraction": 1.0, "positive_iou": 0.5, "mask_size": 28}
+    keys = ("gt_class_ids", "gt_boxes", "gt_mini_masks", "crowd_boxes")
+    on = {}
+    for device in (CPU, CUDA):
+        t = sample_detection_targets([p.to(device) for p in proposals],
+                                     **{k: batch[k].to(device) for k in keys}, **kwargs)
+        rois = t.rois_with_index().cpu()
+        order = sorted(range(len(rois)), key=lambda r: tuple(rois[r].tolist()))
+        on[device.type] = (rois[order], t.class_ids.cpu()[order], t.deltas.cpu()[order],
+                           t.masks.cpu()[[i for i in order if t.class_ids[i] > 0]])
+    for got, want in zip(on["cuda"], on["cpu"], strict=True):
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_detections_agree_on_cpu_and_cuda():
+    gen = torch.Generator().manual_seed(2)
+    r, k = 500, 81
+    class_logits = torch.randn(r, k, generator=gen) * 4
+    deltas = torch.randn(r, k, 4, generator=gen) * 0.3
+    xy = torch.rand(r, 2, generator=gen) * 800
+    rois = torch.cat([xy, xy + torch.rand(r, 2, generator=gen) * 200 + 8], dim=1)
+    image_idx = torch.randint(0, 2, (r,), generator=gen)
+    windows = torch.tensor([[0, 0, 1024, 1024], [0, 0, 1024, 700]])
+    settings = {"min_confidence": 0.05, "nms_threshold": 0.5, "max_detections": 100}
+    cpu = detect(class_logits, deltas, rois, image_idx, windows, **settings)
+    cuda = detect(*(x.to(CUDA) for x in (class_logits, deltas, rois, image_idx, windows)), **settings)
+    for p, q in zip(cpu, cuda, strict=True):
+        assert torch.equal(q["class_ids"].cpu(), p["class_ids"])
+        torch.testing.assert_close(q["boxes"].cpu(), p["boxes"], rtol=0, atol=1e-3)
+        torch.testing.assert_close(q["scores"].cpu(), p["scores"], rtol=0, atol=1e-5)
+
+
+def test_the_flip_agrees_on_cpu_and_cuda():
+    model, batch = _model_and_batch(coco())
+    dense = densify_rpn_deltas(batch)
+    which = torch.tensor([True, False])
+    cpu = flip_batch(dense, flip_perm=model.flip_perm, which=which)
+    cuda = flip_batch(to_device(dense, CUDA), flip_perm=model.flip_perm.to(CUDA), which=which)
+    for key, value in cpu.items():
+        assert torch.equal(cuda[key].cpu(), value), key
+
+
+@pytest.mark.parametrize("case", ["image without ground truth", "batch without positives", "level without rois"])
+def test_empty_cases_run_forward_and_backward_on_cuda(case):
+    config = shapes()
+    if case == "image without ground truth":
+        model, batch = _model_and_batch(config, empty=(1,), num_classes=4)
+    elif case == "batch without positives":
+        model, batch = _model_and_batch(config, empty=(0, 1), num_classes=4)
+    else:  # one tiny object: its RoIs all fall on P2, the other levels pool none
+        model, batch = _model_and_batch(config, instances=1, num_classes=4)
+        batch["gt_boxes"][:, 0] = torch.tensor([10.0, 10.0, 18.0, 18.0])
+    runner = _runner(model.to(CUDA), CUDA, resolve_precision("auto", CUDA))
+    assert runner(batch, step=0).finite
+
+
+def test_a_checkpoint_saved_on_cuda_loads_on_cpu(tmp_path):
+    model, batch = _model_and_batch(shapes(), num_classes=4)
+    runner = _runner(model.to(CUDA), CUDA, resolve_precision("fp16", CUDA))
+    runner(batch, step=0)
+    torch.randn(3, device=CUDA)  # the CUDA generator has been used
+    save_checkpoint(tmp_path / "ck", model=model, optimizer=runner.optimizer, scheduler=runner.scheduler, step=1,
+                    epoch=0, batch_in_epoch=1, meta={}, scaler=runner.scaler)
+    state = load_checkpoint(tmp_path / "ck", map_location="cpu")
+    assert all(v.device.type == "cpu" for v in state.model.values())
+    assert len(state.rng_by_rank[0]["cuda"]) == torch.cuda.device_count()
+    assert state.scaler["scale"] == runner.scaler.get_scale()
+    fresh = build_model(shapes(), 4)
+    load_model_state(fresh, state.model)
+    for k, v in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v.cpu()), k

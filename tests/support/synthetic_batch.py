@@ -1,0 +1,71 @@
+"""A training batch as the loader ships it (sparse RPN deltas), built from random ellipses without shards or Ray:
+for the GPU tests and bench/bench_gpu.py, which run where only torch, torchvision, numpy, pillow and pyarrow are."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mrcnn.config import Config
+from mrcnn.mini_masks import mini_mask_boxes, minimize_masks
+from mrcnn.rpn_targets import compute_rpn_targets
+
+
+def random_instances(size: int, n: int, instances: int, num_classes: int, seed: int = 0,
+                     empty: tuple[int, ...] = ()):
+    """images uint8 [n, size, size, 3]; per image (boxes float32 [G, 4] x1y1x2y2, masks bool [G, size, size],
+    labels int64 [G] in 1..num_classes-1); the images listed in `empty` have no instance."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    per_image = []
+    for i in range(n):
+        boxes, masks = [], []
+        for _ in range(0 if i in empty else instances):
+            w, h = rng.integers(size // 12, size // 3, size=2)
+            x1, y1 = rng.integers(0, size - w), rng.integers(0, size - h)
+            cx, cy = x1 + w / 2, y1 + h / 2
+            masks.append(((xx + 0.5 - cx) / (w / 2)) ** 2 + ((yy + 0.5 - cy) / (h / 2)) ** 2 <= 1)
+            boxes.append([x1, y1, x1 + w, y1 + h])
+        labels = rng.integers(1, num_classes, size=len(boxes))
+        per_image.append((np.asarray(boxes, np.float32).reshape(-1, 4),
+                          np.stack(masks) if masks else np.zeros((0, size, size), bool), labels.astype(np.int64)))
+    return images, per_image
+
+
+def loader_batch(config: Config, anchors: torch.Tensor, images: np.ndarray, per_image) -> dict[str, torch.Tensor]:
+    """The Batch of pipelines/data/loader.py (scale 1, window = the whole image), with the RPN deltas sparse
+    (`rpn_pos_idx` [N, K], -1 padded, and `rpn_pos_deltas` [N, K, 4], K = rpn.anchors_per_image)."""
+    n, size = len(images), images.shape[1]
+    g, m, a, k = config.roi.max_gt_instances, config.mask.mini_mask_size, anchors.shape[0], config.rpn.anchors_per_image
+    batch = {
+        "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),
+        "windows": torch.tensor([[0, 0, size, size]] * n),
+        "image_ids": torch.arange(n),
+        "scales": torch.ones(n),
+        "heights": torch.full((n,), size),
+        "widths": torch.full((n,), size),
+        "gt_class_ids": torch.zeros(n, g, dtype=torch.int64),
+        "gt_boxes": torch.zeros(n, g, 4),
+        "gt_mini_masks": torch.zeros(n, g, m, m, dtype=torch.uint8),
+        "crowd_boxes": torch.zeros(n, 16, 4),
+        "rpn_match": torch.zeros(n, a, dtype=torch.int8),
+        "rpn_pos_idx": torch.full((n, k), -1, dtype=torch.int64),
+        "rpn_pos_deltas": torch.zeros(n, k, 4),
+    }
+    for i, (boxes, masks, labels) in enumerate(per_image):
+        boxes_t = torch.from_numpy(boxes)
+        count = len(boxes)
+        if count:
+            batch["gt_boxes"][i, :count] = boxes_t
+            batch["gt_class_ids"][i, :count] = torch.from_numpy(labels)
+            mini = minimize_masks(torch.from_numpy(masks), mini_mask_boxes(boxes_t), size=m)
+            batch["gt_mini_masks"][i, :count] = mini.to(torch.uint8)
+        targets = compute_rpn_targets(anchors=anchors, gt_boxes=boxes_t, crowd_boxes=torch.zeros(0, 4))
+        batch["rpn_match"][i, targets.ignore_idx] = -1
+        pos = targets.pos_idx[:k]
+        batch["rpn_match"][i, targets.pos_idx[k:]] = -1  # as the loader does past K (it draws which; here: the last)
+        batch["rpn_match"][i, pos] = 1
+        batch["rpn_pos_idx"][i, : len(pos)] = pos
+        batch["rpn_pos_deltas"][i, : len(pos)] = targets.pos_deltas[:k]
+    return batch
