@@ -29,7 +29,7 @@ from mrcnn.model import LOSS_KEYS, build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import to_device
 from pipelines.infra import tracking
-from pipelines.infra.logs import get_logger, setup_logging
+from pipelines.infra.logs import get_logger, progress, setup_logging
 from pipelines.training.checkpoints import load_checkpoint, load_model_state, save_checkpoint, unwrap
 from pipelines.training.optim import (
     build_optimizer,
@@ -446,8 +446,8 @@ class _RankZeroLogger:
         done = step - self.first_step
         eta = elapsed / max(done, 1) * (self.total - step)
         losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in result.losses.items())
-        log.info("step %d/%d epoch %d loss=%.4f %s lr=%.5f %.1f img/s eta %.0fs", step, self.total, epoch,
-                 result.total, losses, result.lr, images_per_s, eta)
+        log.info("step %s epoch %d loss=%.4f %s lr=%.5f", progress(step, self.total, rate=images_per_s, unit="img/s",
+                 eta=eta), epoch, result.total, losses, result.lr)
         if self.run_id:
             metrics = {**result.losses, "lr": result.lr, "images_per_s": images_per_s, "epoch": epoch}
             metrics["nonfinite_steps"] = runner.nonfinite_total
