@@ -97,7 +97,8 @@ def test_worker_output_router_keeps_project_lines_and_progress_bars(routing, tmp
     route({"lines": ["PYTHON worker processes have been started ... 4x the maximum"], "pid": "raylet",
            "is_err": False}, ignore_prefix=False)
     # the project's lines without Ray's (pid=...) prefix, the bars through Ray's own handling
-    assert printed == [([bar], False), (["[preprocess] train2017: 8 images", "[train] warning: 1 non-finite loss"], True)]
+    ours = ["[preprocess] train2017: 8 images", "[train] warning: 1 non-finite loss"]
+    assert printed == [([bar], False), (ours, True)]
     for h in logging.getLogger().handlers:
         h.flush()
     text = path.read_text()
