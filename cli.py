@@ -277,7 +277,7 @@ def run(
     mrcnn-cli run --dataset DIR --config torchvision --init torchvision:maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --gpu
     """
     from pipelines.dag import PipelineRequest, run_pipeline
-    from pipelines.infra.tracking import resolve_tracking_uri, ui_command
+    from pipelines.infra.tracking import resolve_tracking_uri, ui_command, ui_url
 
     strategy = _placement(placement_strategy)
     cfg = _config(config, set_)
@@ -292,7 +292,8 @@ def run(
     )
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: {', '.join(result.skipped) or 'nothing'}")
     typer.echo(result.outputs["evaluate"]["table"])
-    typer.echo(f"MLflow UI: {ui_command(resolve_tracking_uri())}")
+    uri = resolve_tracking_uri()
+    typer.echo(f"MLflow UI: {ui_command(uri)}\n  then {ui_url(uri, experiment)}")
 
 
 @app.command()
@@ -316,7 +317,7 @@ def demo(
 
     from pipelines.dag import PipelineRequest, run_pipeline
     from pipelines.data.synth import make_synthetic_dataset
-    from pipelines.infra.tracking import ui_command
+    from pipelines.infra.tracking import ui_command, ui_url
 
     started = time.perf_counter()
     cfg = _config("shapes", ["train.cache_data=true", *(set_ or [])])
@@ -346,7 +347,8 @@ def demo(
     typer.echo(f"predictions: {picture}" if picture.is_file() else f"predictions: none drawn (see {log_file})")
     typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s (dataset, Ray start-up and all stages)")
     typer.echo(f"Ray's and the libraries' messages: {log_file}")
-    typer.echo(f"Open the MLflow UI on these runs (then http://127.0.0.1:5000):\n  {ui_command(tracking_uri)}")
+    typer.echo(f"Open the MLflow UI on these runs (or `make ui`):\n  {ui_command(tracking_uri)}\n"
+               f"then {ui_url(tracking_uri)}")
 
 
 @app.command("inspect")

@@ -49,6 +49,15 @@ def ui_command(tracking_uri: str) -> str:
     return f"{program} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
+def ui_url(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, base: str = "http://127.0.0.1:5000") -> str:
+    """The address of the experiment's runs table in the UI `ui_command` starts (`base`: the server for an
+    http(s) store). MLflow 3.17's UI picks the page's view from the address (`workflowType`, remembered by the
+    browser afterwards), not from the experiment's tag; without it the page opens on the GenAI overview."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else base
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
 def artifact_root(tracking_uri: str) -> str | None:
     """Where an experiment created in this store keeps its artifacts: `<db dir>/mlartifacts` for a SQLite file
     (MLflow's default would be `./mlruns` under the working directory of the process that creates it); None
@@ -212,4 +221,5 @@ __all__ = [
     "set_tag",
     "resolve_tracking_uri",
     "ui_command",
+    "ui_url",
 ]

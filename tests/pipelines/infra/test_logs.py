@@ -19,6 +19,9 @@ def routing():
     root = logging.getLogger()
     project = logging.getLogger(logs.ROOT_LOGGER)
     saved = (dict(logs._routing), list(root.handlers), root.level, list(project.handlers))
+    # from a clean start, whatever a CLI test of this process set up before
+    logs._routing.update(log_file=None, verbose=False)
+    logging.captureWarnings(False)
     library = logging.getLogger("somelib")
     console = io.TextIOWrapper(io.BytesIO(), write_through=True)  # a terminal-like stream, not a StringIO capture
     library_console = logging.StreamHandler(console)

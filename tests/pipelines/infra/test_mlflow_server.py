@@ -324,6 +324,9 @@ def test_two_pipelines_compare_in_the_runs_table_and_the_compare_page(mlflow_ser
     with Image.open(shot) as image:
         image.load()
         assert image.size == (1600, 1400) and len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20
+    if os.environ.get("TEST_ARTIFACTS_DIR"):  # CI keeps the picture (.ci/run sets it)
+        Path(os.environ["TEST_ARTIFACTS_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["TEST_ARTIFACTS_DIR"]) / "mlflow_compare.png")
     client.log_artifact(parents[0].info.run_id, str(shot), "ui")
     assert "ui/compare.png" in {a.path for a in client.list_artifacts(parents[0].info.run_id, "ui")}
 
