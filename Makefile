@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install bench clean
+.PHONY: demo ui test lint install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/mrcnn-cli demo --out demo_out
+	$(VENV)/bin/mrcnn-cli demo --out demo_out $(if $(VERBOSE),--verbose)
+
+# the MLflow UI on the demo's runs, on this machine only; then open the URL the demo printed
+ui: $(STAMP)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(abspath demo_out)/mlflow.db --host 127.0.0.1 --port 5000
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

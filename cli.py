@@ -14,7 +14,7 @@ from typing import Annotated, Literal
 import typer
 
 from mrcnn.config import Layers
-from pipelines.infra.logs import setup_logging
+from pipelines.infra.logs import get_logger, setup_logging
 
 # choices of options whose modules are too heavy to import for `--help`; tests/cli checks they match the code's
 Backend = Literal["pycocotools", "faster-coco-eval"]  # pipelines.evaluation.coco_eval.BACKENDS
@@ -28,9 +28,30 @@ app = typer.Typer(
     "Example: mrcnn-cli demo --out demo_out   (synthetic data -> shards -> training -> COCO evaluation)",
 )
 
+log = get_logger("cli")
+
+
 @app.callback()
 def _main() -> None:
     setup_logging()
+
+
+VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show Ray's and the libraries' own messages and warnings "
+                                                            "on the console too (else only in the log file).")]
+
+
+def _console(command: str, verbose: bool, folder: str | Path | None = None) -> Path:
+    """The console keeps the project's lines; Ray's and the libraries' messages and warnings go to a log file
+    (also shown with --verbose): `<folder>/logs/` for a local output folder, else the temporary folder."""
+    import tempfile
+    import time
+
+    local = folder is not None and "://" not in str(folder)
+    where = Path(folder) / "logs" if local else Path(tempfile.gettempdir()) / "mrcnn-cli"
+    path = (where / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
+    setup_logging(log_file=path, verbose=verbose)
+    log.info("Ray's and the libraries' messages: %s%s", path, "" if verbose else " (--verbose shows them here)")
+    return path
 
 
 ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes, torchvision) or a YAML file.")]
@@ -90,6 +111,7 @@ def preprocess(
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
     address: AddressOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Turn a COCO dataset into Parquet shards (resized images, mini-masks, RPN targets) with Ray Data.
 
@@ -100,6 +122,7 @@ def preprocess(
     from pipelines.infra.ray_env import init_ray
 
     cfg = _config(config, set_)
+    _console("preprocess", verbose)
     if annotations or images:
         if not (annotations and images):
             raise typer.BadParameter("--annotations and --images go together")
@@ -141,6 +164,7 @@ def train(
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
     address: AddressOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train Mask R-CNN data-parallel with Ray Train (DDP), checkpoints, resume and MLflow tracking.
 
@@ -157,6 +181,7 @@ def train(
 
     strategy = _placement(placement_strategy)
     cfg = _config(config, set_)
+    _console("train", verbose)
     request = TrainRequest(
         shards=shards,
         split=split,
@@ -200,6 +225,7 @@ def evaluate(
     backend: Annotated[Backend, typer.Option(help="COCO evaluation library.")] = "pycocotools",
     experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
     address: AddressOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Batch inference over a split's shards and COCO bbox/segm evaluation (pycocotools), logged to MLflow.
 
@@ -210,6 +236,7 @@ def evaluate(
     from pipelines.evaluation.evaluate import evaluate as run_evaluate
     from pipelines.models import ModelMismatchError
 
+    _console("evaluate", verbose)
     try:
         result = run_evaluate(
             EvaluateRequest(
@@ -242,6 +269,7 @@ def run(
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
     address: AddressOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run preprocess -> train -> evaluate as a DAG; stages whose inputs did not change are skipped.
 
@@ -251,10 +279,11 @@ def run(
     mrcnn-cli run --dataset DIR --config torchvision --init torchvision:maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --gpu
     """
     from pipelines.dag import PipelineRequest, run_pipeline
-    from pipelines.infra.tracking import resolve_tracking_uri, ui_command
+    from pipelines.infra.tracking import resolve_tracking_uri, ui_command, ui_url
 
     strategy = _placement(placement_strategy)
     cfg = _config(config, set_)
+    _console("run", verbose, work_dir)
     result = run_pipeline(
         cfg,
         PipelineRequest(
@@ -265,7 +294,8 @@ def run(
     )
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: {', '.join(result.skipped) or 'nothing'}")
     typer.echo(result.outputs["evaluate"]["table"])
-    typer.echo(f"MLflow UI: {ui_command(resolve_tracking_uri())}")
+    uri = resolve_tracking_uri()
+    typer.echo(f"MLflow UI: {ui_command(uri)}\n  then {ui_url(uri, experiment)}")
 
 
 @app.command()
@@ -276,41 +306,51 @@ def demo(
     workers: Annotated[int, typer.Option(help="Train workers (DDP).")] = 2,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs (and torch threads) per train worker.")] = 1,
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """The whole pipeline on the built-in synthetic dataset with the `shapes` preset, on a local Ray.
 
+    Everything it writes stays under --out: the dataset, the stages' outputs, the MLflow store (`mlflow.db`,
+    artifacts in `mlartifacts/`) and the log file of Ray's and the libraries' messages (`logs/`).
+
     Example: mrcnn-cli demo --out demo_out
     """
-    import os
     import time
 
     from pipelines.dag import PipelineRequest, run_pipeline
     from pipelines.data.synth import make_synthetic_dataset
-    from pipelines.infra.tracking import ui_command
+    from pipelines.infra.tracking import ui_command, ui_url
 
     started = time.perf_counter()
+    cfg = _config("shapes", ["train.cache_data=true", *(set_ or [])])
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    log_file = _console("demo", verbose, root)
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"  # its own store, whatever MLFLOW_TRACKING_URI says
     dataset = root / "shapes"
     if not (dataset / "annotations" / "instances_val2017.json").is_file():
         make_synthetic_dataset(dataset, train=train, val=val, seed=0)
     # one local node: the small splits are decoded once into the object store (a new stream per epoch costs
     # 7-9 s on 2 cores); on a cluster cached blocks would be lost with their node, so only the demo does this
-    cfg = _config("shapes", ["train.cache_data=true", *(set_ or [])])
+    # (train.cache_data=true above)
     result = run_pipeline(
         cfg,
         PipelineRequest(dataset=str(dataset), workers=workers, use_gpu=False, work_dir=str(root / "pipeline"),
-                        cpus_per_worker=cpus_per_worker),
+                        cpus_per_worker=cpus_per_worker, tracking_uri=tracking_uri),
     )
-    metrics = result.outputs["evaluate"]["metrics"]
-    typer.echo(result.outputs["evaluate"]["table"])
+    evaluation = result.outputs["evaluate"]
+    metrics = evaluation["metrics"]
+    typer.echo(evaluation["table"])
     typer.echo(
         f"segm AP {metrics['segm/AP']:.3f}  AP50 {metrics['segm/AP50']:.3f}  |  "
         f"bbox AP {metrics['bbox/AP']:.3f}  AP50 {metrics['bbox/AP50']:.3f}"
     )
+    picture = Path(evaluation["out"]) / "predictions.png"
+    typer.echo(f"predictions: {picture}" if picture.is_file() else f"predictions: none drawn (see {log_file})")
     typer.echo(f"demo finished in {time.perf_counter() - started:.0f} s (dataset, Ray start-up and all stages)")
-    typer.echo(f"Open the MLflow UI on these runs:\n  {ui_command(os.environ['MLFLOW_TRACKING_URI'])}")
+    typer.echo(f"Ray's and the libraries' messages: {log_file}")
+    typer.echo(f"Open the MLflow UI on these runs (or `make ui`):\n  {ui_command(tracking_uri)}\n"
+               f"then {ui_url(tracking_uri)}")
 
 
 @app.command("inspect")

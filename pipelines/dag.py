@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from pipelines.data.coco import split_paths
 from pipelines.data.preprocess import preprocess
 from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.infra import tracking
-from pipelines.infra.logs import get_logger
+from pipelines.infra.logs import format_seconds, get_logger, setup_logging
 from pipelines.infra.ray_env import cluster_nodes, init_ray
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_bytes
 from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, torchvision_file
@@ -47,6 +48,8 @@ class Stage:
     key_inputs: dict[str, Any]  # everything that decides this stage's output, besides its upstream keys
     fn: Callable[[str, dict[str, Any], str | None], dict[str, Any]]
     key: str = ""
+    # the stage's headline numbers for the pipeline's parent run, from its outputs (fresh or from the marker)
+    headline: Callable[[dict[str, Any]], dict[str, float]] | None = None
 
 
 @dataclass
@@ -85,8 +88,13 @@ def run_dag(
     tracking_uri: str | None = None,
     experiment: str = tracking.DEFAULT_EXPERIMENT,
     run_name: str = "pipeline",
+    params: dict[str, Any] | None = None,
 ) -> DagResult:
-    """Run `stages` in order as Ray tasks, skipping those whose marker exists (unless at or after `force`)."""
+    """Run `stages` in order as Ray tasks, skipping those whose marker exists (unless at or after `force`).
+
+    The parent run holds `params` (the pipeline's settings), each stage's key and output folder, and as
+    metrics each stage's `headline` numbers and its time in this run (`time_<stage>_s`, 0 when skipped; and
+    `time_total_s`), so that MLflow's runs table compares pipelines without opening them."""
     import ray
 
     names = [s.name for s in stages]
@@ -106,8 +114,11 @@ def run_dag(
     result = DagResult(parent_run_id=parent)
     forcing = False
     upstream: dict[str, Any] = {}
+    started = time.perf_counter()
     try:
+        tracking.log_params(uri, parent, params or {})
         for stage in stages:
+            stage_started = time.perf_counter()
             forcing = forcing or stage.name == force
             out_dir = join_uri(work, f"{stage.name}-{stage.key}")  # what the stage writes to: path or URI
             out_path = f"{work_path}/{stage.name}-{stage.key}"  # the same place inside `filesystem`
@@ -124,17 +135,25 @@ def run_dag(
                 done = ray.get(task.remote(stage.fn, out_dir, dict(upstream), parent))
                 _write_marker(filesystem, out_path, stage, done)
                 result.ran.append(stage.name)
+            seconds = time.perf_counter() - stage_started if stage.name in result.ran else 0.0
+            if seconds:
+                log.info("%s: done in %s", stage.name, format_seconds(seconds))
             upstream[stage.name] = done
             result.outputs[stage.name] = done
             tracking.log_params(uri, parent, {f"{stage.name}.key": stage.key, f"{stage.name}.out": out_dir})
+            tracking.log_metrics(uri, parent, {f"time_{stage.name}_s": seconds,
+                                               **(stage.headline(done) if stage.headline else {})})
     except Exception:
+        log.error("failed after %s", format_seconds(time.perf_counter() - started))
         tracking.finish_run(uri, parent, failed=True)
         raise
+    tracking.log_metrics(uri, parent, {"time_total_s": time.perf_counter() - started})
     tracking.finish_run(uri, parent)
     return result
 
 
 def _run_stage(fn, out_dir: str, upstream: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
+    setup_logging()  # a Ray worker: the stage's lines reach the driver's console through its stderr
     return fn(out_dir, upstream, parent_run_id)
 
 
@@ -200,7 +219,8 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
             ),
         )
         return {"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint, "run_id": result.run_id,
-                "model_uri": f"runs:/{result.run_id}/model"}
+                "model_uri": f"runs:/{result.run_id}/model",
+                "images_per_s": training_rate(tracking.metric_history(uri, result.run_id, "images_per_s"))}
 
     def evaluate_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
         with _local_dir(out_dir) as local_out:
@@ -218,9 +238,44 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     fields_of = stage_config_fields(config)
     return [
         Stage("preprocess", {**data_inputs, **fields_of["preprocess"]}, preprocess_stage),
-        Stage("train", {**fields_of["train"], "workers": request.workers, **_init_inputs(init)}, train_stage),
-        Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit}, evaluate_stage),
+        Stage("train", {**fields_of["train"], "workers": request.workers, **_init_inputs(init)}, train_stage,
+              headline=train_headline),
+        Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit}, evaluate_stage,
+              headline=evaluate_headline),
     ]
+
+
+HEADLINE_METRICS = ("segm/AP", "segm/AP50", "bbox/AP", "bbox/AP50")  # evaluate's, as the parent run shows them
+
+
+def evaluate_headline(outputs: dict[str, Any]) -> dict[str, float]:
+    """The evaluate stage's numbers on the parent run: `segm_AP`, `segm_AP50`, `bbox_AP`, `bbox_AP50` (the names
+    of the evaluate run's metrics)."""
+    metrics = outputs.get("metrics") or {}
+    return {key.replace("/", "_"): float(metrics[key]) for key in HEADLINE_METRICS if key in metrics}
+
+
+def train_headline(outputs: dict[str, Any]) -> dict[str, float]:
+    """The train stage's number on the parent run: `train_images_per_s` (absent from markers older than it)."""
+    rate = outputs.get("images_per_s")
+    return {} if rate is None else {"train_images_per_s": float(rate)}
+
+
+def training_rate(history: list[float]) -> float | None:
+    """Images/s of a training run from its logged `images_per_s` values: their mean, without the first when there
+    are more (it holds the first step's start-up: data pipeline, allocations)."""
+    values = history[1:] if len(history) > 1 else history
+    return sum(values) / len(values) if values else None
+
+
+def pipeline_params(config: Config, request: PipelineRequest) -> dict[str, Any]:
+    """The settings a pipeline run is compared by, as the parent run's params: every config field
+    (`section.field`) and the request's own settings (`pipeline.workers`, ...)."""
+    own = {"dataset": request.dataset, "workers": request.workers, "use_gpu": request.use_gpu,
+           "cpus_per_worker": request.cpus_per_worker, "placement_strategy": request.placement_strategy,
+           "init": request.init, "eval_limit": request.eval_limit, "train_split": request.train_split,
+           "val_split": request.val_split}
+    return {**tracking.flatten("", config.to_dict()), **{f"pipeline.{k}": v for k, v in own.items()}}
 
 
 EVALUATE_SECTIONS = ("detection", "evaluate")  # read by evaluation from the pipeline's config, not the model's
@@ -254,6 +309,7 @@ def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
         tracking_uri=request.tracking_uri,
         experiment=request.experiment,
         run_name=f"pipeline-{config.name}",
+        params=pipeline_params(config, request),
     )
 
 

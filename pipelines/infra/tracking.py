@@ -2,7 +2,9 @@
 
 The tracking URI comes from `MLFLOW_TRACKING_URI`, else MLflow's own local default (SQLite `mlflow.db` in the
 working directory), made absolute on the driver so that Ray workers, whose working directory differs, log
-to the same store. The driver creates runs; workers attach to them by run id.
+to the same store. The driver creates runs; workers attach to them by run id. An experiment this module
+creates in a SQLite store keeps its artifacts beside the database (`<db dir>/mlartifacts/`), not in MLflow's
+default `./mlruns` of whatever the working directory is, and opens in the UI's model-training view.
 
 MLflow is imported when a function is called, not with this module: the training loop imports it, and the
 GPU tests and benchmarks run it on machines without MLflow.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from importlib.metadata import PackageNotFoundError, version
@@ -23,6 +26,10 @@ from pyarrow import fs as pafs
 from pipelines.infra.storage import filesystem_for, is_uri
 
 DEFAULT_EXPERIMENT = "mrcnn-pipeline"
+# the experiment tag MLflow 3's UI reads to choose the experiment page's view ("genai_development" opens the GenAI
+# overview, which shows no runs table); the value its "Model training" choice stores
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -33,24 +40,53 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
 
 
 def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on these runs, bound to 127.0.0.1 (never on all interfaces)."""
+    """The command that opens the MLflow UI on these runs, bound to 127.0.0.1 (never on all interfaces): this
+    environment's own `mlflow` by its absolute path, so that it works as printed from a fresh shell."""
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri}"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    mlflow = Path(sys.executable).parent / "mlflow"
+    program = mlflow if mlflow.is_file() else "mlflow"
+    return f"{program} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+def ui_url(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, base: str = "http://127.0.0.1:5000") -> str:
+    """The address of the experiment's runs table in the UI `ui_command` starts (`base`: the server for an
+    http(s) store). MLflow 3.17's UI picks the page's view from the address (`workflowType`, remembered by the
+    browser afterwards), not from the experiment's tag; without it the page opens on the GenAI overview."""
+    base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else base
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+
+
+def artifact_root(tracking_uri: str) -> str | None:
+    """Where an experiment created in this store keeps its artifacts: `<db dir>/mlartifacts` for a SQLite file
+    (MLflow's default would be `./mlruns` under the working directory of the process that creates it); None
+    (the store's own choice) for a server, which proxies or assigns them, and for other stores."""
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri.removeprefix("sqlite:///"))
+        if str(db) != ":memory:":
+            return (db.parent.resolve() / "mlartifacts").as_uri()
+    return None
 
 
 def _client(tracking_uri: str):
     from mlflow.tracking import MlflowClient  # see the module docstring: MLflow only when used
 
+    from pipelines.infra.logs import route_library_logs
+
+    route_library_logs()  # importing MLflow gave its logger a console handler
     return MlflowClient(tracking_uri)
 
 
 def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
+    """The id of experiment `name`, created when missing with its artifacts under the store (`artifact_root`)
+    and the model-training view (`EXPERIMENT_KIND_TAG`)."""
     client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    return client.create_experiment(name)
+    return client.create_experiment(name, artifact_location=artifact_root(tracking_uri),
+                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
 
 
 def create_run(
@@ -97,6 +133,12 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float], step:
     client = _client(tracking_uri)
     for i in range(0, len(items), 500):
         client.log_batch(run_id, metrics=items[i : i + 500])
+
+
+def metric_history(tracking_uri: str, run_id: str, key: str) -> list[float]:
+    """The values logged for metric `key` in run `run_id`, in step order."""
+    history = _client(tracking_uri).get_metric_history(run_id, key)
+    return [m.value for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
 
 
 def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
@@ -164,6 +206,9 @@ def _param_value(value: Any) -> str:
 
 __all__ = [
     "DEFAULT_EXPERIMENT",
+    "EXPERIMENT_KIND_TAG",
+    "MODEL_TRAINING_KIND",
+    "artifact_root",
     "code_version",
     "create_run",
     "ensure_experiment",
@@ -172,7 +217,9 @@ __all__ = [
     "log_artifact",
     "log_metrics",
     "log_params",
+    "metric_history",
     "set_tag",
     "resolve_tracking_uri",
     "ui_command",
+    "ui_url",
 ]

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipelines.infra import tracking
-from pipelines.infra.logs import get_logger
+from pipelines.infra.logs import get_logger, progress
 
 log = get_logger("train")
 
@@ -40,9 +40,9 @@ class RankZeroLogger:
         done = step - self.first_step
         eta = elapsed / max(done, 1) * (self.total - step)
         losses = " ".join(f"{k.removeprefix('loss_')}={v:.3f}" for k, v in result.losses.items())
-        log.info("step %d/%d epoch %d loss=%.4f %s lr=%.5f %.1f img/s step %.3fs data wait %.3fs eta %.0fs", step,
-                 self.total, epoch, result.total, losses, result.lr, timing["images_per_s"], timing["step_s"],
-                 timing["data_wait_s"], eta)
+        log.info("step %s epoch %d loss=%.4f %s lr=%.5f step %.3fs data wait %.3fs",
+                 progress(step, self.total, rate=timing["images_per_s"], unit="img/s", eta=eta), epoch, result.total,
+                 losses, result.lr, timing["step_s"], timing["data_wait_s"])
         if self.run_id:
             metrics = {**result.losses, "lr": result.lr, "epoch": epoch, **timing}
             metrics["nonfinite_steps"] = runner.nonfinite_total

@@ -260,3 +260,79 @@ def test_ui_experiment_page_shows_the_pipeline_run(pipeline, client, mlflow_serv
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20
     client.log_artifact(pipeline.parent_run_id, str(shot), "ui")
     assert "ui/ui.png" in {a.path for a in client.list_artifacts(pipeline.parent_run_id, "ui")}
+
+
+# ------------------------------------------------------------------------------------------ runs that compare
+def _pipeline_like_stages(segm_ap: float, rate: float) -> list:
+    """Stand-ins for the three stages whose outputs have the real stages' shape (what `evaluate_headline` and
+    `train_headline` read), so that `run_dag` writes the parent run exactly as for a real pipeline, in seconds."""
+    from pipelines.dag import Stage, evaluate_headline, train_headline
+
+    metrics = {"segm/AP": segm_ap, "segm/AP50": segm_ap + 0.2, "bbox/AP": segm_ap - 0.05, "bbox/AP50": segm_ap + 0.1}
+    return [
+        Stage("preprocess", {"segm_ap": segm_ap}, lambda out, up, parent: {"shards": out}),
+        Stage("train", {}, lambda out, up, parent: {"images_per_s": rate}, headline=train_headline),
+        Stage("evaluate", {}, lambda out, up, parent: {"metrics": metrics}, headline=evaluate_headline),
+    ]
+
+
+def test_two_pipelines_compare_in_the_runs_table_and_the_compare_page(mlflow_server, client, ray_session, tmp_path):
+    """Two pipeline runs with different settings: their parent runs carry the settings as params and the headline
+    numbers as metrics; the runs table (model-training view) lists both, and MLflow's compare page renders their
+    params and segm AP side by side (its screenshot kept as `ui/compare.png` in the first run's artifacts)."""
+    from pipelines.dag import pipeline_params, run_dag
+
+    chromium = _chromium()
+    mlflow_server.wait_ready()
+    experiment = "compare-pipelines"
+    parents = []
+    for lr, segm_ap, rate in ((0.01, 0.412, 3.5), (0.02, 0.653, 4.25)):
+        config = shapes().override([f"train.lr={lr}"])
+        params = pipeline_params(config, PipelineRequest(dataset="data/shapes", workers=2))
+        result = run_dag(_pipeline_like_stages(segm_ap, rate), tmp_path / f"work-{lr}", tracking_uri=mlflow_server.url,
+                         experiment=experiment, run_name=f"pipeline-lr{lr}", params=params)
+        parents.append(client.get_run(result.parent_run_id))
+    for parent, (lr, segm_ap, rate) in zip(parents, ((0.01, 0.412, 3.5), (0.02, 0.653, 4.25)), strict=True):
+        m = parent.data.metrics
+        assert m["segm_AP"] == segm_ap and m["segm_AP50"] == pytest.approx(segm_ap + 0.2)
+        assert m["bbox_AP"] == pytest.approx(segm_ap - 0.05) and m["train_images_per_s"] == rate
+        assert {"time_preprocess_s", "time_train_s", "time_evaluate_s", "time_total_s"} <= set(m)
+        assert parent.data.params["train.lr"] == str(lr) and parent.data.params["pipeline.workers"] == "2"
+    experiment_id = parents[0].info.experiment_id
+    assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
+    table = _render(chromium, f"{mlflow_server.url}/#/experiments/{experiment_id}?workflowType=machine_learning",
+                    tmp_path, "--dump-dom", "--window-size=2000,1000")
+    assert table.returncode == 0, table.stderr[-2000:]
+    for parent in parents:
+        assert parent.info.run_name in table.stdout and f"/runs/{parent.info.run_id}" in table.stdout
+
+    ids = json.dumps([p.info.run_id for p in parents], separators=(",", ":"))
+    compare = f"{mlflow_server.url}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}"
+    dom = _render(chromium, compare, tmp_path, "--dump-dom", "--window-size=1600,1400")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    text = " ".join(_visible_text(dom.stdout).split())
+    assert "Comparing 2 Runs" in text, text[:2000]
+    # the params and metrics sections list each key once with the two runs' values after it, in run order
+    assert "train.lr 0.01 0.02" in text and "pipeline.workers 2 2" in text, text[:3000]
+    assert "0.412 0.653" in text and "segm_AP" in text, text[:3000]
+    shot = tmp_path / "compare.png"
+    rendered = _render(chromium, compare, tmp_path, f"--screenshot={shot}", "--window-size=1600,1400")
+    assert rendered.returncode == 0, rendered.stderr[-2000:]
+    from PIL import Image
+
+    with Image.open(shot) as image:
+        image.load()
+        assert image.size == (1600, 1400) and len(image.convert("RGB").getcolors(maxcolors=1 << 20) or []) > 20
+    if os.environ.get("TEST_ARTIFACTS_DIR"):  # CI keeps the picture (.ci/run sets it)
+        Path(os.environ["TEST_ARTIFACTS_DIR"]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(os.environ["TEST_ARTIFACTS_DIR"]) / "mlflow_compare.png")
+    client.log_artifact(parents[0].info.run_id, str(shot), "ui")
+    assert "ui/compare.png" in {a.path for a in client.list_artifacts(parents[0].info.run_id, "ui")}
+
+
+def _visible_text(html: str) -> str:
+    import re
+
+    html = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S)
+    return re.sub(r"<[^>]+>", " ", html).replace("&nbsp;", " ")

@@ -39,3 +39,33 @@ def test_log_artifact_of_a_uri_directory_without_subdirectories(tmp_path):
     tracking.log_artifact(uri, run_id, f"file://{src}", "checkpoint")
     assert {a.path for a in client.list_artifacts(run_id, "checkpoint")} == {"checkpoint/state.pt",
                                                                            "checkpoint/meta.json"}
+
+
+def test_an_experiment_keeps_its_artifacts_beside_its_sqlite_store_not_in_the_working_directory(tmp_path, monkeypatch):
+    """MLflow's default artifact root for a SQLite store is `./mlruns` of the creating process's working
+    directory (where `make demo` left one); ours is `<db dir>/mlartifacts`, and the UI opens the experiment in
+    its model-training view."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    assert tracking.artifact_root(uri) == (tmp_path / "store" / "mlartifacts").as_uri()
+    assert tracking.artifact_root("http://127.0.0.1:5000") is None
+    run_id = tracking.create_run(uri, experiment="e", run_name="r")
+    picture = tmp_path / "losses.png"
+    picture.write_bytes(b"png")
+    tracking.log_artifact(uri, run_id, picture, "plots")
+    experiment = MlflowClient(uri).get_experiment_by_name("e")
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert list((tmp_path / "store" / "mlartifacts").rglob("losses.png"))
+    assert list(cwd.iterdir()) == []
+
+
+def test_the_ui_command_uses_this_environments_mlflow_on_localhost():
+    import sys
+    from pathlib import Path
+
+    command = tracking.ui_command("sqlite:////x/mlflow.db")
+    assert command.startswith(f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:////x/mlflow.db")
+    assert "--host 127.0.0.1" in command

@@ -1,0 +1,127 @@
+"""The console is the project's: libraries' records, Python warnings and what Ray's workers print besides the
+project's lines go to the log file (unless verbose); the project's lines reach the console and the file."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import pytest
+
+from pipelines.infra import logs
+from pipelines.infra.ray_env import WORKER_OUTPUT_LOGGER, worker_output_router
+
+
+@pytest.fixture
+def routing():
+    """The logging state `setup_logging(log_file=...)` changes, restored afterwards (the process is shared)."""
+    root = logging.getLogger()
+    project = logging.getLogger(logs.ROOT_LOGGER)
+    saved = (dict(logs._routing), list(root.handlers), root.level, list(project.handlers))
+    # from a clean start, whatever a CLI test of this process set up before
+    logs._routing.update(log_file=None, verbose=False)
+    logging.captureWarnings(False)
+    library = logging.getLogger("somelib")
+    console = io.TextIOWrapper(io.BytesIO(), write_through=True)  # a terminal-like stream, not a StringIO capture
+    library_console = logging.StreamHandler(console)
+    library.addHandler(library_console)
+    project_console = io.StringIO()
+    logs.setup_logging(stream=project_console)
+    yield library, console, project_console
+    library.removeHandler(library_console)
+    library.propagate = True
+    logging.captureWarnings(False)
+    for h in root.handlers:
+        if getattr(h, "_mrcnn_file", None) and h not in saved[1]:
+            h.close()
+    logs._routing.clear()
+    logs._routing.update(saved[0])
+    root.handlers[:] = saved[1]
+    root.setLevel(saved[2])
+    project.handlers[:] = saved[3]
+    logs.setup_logging(stream=None)
+    for h in project.handlers:
+        if getattr(h, "_mrcnn", False):
+            h.stream = None  # back to sys.stderr at each record
+
+
+def _said(stream) -> str:
+    stream.seek(0)
+    return stream.read()
+
+
+def test_library_records_and_warnings_go_to_the_file_not_the_console(routing, tmp_path):
+    library, console, project_console = routing
+    path = tmp_path / "logs" / "run.log"
+    logs.setup_logging(log_file=path)
+    library.warning("Failed to query Ray Train Controller actor state")
+    warnings.warn("tqdm is not installed", UserWarning, stacklevel=1)
+    logs.get_logger("train").info("step 3/10")
+    for h in logging.getLogger().handlers:
+        h.flush()
+    text = path.read_text()
+    assert "WARNING somelib: Failed to query Ray Train Controller actor state" in text
+    assert "tqdm is not installed" in text and "step 3/10" in text  # the project's lines too, for context
+    assert _said(console) == ""  # the library's own console handler is gone
+    assert project_console.getvalue() == "[train] step 3/10\n"
+    assert logs.log_file() == path.resolve() and not logs.verbose()
+
+
+def test_verbose_keeps_the_libraries_on_the_console_and_still_writes_the_file(routing, tmp_path):
+    library, console, _ = routing
+    path = tmp_path / "run.log"
+    logs.setup_logging(log_file=path, verbose=True)
+    library.warning("an internal warning")
+    for h in logging.getLogger().handlers:
+        h.flush()
+    assert "an internal warning" in _said(console) and "an internal warning" in path.read_text()
+    assert logs.verbose()
+
+
+def test_without_a_log_file_nothing_is_rerouted(routing):
+    library, console, _ = routing
+    assert logs.route_library_logs() is None and logs.verbose()
+    library.warning("as before")
+    assert "as before" in _said(console)
+
+
+def test_worker_output_router_keeps_project_lines_and_progress_bars(routing, tmp_path):
+    from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
+
+    path = tmp_path / "run.log"
+    logs.setup_logging(log_file=path)
+    printed = []
+    route = worker_output_router(lambda data, ignore_prefix=False: printed.append((data["lines"], ignore_prefix)))
+    bar = f'{{"{RAY_TQDM_MAGIC}": true, "x": 1}}'
+    route({"lines": ["[preprocess] train2017: 8 images", "[2025-01-01 10:00:00,000 E 12 34] core_worker.cc:1 boom",
+                     bar, "FutureWarning: ray.train.report is deprecated", "[train] warning: 1 non-finite loss"],
+           "pid": 1234, "actor_name": "RayTrainWorker", "is_err": True}, ignore_prefix=False)
+    route({"lines": ["PYTHON worker processes have been started ... 4x the maximum"], "pid": "raylet",
+           "is_err": False}, ignore_prefix=False)
+    # the project's lines without Ray's (pid=...) prefix, the bars through Ray's own handling
+    ours = ["[preprocess] train2017: 8 images", "[train] warning: 1 non-finite loss"]
+    assert printed == [([bar], False), (ours, True)]
+    for h in logging.getLogger().handlers:
+        h.flush()
+    text = path.read_text()
+    assert f"{WORKER_OUTPUT_LOGGER}: (RayTrainWorker 1234) [2025-01-01 10:00:00,000 E 12 34] core_worker.cc" in text
+    assert "FutureWarning: ray.train.report" in text and "(raylet) PYTHON worker processes" in text
+    assert RAY_TQDM_MAGIC not in text
+
+
+@pytest.mark.parametrize("line, ours", [
+    ("[train] step 1/2", True), ("[run] preprocess: done in 12s", True), ("[train] warning: x", True),
+    ("[2025-01-01 10:00:00,000 E 1 2] core_worker.cc", False),
+    ("(pid=1) [train] x", False), ("Running Dataset: dataset_3_0", False), ("[Ray] x", False),
+])
+def test_project_lines(line, ours):
+    assert logs.is_project_line(line) is ours
+
+
+def test_progress_bar_line():
+    assert logs.progress(120, 320, rate=3.2, unit="img/s", eta=62) == (
+        "[#########---------------] 120/320 (37%) 3.2 img/s ETA 1m02s")
+    assert logs.progress(320, 320, rate=4.0, unit="img/s").startswith("[" + "#" * 24 + "] 320/320 (100%)")
+    assert logs.progress(0, 10, rate=0.0, unit="img/s").endswith("ETA ?")
+    assert [logs.format_seconds(s) for s in (12, 125, 3725)] == ["12s", "2m05s", "1h02m"]
