@@ -111,15 +111,17 @@ def test_mask_targets_agree_on_cpu_and_cuda():
     proposals = [batch["gt_boxes"][i][valid[i]] + 1.0 for i in range(2)]
     kwargs = {"rois_per_image": 10, "positive_fraction": 1.0, "positive_iou": 0.5, "mask_size": 28}
     keys = ("gt_class_ids", "gt_boxes", "gt_mini_masks", "crowd_boxes")
-    on = {}
+    on = []
     for device in (CPU, CUDA):
         t = sample_detection_targets([p.to(device) for p in proposals],
                                      **{k: batch[k].to(device) for k in keys}, **kwargs)
         rois = t.rois_with_index().cpu()
         order = sorted(range(len(rois)), key=lambda r: tuple(rois[r].tolist()))
-        on[device.type] = (rois[order], t.class_ids.cpu()[order], t.deltas.cpu()[order],
-                           t.masks.cpu()[[i for i in order if t.class_ids[i] > 0]])
-    for got, want in zip(on["cuda"], on["cpu"], strict=True):
+        on.append((rois[order], t.class_ids.cpu()[order], t.deltas.cpu()[order],
+                   t.masks.cpu()[[i for i in order if t.class_ids[i] > 0]]))  # positives come first, as masks
+    want, got = on
+    assert len(want[0]) == 20 and (want[1] > 0).all()
+    for got, want in zip(got, want, strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)
 
 
