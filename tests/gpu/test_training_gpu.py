@@ -119,9 +119,9 @@ def test_mask_targets_agree_on_cpu_and_cuda():
         order = sorted(range(len(rois)), key=lambda r: tuple(rois[r].tolist()))
         on.append((rois[order], t.class_ids.cpu()[order], t.deltas.cpu()[order],
                    t.masks.cpu()[[i for i in order if t.class_ids[i] > 0]]))  # positives come first, as masks
-    want, got = on
-    assert len(want[0]) == 20 and (want[1] > 0).all()
-    for got, want in zip(got, want, strict=True):
+    on_cpu, on_cuda = on
+    assert len(on_cpu[0]) == 20 and (on_cpu[1] > 0).all()
+    for got, want in zip(on_cuda, on_cpu, strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)
 
 
