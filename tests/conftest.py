@@ -43,11 +43,15 @@ def project_log(caplog):
 
     logger = logging.getLogger("mrcnn")
     logger.addHandler(caplog.handler)
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.setLevel(logging.INFO)
+    # as setup_logging leaves it: a line also propagated to the root would reach caplog's root handler twice
+    # (it did in a test run alone, before any setup_logging call)
+    logger.propagate = False
     yield caplog
     logger.removeHandler(caplog.handler)
     logger.setLevel(level)
+    logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")
