@@ -31,7 +31,9 @@ ALLOWED = {
 # modules the GPU machine imports (tests/gpu, bench/bench_gpu.py): it has no Ray, MLflow or pycocotools
 GPU_SIDE = ("mrcnn.model", "mrcnn.config", "pipelines.data.shards", "pipelines.data.loader",
             "pipelines.training.loop", "pipelines.training.optim", "pipelines.training.checkpoints",
-            "pipelines.training.precision", "pipelines.training.progress")
+            "pipelines.training.precision", "pipelines.training.progress", "tests.support.synthetic_batch")
+GPU_FILES = tuple(str(p.relative_to(REPO)) for p in [*sorted((REPO / "tests" / "gpu").glob("*.py")),
+                                                       *sorted((REPO / "bench").glob("*gpu*.py"))])
 
 
 def project_modules() -> list[str]:
@@ -161,6 +163,10 @@ for blocked in ("ray", "mlflow", "pycocotools"):
     sys.modules[blocked] = None  # any import of them now raises ImportError
 for name in {GPU_SIDE!r}:
     __import__(name)
+import importlib.util
+for path in {GPU_FILES!r}:  # what the GPU machine runs: the GPU tests and the GPU benchmark
+    spec = importlib.util.spec_from_file_location(path.replace("/", "_").removesuffix(".py"), path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
 print("ok")
 """
     out = _run(code)
