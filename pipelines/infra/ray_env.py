@@ -95,6 +95,10 @@ def sort_worker_output() -> bool:
     `log_to_driver=False`, would silence the project's lines from the workers as well.)"""
     from ray._private import worker
 
+    if not callable(getattr(worker, "print_to_stdstream", None)):  # another Ray: its workers print as Ray does
+        logging.getLogger(WORKER_OUTPUT_LOGGER).warning(
+            "this Ray has no ray._private.worker.print_to_stdstream: its workers' output is not sorted")
+        return False
     current = worker.print_to_stdstream
     original = getattr(current, "__wrapped__", current)
     if logs.verbose():
