@@ -17,7 +17,8 @@ from pipelines.training.loop import StepRunner
 from pipelines.training.optim import build_optimizer, build_scheduler
 
 
-def train_shapes_checkpoint(shards: str, out: str | Path, *, steps: int = 60, batch_size: int = 4, seed: int = 0) -> str:
+def train_shapes_checkpoint(shards: str, out: str | Path, *, steps: int = 60, batch_size: int = 4,
+                            seed: int = 0) -> str:
     """Train the shapes preset for `steps` steps on the train2017 shards (one thread, seeded, same weights on
     every run of the same torch) and save a checkpoint under `out`; returns its directory."""
     config = shapes()
