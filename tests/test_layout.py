@@ -30,7 +30,8 @@ ALLOWED = {
 }
 # modules the GPU machine imports (tests/gpu, bench/bench_gpu.py): it has no Ray, MLflow or pycocotools
 GPU_SIDE = ("mrcnn.model", "mrcnn.config", "pipelines.data.shards", "pipelines.data.loader",
-            "pipelines.training.loop", "pipelines.training.optim", "pipelines.training.checkpoints")
+            "pipelines.training.loop", "pipelines.training.optim", "pipelines.training.checkpoints",
+            "pipelines.evaluation.inference")
 
 
 def project_modules() -> list[str]:
