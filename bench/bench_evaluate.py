@@ -35,7 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+    sys.path.append(str(REPO))  # after PYTHONPATH: `stage` runs against an older checkout given there
 COCO128 = REPO.parent / "shared" / "data" / "coco128"
 
 
@@ -166,6 +166,9 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (stage)")
     parser.add_argument("--min-confidence", type=float, default=0.0)
     args = parser.parse_args()
+    from pipelines.infra.logs import setup_logging
+
+    setup_logging()  # the stage's progress lines on stderr
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     shards, ckpt = shards_and_model(work)

@@ -90,6 +90,9 @@ def predict_split(
     ds = read_split(shards, split)
     if limit:
         ds = ds.limit(limit)
+    # blocks of one batch (a streaming split, no barrier): a map task emits its output block when its input block
+    # is done, so with a shard file as one block the way back would wait for the model to finish the whole file
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
     # CPU actors: the CPUs a model may use without starving the decode and way-back tasks
     cpus = int(ray.cluster_resources().get("CPU", 1))
     model_cpus = 1 if use_gpu else max(1, (cpus - 1) // max(1, workers))
