@@ -31,7 +31,8 @@ ALLOWED = {
 # modules the GPU machine imports (tests/gpu, bench/bench_gpu.py): it has no Ray, MLflow or pycocotools
 GPU_SIDE = ("mrcnn.model", "mrcnn.config", "pipelines.data.shards", "pipelines.data.loader",
             "pipelines.training.loop", "pipelines.training.optim", "pipelines.training.checkpoints",
-            "pipelines.training.precision", "pipelines.training.progress", "tests.support.synthetic_batch")
+            "pipelines.training.precision", "pipelines.training.progress", "tests.support.synthetic_batch",
+            "pipelines.evaluation.inference")
 GPU_FILES = tuple(str(p.relative_to(REPO)) for p in [*sorted((REPO / "tests" / "gpu").glob("*.py")),
                                                        *sorted((REPO / "bench").glob("*gpu*.py"))])
 

@@ -1,31 +1,34 @@
 """`mrcnn-cli evaluate`: batch inference over a split's shards and COCO evaluation with pycocotools.
 
-Inference runs in Ray Data `map_batches` on an actor pool (one model per actor, one GPU each when there are
-GPUs); each actor maps its detections back to original image pixels and COCO category ids and encodes masks
-as RLE, so what reaches the driver is COCO results JSON, small. The driver runs COCOeval against the
-original annotations file recorded in the manifest and logs metrics, tables and pictures to MLflow.
+Inference is a Ray Data pipeline of three stages with their own resources (`inference.py`): shard rows are
+decoded on CPU tasks, the model runs in an actor pool (one model per actor, one GPU each when there are
+GPUs) and sends back only its own outputs (boxes, scores, classes, 28 x 28 mask probabilities), and CPU tasks
+map them back to original pixels and COCO category ids and encode the masks as RLE, so what reaches the
+driver is COCO results JSON, small. The driver logs images done / total and images/s while it runs, then
+runs COCOeval against the original annotations file recorded in the manifest and logs metrics, tables and
+pictures to MLflow.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from mrcnn.anchors import anchors_from_config
 from mrcnn.config import DetectionConfig, EvalConfig
-from mrcnn.detections import detections_to_original
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb, safe_image_path
 from pipelines.data.errors import DatasetError
-from pipelines.data.loader import ShardBatchDecoder, decoder_for, read_split
+from pipelines.data.loader import read_split
 from pipelines.data.shards import read_manifest
 from pipelines.evaluation.coco_eval import evaluate_detections, pr_curve_figure
+from pipelines.evaluation.inference import TIMINGS, ModelStage, decode_inputs, way_back
+from pipelines.evaluation.inference import to_coco_results as to_coco_results  # re-exported: callers import it here
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_has_gpus, init_ray
@@ -64,109 +67,84 @@ class EvaluateResult:
     out: str
     run_id: str
     table: str
-
-
-class Predictor:
-    """Callable class for `map_batches`: shard rows -> one COCO-results JSON string per image."""
-
-    def __init__(self, *, spec: ModelSpec, min_confidence: float, use_gpu: bool):
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        self.model = load_model(spec, device=self.device, min_confidence=min_confidence)
-        self.coco_ids = list(CategoryMap.from_dict(spec.categories).coco_ids)
-        self.decoder = ShardBatchDecoder(**decoder_for(spec.config, int(anchors_from_config(spec.config).shape[0])))
-
-    def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = {k: torch.as_tensor(v) for k, v in self.decoder(rows).items()}
-        with torch.no_grad():
-            detections = self.model({k: v.to(self.device) for k, v in batch.items()})
-        results = []
-        for i, det in enumerate(detections):
-            results.append(
-                json.dumps(
-                    to_coco_results(
-                        det,
-                        image_id=int(batch["image_ids"][i]),
-                        scale=float(batch["scales"][i]),
-                        window=batch["windows"][i].tolist(),
-                        height=int(batch["heights"][i]),
-                        width=int(batch["widths"][i]),
-                        coco_ids=self.coco_ids,
-                    )
-                )
-            )
-        return {"image_id": np.asarray(rows["image_id"], np.int64), "results": np.asarray(results, dtype=object)}
-
-
-def to_coco_results(
-    det: dict[str, torch.Tensor],
-    *,
-    image_id: int,
-    scale: float,
-    window: list[int],
-    height: int,
-    width: int,
-    coco_ids: list[int],
-) -> list[dict[str, Any]]:
-    """One image's detections (padded-image frame) -> COCO results: bbox [x, y, w, h] and RLE masks in
-    original image pixels, COCO category ids."""
-    import pycocotools.mask as mask_util
-
-
-    original = detections_to_original(
-        {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in det.items()},
-        scale=scale,
-        window=tuple(window),
-        height=height,
-        width=width,
-    )
-    boxes = original["boxes"].numpy()
-    masks = original["masks"].numpy().astype(np.uint8)
-    out = []
-    for j in range(len(boxes)):
-        x1, y1, x2, y2 = (float(v) for v in boxes[j])
-        rle = mask_util.encode(np.asfortranarray(masks[j]))
-        rle["counts"] = rle["counts"].decode("ascii")
-        out.append(
-            {
-                "image_id": image_id,
-                "category_id": int(coco_ids[int(original["class_ids"][j]) - 1]),
-                "bbox": [round(x1, 2), round(y1, 2), round(x2 - x1, 2), round(y2 - y1, 2)],
-                "score": round(float(original["scores"][j]), 5),
-                "segmentation": rle,
-            }
-        )
-    return out
+    # seconds per image: decode_s, model_s, way_back_s (the stages' own time), coco_eval_s, and wall_s of the
+    # inference (images / wall_s is the inference's images/s)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 def predict_split(
-    shards: str, split: str, spec: ModelSpec, *, workers: int, use_gpu: bool, limit: int | None
-) -> list[dict[str, Any]]:
+    shards: str, split: str, spec: ModelSpec, *, workers: int, use_gpu: bool, limit: int | None,
+    total: int | None = None,
+) -> tuple[list[dict[str, Any]], list[int], dict[str, float]]:
+    """Detections (COCO results, original pixels) of a split's images, the image ids, and the seconds the
+    stages spent per image ({"decode_s", "model_s", "way_back_s"}: sums over the images, and "wall_s").
+
+    decode (CPU tasks) -> ModelStage (actor pool, one model each, a GPU each when use_gpu) -> way back (CPU
+    tasks). The detections are sorted by image id (each image's in the model's order, by decreasing score), so
+    COCOeval's ties break the same way however Ray ordered the blocks."""
+    import ray
     import ray.data
 
-
+    settings = spec.config.evaluate
+    batch_size = settings.batch_size
     ds = read_split(shards, split)
     if limit:
         ds = ds.limit(limit)
-    results = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={
-            "spec": spec,
-            "min_confidence": spec.config.evaluate.min_confidence,
-            "use_gpu": use_gpu,
-        },
-        batch_size=spec.config.evaluate.batch_size,
+    # blocks of one batch (a streaming split, no barrier): a map task emits its output block when its input block
+    # is done, so with a shard file as one block the way back would wait for the model to finish the whole file
+    ds = ds.repartition(target_num_rows_per_block=batch_size)
+    # CPU actors: the CPUs a model may use without starving the decode and way-back tasks
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    model_cpus = 1 if use_gpu else max(1, (cpus - 1) // max(1, workers))
+    inputs = ds.map_batches(decode_inputs, fn_kwargs={"image_size": spec.config.image.max_dim},
+                            batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
+    outputs = inputs.map_batches(
+        ModelStage,
+        fn_constructor_kwargs={"spec": spec, "min_confidence": settings.min_confidence, "use_gpu": use_gpu,
+                               "threads": model_cpus},
+        batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
         num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
+        num_cpus=model_cpus,
     )
-    detections: list[dict[str, Any]] = []
-    image_ids: list[int] = []
-    # detections are small JSON per image; iterate rather than materialise the decoded images
-    for row in results.select_columns(["image_id", "results"]).iter_rows():
-        image_ids.append(int(row["image_id"]))
-        detections.extend(json.loads(row["results"]))
-    return detections, sorted(image_ids)
+    results = outputs.map_batches(way_back, fn_kwargs={"categories": spec.categories}, batch_size=batch_size,
+                                  batch_format="numpy", num_cpus=0.5)
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    seconds = dict.fromkeys(TIMINGS, 0.0)
+    progress = Progress(total)
+    for row in results.iter_rows():  # small JSON per image; the images and masks never reach the driver
+        by_image[int(row["image_id"])] = json.loads(row["results"])
+        for key in TIMINGS:
+            seconds[key] += float(row[key])
+        progress.step()
+    seconds["wall_s"] = progress.done()
+    image_ids = sorted(by_image)
+    return [d for i in image_ids for d in by_image[i]], image_ids, seconds
+
+
+class Progress:
+    """Images done / total and images/s through the `evaluate` logger, at most every `every` seconds."""
+
+    def __init__(self, total: int | None, every: float = 10.0):
+        self.total, self.every, self.count = total, every, 0
+        self.start = self.last = time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        self.count += n
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self._say(now)
+
+    def done(self) -> float:
+        now = time.perf_counter()
+        self._say(now)
+        return now - self.start
+
+    def _say(self, now: float) -> None:
+        of = f"/{self.total}" if self.total else ""
+        log.info("inference: %d%s images, %.2f images/s", self.count, of, self.count / max(now - self.start, 1e-9))
 
 
 def evaluate(request: EvaluateRequest) -> EvaluateResult:
@@ -186,10 +164,20 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
 
     init_ray(request.address)
     use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu
-    detections, image_ids = predict_split(
-        request.shards, request.split, spec, workers=request.workers, use_gpu=use_gpu, limit=request.limit
+    total = split_info.get("num_images")
+    total = min(total, request.limit) if total and request.limit else (total or request.limit)
+    detections, image_ids, seconds = predict_split(
+        request.shards, request.split, spec, workers=request.workers, use_gpu=use_gpu, limit=request.limit,
+        total=total,
     )
+    start = time.perf_counter()
     result = evaluate_detections(annotations, detections, image_ids=image_ids, backend=request.backend)
+    seconds["coco_eval_s"] = time.perf_counter() - start
+    n = max(len(image_ids), 1)
+    timings = {key: value / n for key, value in seconds.items()}
+    log.info("%d images, %.2f images/s; per image: decode %.3f s, model %.3f s, way back + RLE %.3f s (the stages' "
+             "own time), COCOeval %.3f s", len(image_ids), len(image_ids) / max(seconds["wall_s"], 1e-9),
+             timings["decode_s"], timings["model_s"], timings["way_back_s"], timings["coco_eval_s"])
 
     out = Path(request.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -218,7 +206,7 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     tracking.log_metrics(tracking_uri, run_id, {k.replace("/", "_"): v for k, v in result.metrics.items()})
     tracking.log_artifact(tracking_uri, run_id, out, "evaluation")
     tracking.finish_run(tracking_uri, run_id)
-    return EvaluateResult(metrics=result.metrics, out=str(out), run_id=run_id, table=table)
+    return EvaluateResult(metrics=result.metrics, out=str(out), run_id=run_id, table=table, timings=timings)
 
 
 def _prediction_pictures(request, spec: ModelSpec, manifest, detections, path: Path) -> None:

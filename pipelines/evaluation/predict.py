@@ -3,8 +3,8 @@
 The model carries its config and category names (a checkpoint's meta.json, or an MLflow model's
 `mrcnn_meta`), so each image goes through the same geometry as training: resized with
 `mrcnn.geometry.resize_geometry` (bilinear, as preprocessing resizes), placed at the top-left of the zero
-S x S canvas, detected in eval mode, and mapped back to original pixels by
-`pipelines.evaluation.evaluate.to_coco_results`.
+S x S canvas, detected in eval mode, and mapped back to original pixels: the model and the way back are evaluate's
+(`inference.run_model`, `inference.coco_results_of_batch`), run in this process.
 
 Output folder:
     predictions.json   COCO results: image_id, category_id (COCO ids), bbox [x, y, w, h] and RLE segmentation
@@ -32,7 +32,7 @@ from PIL import Image
 from mrcnn.geometry import resize_geometry
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb
-from pipelines.evaluation.evaluate import to_coco_results
+from pipelines.evaluation.inference import coco_results_of_batch, run_model
 from pipelines.models import load_model, model_spec
 from pipelines.pictures import draw_instances, save_figure
 
@@ -124,16 +124,17 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
         originals = [load_image_rgb(p) for p, _ in chunk]
         prepared = [network_input(im, min_dim=config.image.min_dim, max_dim=config.image.max_dim)
                     for im in originals]
-        batch = {
-            "images": torch.as_tensor(np.stack([c for c, _ in prepared])).to(device),
-            "windows": torch.as_tensor([g.window for _, g in prepared], dtype=torch.int64).to(device),
-        }
-        with torch.no_grad():
-            detections = model(batch)
-        for (path, image_id), image, (_, geo), det in zip(chunk, originals, prepared, detections, strict=True):
+        packed = run_model(model, np.stack([c for c, _ in prepared]),
+                           np.asarray([g.window for _, g in prepared], np.int64), device,
+                           max_detections=int(model.detection_settings["max_detections"]))
+        packed.update(image_id=np.asarray([i for _, i in chunk], np.int64),
+                      scale=np.asarray([g.scale for _, g in prepared], np.float64),
+                      window=np.asarray([g.window for _, g in prepared], np.int64),
+                      height=np.asarray([im.shape[0] for im in originals], np.int64),
+                      width=np.asarray([im.shape[1] for im in originals], np.int64))
+        for (path, image_id), image, found in zip(chunk, originals, coco_results_of_batch(packed, coco_ids=coco_ids),
+                                                   strict=True):
             height, width = image.shape[:2]
-            found = to_coco_results(det, image_id=image_id, scale=geo.scale, window=list(geo.window),
-                                    height=height, width=width, coco_ids=coco_ids)
             results.extend(found)
             images.append({"id": image_id, "file_name": path.name, "height": height, "width": width,
                            "path": str(path)})

@@ -208,13 +208,13 @@ def test_the_pipeline_evaluates_with_its_own_detection_settings(synth_dataset, t
         raise RuntimeError("stop")
 
     monkeypatch.setattr(dag, "evaluate", fake_evaluate)
-    config = shapes().override(["evaluate.min_confidence=0.05", "detection.nms_threshold=0.4"])
+    config = shapes().override(["evaluate.min_confidence=0.1", "detection.nms_threshold=0.4"])
     request = dag.PipelineRequest(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     evaluate_stage = dag.pipeline_stages(config, request)[2].fn
     upstream = {"preprocess": {"shards": "S"}, "train": {"checkpoint": "C"}}
     with pytest.raises(RuntimeError, match="stop"):
         evaluate_stage(str(tmp_path / "out"), upstream, None)
-    assert seen["request"].settings.min_confidence == 0.05 and seen["request"].detection.nms_threshold == 0.4
+    assert seen["request"].settings.min_confidence == 0.1 and seen["request"].detection.nms_threshold == 0.4
 
 
 def test_init_weights_rerun_train_and_evaluate_and_reach_training(synth_dataset, tmp_path, monkeypatch):

@@ -1,0 +1,128 @@
+"""The evaluation's three stages: decode, the model's packed outputs, the way back; and the Ray pipeline of them
+gives the metrics of the one-loop path it replaced (decode with RPN targets, model, way back, all in turn)."""
+
+from dataclasses import replace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from mrcnn.anchors import anchors_from_config
+from mrcnn.config import shapes
+from pipelines.data.categories import CategoryMap
+from pipelines.data.loader import ShardBatchDecoder, decoder_for
+from pipelines.data.shards import read_manifest
+from pipelines.evaluation.coco_eval import evaluate_detections
+from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
+from pipelines.evaluation.inference import (
+    coco_results_of_batch,
+    decode_inputs,
+    pack_detections,
+    to_coco_results,
+    unpack_detections,
+)
+from pipelines.models import load_model, model_spec
+from tests.support.trained_shapes import train_shapes_checkpoint
+
+
+def _rows(shards: str, split: str = "val2017") -> dict[str, np.ndarray]:
+    table = pq.read_table(f"{shards}/{split}")
+    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+
+
+def _detections(counts: list[int], m: int = 28) -> list[dict[str, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [{"boxes": torch.rand(k, 4, generator=gen) * 100, "scores": torch.rand(k, generator=gen),
+             "class_ids": torch.randint(1, 5, (k,), generator=gen), "masks": torch.rand(k, m, m, generator=gen)}
+            for k in counts]
+
+
+def test_packed_outputs_unpack_to_what_the_model_gave():
+    detections = _detections([3, 0, 5])
+    packed = pack_detections(detections, max_detections=5)
+    assert packed["det_count"].tolist() == [3, 0, 5]
+    assert packed["det_masks"].shape == (3, 5, 28, 28) and packed["det_boxes"].shape == (3, 5, 4)
+    for i, det in enumerate(detections):
+        back = unpack_detections(packed, i)
+        assert set(back) == set(det)
+        for key in det:
+            assert back[key].dtype == det[key].dtype and torch.equal(back[key], det[key]), key
+    with pytest.raises(ValueError, match="more than max_detections 4"):
+        pack_detections(detections, max_detections=4)
+
+
+def test_decode_gives_the_training_decoders_images_without_rpn_targets(synth_shards):
+    rows = _rows(synth_shards)
+    config = shapes()
+    ours = decode_inputs(rows, image_size=config.image.max_dim)
+    theirs = ShardBatchDecoder(**decoder_for(config, int(anchors_from_config(config).shape[0])))(rows)
+    assert np.array_equal(ours["images"], theirs["images"]) and np.array_equal(ours["window"], theirs["windows"])
+    assert ours["image_id"].tolist() == theirs["image_ids"].tolist()
+    assert ours["height"].tolist() == theirs["heights"].tolist() and ours["width"].tolist() == theirs["widths"].tolist()
+    assert np.allclose(ours["scale"], theirs["scales"]) and ours["scale"].dtype == np.float64
+    assert not any(key.startswith("rpn") or key.startswith("gt_") for key in ours)
+    assert ours["decode_s"].shape == (len(rows["image_id"]),)
+
+
+def test_way_back_of_a_packed_batch_is_the_per_image_way_back():
+    detections = _detections([2, 4])
+    packed = pack_detections(detections, max_detections=6)
+    meta = {"image_id": np.array([5, 9]), "scale": np.array([0.5, 2.0]), "window": np.array([[0, 0, 50, 40],
+            [0, 0, 100, 100]]), "height": np.array([80, 50]), "width": np.array([100, 50])}
+    ours = coco_results_of_batch({**packed, **meta}, coco_ids=[1, 3, 7, 9])
+    for i, det in enumerate(detections):
+        theirs = to_coco_results(det, image_id=int(meta["image_id"][i]), scale=float(meta["scale"][i]),
+                                 window=meta["window"][i].tolist(), height=int(meta["height"][i]),
+                                 width=int(meta["width"][i]), coco_ids=[1, 3, 7, 9])
+        assert ours[i] == theirs and len(ours[i]) == len(det["boxes"])
+
+
+@pytest.fixture(scope="module")
+def trained_shapes(synth_shards, tmp_path_factory) -> str:
+    return train_shapes_checkpoint(synth_shards, tmp_path_factory.mktemp("trained"), steps=150)
+
+
+def _one_loop_detections(shards: str, ckpt: str, min_confidence: float) -> tuple[list[dict], list[int]]:
+    """The evaluation as it was before the stages (one actor doing everything in turn), in-process: the
+    training decoder (RPN targets built and unused, float32 scales), the model, the way back and RLE."""
+    manifest = read_manifest(shards)
+    spec = model_spec(ckpt, categories=manifest["categories"])
+    model = load_model(spec, min_confidence=min_confidence)
+    coco_ids = list(CategoryMap.from_dict(spec.categories).coco_ids)
+    batch = ShardBatchDecoder(**decoder_for(spec.config, int(model.anchors.shape[0])))(_rows(shards))
+    batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+    step = spec.config.evaluate.batch_size
+    results = []
+    for first in range(0, len(batch["image_ids"]), step):
+        sl = slice(first, first + step)
+        with torch.no_grad():
+            detections = model({"images": batch["images"][sl], "windows": batch["windows"][sl]})
+        for j, det in enumerate(detections, start=first):
+            results += to_coco_results(det, image_id=int(batch["image_ids"][j]), scale=float(batch["scales"][j]),
+                                       window=batch["windows"][j].tolist(), height=int(batch["heights"][j]),
+                                       width=int(batch["widths"][j]), coco_ids=coco_ids)
+    return results, batch["image_ids"].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("min_confidence", [0.0, 0.05])
+def test_stages_give_the_metrics_of_the_one_loop_evaluation(synth_shards, trained_shapes, tmp_path, project_log,
+                                                            min_confidence):
+    """A trained shapes model, two inference actors: every metric within 1e-6 of the one-loop path's."""
+    manifest = read_manifest(synth_shards)
+    annotations = manifest["splits"]["val2017"]["annotations"]
+    reference, image_ids = _one_loop_detections(synth_shards, trained_shapes, min_confidence)
+    expected = evaluate_detections(annotations, reference, image_ids=image_ids).metrics
+    # the model finds something (after 150 steps: bbox AP50 about 0.06 at 0.0, scores up to about 0.9)
+    assert expected["bbox/AP50"] > 0 and max(d["score"] for d in reference) >= 0.5
+    settings = replace(shapes().evaluate, min_confidence=min_confidence)
+    result = evaluate(EvaluateRequest(shards=synth_shards, model_path=trained_shapes, out=str(tmp_path / "ev"),
+                                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", use_gpu=False, workers=2,
+                                      pictures=0, settings=settings))
+    assert set(result.metrics) == set(expected)
+    wrong = {k: (result.metrics[k], expected[k]) for k in expected if abs(result.metrics[k] - expected[k]) > 1e-6}
+    assert not wrong, wrong
+    n = len(image_ids)
+    assert any(f"inference: {n}/{n} images" in m for m in project_log.messages), project_log.messages
+    assert set(result.timings) >= {"decode_s", "model_s", "way_back_s", "coco_eval_s", "wall_s"}
