@@ -7,8 +7,9 @@ inference images/s at the largest batch. torchvision runs at its defaults (2000 
 positive) and at our RoI counts and positive fraction (equal work). Ours runs through the training loop's own
 StepRunner (sparse RPN deltas densified on the device, flips, one host transfer a step), torchvision through
 the plain loop of its reference script (autocast, one `.item()` a step). Our variants with cudnn.benchmark and
-channels_last are timed too, so that their defaults can follow the numbers. Ratios are printed at the end; the
-JSON goes to --out.
+channels_last are timed too, so that their defaults can follow the numbers. Ratios are printed at the end. Then
+the evaluate stage's parts (bench/evaluate_gpu_parts.py: model images/s at batch 1, 4 and 8, the way back's cost
+per image, the estimate for COCO val2017). The JSON goes to --out.
 
 Runs where only torch, torchvision, numpy, pillow and pyarrow are (no Ray, MLflow or pycocotools):
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import warnings
@@ -187,6 +189,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--batches", type=int, nargs="+", default=[2, 8])
     parser.add_argument("--device", default="cuda", help="cpu: a smoke run of this script's code (tests)")
+    parser.add_argument("--skip-evaluate", action="store_true", help="leave out the evaluate stage's parts")
     args = parser.parse_args()
     global SIZE, DEVICE, BATCHES
     SIZE, DEVICE, BATCHES = args.size, torch.device(args.device), tuple(args.batches)
@@ -216,8 +219,15 @@ def main() -> None:
     for extra in ("ours-cudnn-benchmark", "ours-channels-last"):
         print(f"batch {big}: {extra} / ours: train x"
               f"{by[(extra, big)]['train_images_per_s'] / by[('ours', big)]['train_images_per_s']:.2f}")
+    report = {"training": rows}
+    if not args.skip_evaluate:  # the evaluate stage's parts (issue 18): model images/s at batch 1/4/8, way back
+        from bench.evaluate_gpu_parts import format_report, measure_evaluation_parts
+
+        report["evaluation"] = measure_evaluation_parts(device=str(DEVICE), batch_sizes=(1, 4, 8),
+                                                        min_confidences=(0.0, 0.05), cpus=os.cpu_count() or 1)
+        print(format_report(report["evaluation"]), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        Path(args.out).write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
