@@ -1,7 +1,9 @@
 """From Parquet shards to fixed-size training batches, in Ray Data on CPUs.
 
-JPEG decoding, mini-mask unpacking, densifying the sparse RPN targets and padding every tensor to a fixed
-shape happen here, in `map_batches` on CPU workers, never in the GPU process (docs/design.md, "Ray"). The
+Decoding each stored source image and resizing it to its window (`pipelines.data.images`, through
+`mrcnn.geometry.resize_image`), mini-mask unpacking, densifying the sparse RPN targets and padding every tensor
+to a fixed shape happen here, in `map_batches` on CPU workers (docs/design.md, "Ray"); a GPU training loop may
+instead decode and resize the `image` bytes on its device with `pipelines.data.images.decode_canvas`. The
 result is exactly the Batch of the model (mrcnn/model.py):
 
     images        uint8   [N, 3, S, S]   RGB, image at the top-left, zero padding
@@ -24,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipelines.data.shards import MAX_CROWD, decode_row
+from pipelines.data.shards import MAX_CROWD, decode_row, row_image
 from pipelines.infra.storage import filesystem_for, join_uri
 
 
@@ -55,10 +57,11 @@ class ShardBatchDecoder:
             "rpn_deltas": np.zeros((n, a, 4), np.float32),
         }
         for i in range(n):
-            row = decode_row({k: v[i] for k, v in rows.items()}, num_anchors=a, mini_mask_size=m)
-            image = row["image"]  # [h, w, 3] uint8, unpadded
-            h, w = image.shape[:2]
-            out["images"][i, :, :h, :w] = image.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+            raw = {k: v[i] for k, v in rows.items()}
+            row = decode_row(raw, num_anchors=a, mini_mask_size=m, image=False)
+            image = row_image(raw).numpy()  # [3, h, w] uint8, unpadded, resized to the window
+            x1, y1 = int(row["window"][0]), int(row["window"][1])
+            out["images"][i, :, y1 : y1 + image.shape[1], x1 : x1 + image.shape[2]] = image
             out["windows"][i] = row["window"]
             k = min(len(row["gt_class_ids"]), g)
             out["gt_class_ids"][i, :k] = row["gt_class_ids"][:k]
