@@ -100,12 +100,12 @@ class RowMaker:
         cfg = self.config
         height, width = int(record["height"]), int(record["width"])
         try:
-            source = read_image(record["path"])
+            # decoded once (a bad file is skipped here); pixels only where the file must be re-encoded
+            source = read_image(record["path"], pixels=False)
         except ImageError as e:
             return None, [_skip(record, _image_error_reason(e))]
-        pixels = source.pixels  # [H, W, 3] uint8 RGB (grayscale / CMYK / alpha converted)
-        if pixels.shape[:2] != (height, width):
-            reason = (f"size_mismatch: file is {pixels.shape[1]}x{pixels.shape[0]} (w x h), "
+        if (source.height, source.width) != (height, width):
+            reason = (f"size_mismatch: file is {source.width}x{source.height} (w x h), "
                       f"annotations say {width}x{height}")
             return None, [_skip(record, reason)]
 
@@ -156,7 +156,7 @@ class RowMaker:
             "window": [int(v) for v in geo.window],
             # the file as it is, or re-encoded at its own size; the loader resizes to the window
             "image": source.data if source.loader_reads else encode_image(
-                pixels, encoding=cfg.image.encoding, quality=cfg.image.jpeg_quality),
+                source.pixels, encoding=cfg.image.encoding, quality=cfg.image.jpeg_quality),
             "gt_class_ids": np.asarray([a["category_id"] for a in kept], np.int32),
             "gt_boxes": gt_boxes.numpy().astype(np.float32).reshape(-1),  # [G, 4] -> flat
             "mini_masks": packed,
