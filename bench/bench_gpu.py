@@ -9,7 +9,8 @@ StepRunner (sparse RPN deltas densified on the device, flips, one host transfer 
 the plain loop of its reference script (autocast, one `.item()` a step). Our variants with cudnn.benchmark and
 channels_last are timed too, so that their defaults can follow the numbers. Ratios are printed at the end. Then
 the evaluate stage's parts (bench/evaluate_gpu_parts.py: model images/s at batch 1, 4 and 8, the way back's cost
-per image, the estimate for COCO val2017). The JSON goes to --out.
+per image, the estimate for COCO val2017) and the shard images' decode + resize on the GPU against the CPU path
+(bench/decode_gpu_parts.py). The JSON goes to --out.
 
 Runs where only torch, torchvision, numpy, pillow and pyarrow are (no Ray, MLflow or pycocotools):
 
@@ -226,6 +227,10 @@ def main() -> None:
         report["evaluation"] = measure_evaluation_parts(device=str(DEVICE), batch_sizes=(1, 4, 8),
                                                         min_confidences=(0.0, 0.05), cpus=os.cpu_count() or 1)
         print(format_report(report["evaluation"]), flush=True)
+    from bench.decode_gpu_parts import format_decode, measure_decode  # issue 17: nvjpeg + resize vs the CPU path
+
+    report["decode"] = measure_decode(preset="coco", images=64, batch=8)
+    print(format_decode(report["decode"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
 

@@ -9,6 +9,7 @@ Three timings of the same per-image work at the preset (coco: 1024 px, 65,472 an
 - row maker: `RowMaker.make` (what each Ray actor runs) in this process, one thread;
 - ray: `preprocess()` end to end on a local Ray using every core (startup included), per core; and the
   marginal rate (extra images / extra seconds from 1x to 4x), where the fixed startup cancels out.
+Bytes: per column of the written Parquet, and the source files' size per image (schema v2 stores those bytes).
 Memory: the whole run (driver + raylet + workers + object store) in a subprocess, as the peak of the summed
 PSS of its process tree, sampled every 0.2 s, at 1x and 4x the images (the 4x set repeats each image under
 new ids). Prints a Markdown report (and --json FILE writes the numbers).
@@ -33,6 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = REPO.parent / "shared" / "data" / "coco128"
+COCO_TRAIN2017 = 118_287  # images in instances_train2017.json
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -204,6 +206,15 @@ print(json.dumps({{"seconds": time.perf_counter() - t, "images": m["num_images"]
     return {**result, "peak_pss_mib": peak[0] / 1024}
 
 
+def source_bytes_per_image(shards: Path, images_root: str) -> float:
+    """Mean size of the source files of the rows written (what schema v2 stores as the image)."""
+    import pyarrow.parquet as pq
+
+    names = [n for path in sorted(shards.glob("*/*.parquet")) for n in pq.read_table(path, columns=["file_name"])
+             .column(0).to_pylist()]
+    return sum(os.path.getsize(f"{images_root}/{n}") for n in names) / max(len(names), 1)
+
+
 def bytes_by_column(shards: Path) -> tuple[int, dict[str, float]]:
     """(rows, compressed bytes per row by column) over every Parquet file under `shards`."""
     import pyarrow.parquet as pq
@@ -247,6 +258,7 @@ def main() -> None:
     row_n, row_s = row_maker_loop(config, ann1, images_root)
     run1 = ray_run(args.preset, ann1, images_root, workdir / "shards1", args.cpus)
     rows, per_col = bytes_by_column(workdir / "shards1")
+    source_bytes = source_bytes_per_image(workdir / "shards1", images_root)
     run4 = ray_run(args.preset, ann4, images_root, workdir / "shards4", args.cpus)
 
     results = {
@@ -260,7 +272,10 @@ def main() -> None:
             run4["seconds"] - run1["seconds"], 1e-9) / args.cpus,
         "bytes_per_image": {k: round(v) for k, v in per_col.items()},
         "bytes_per_image_total": round(sum(per_col.values())),
+        "source_bytes_per_image": round(source_bytes),
     }
+    marginal = results["ray_marginal_images_per_s_per_core"]
+    results["coco_train2017_seconds_on_64_cores"] = COCO_TRAIN2017 / (64 * marginal)
     print(f"## Preprocess ({args.preset} preset, {source}, {args.cpus} CPU cores)\n")
     print("| what | images | seconds | images/s/core | peak PSS (MiB) |")
     print("| --- | ---: | ---: | ---: | ---: |")
@@ -276,6 +291,13 @@ def main() -> None:
     print("| --- | ---: |")
     for name, value in per_col.items():
         print(f"| {name} | {value:,.0f} |")
+    print(f"\nSource files: {source_bytes:,.0f} B per image; the image column is "
+          f"{per_col.get('image', 0) / max(source_bytes, 1):.3f}x that.")
+    in_process = results["row_maker_images_per_s_per_core"]
+    print(f"\nRowMaker / reference: x{in_process / results['reference_images_per_s_per_core']:.2f} per core; "
+          f"Ray marginal / in-process: {marginal / in_process:.2f}.")
+    print(f"Projection, COCO train2017 ({COCO_TRAIN2017:,} images) on 64 cores at the marginal rate: "
+          f"{results['coco_train2017_seconds_on_64_cores']:.0f} s.")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     if not args.workdir:

@@ -41,7 +41,9 @@ class ImageConfig:
     min_dim: int = 800
     max_dim: int = 1024
     resize_mode: Literal["square"] = "square"  # resize keeping the aspect ratio, pad to max_dim x max_dim
-    encoding: ImageEncoding = "jpeg"  # how the resized image is stored in the shards
+    # how preprocess stores an image the loader cannot read as it is (CMYK, 16-bit, palette, ...), at its own size;
+    # JPEG and PNG files the loader reads are stored unchanged
+    encoding: ImageEncoding = "jpeg"
     jpeg_quality: int = 95
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0..255
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)

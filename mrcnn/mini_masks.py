@@ -13,6 +13,8 @@ x in the image frame sits at u = (x - x1) * s / w in the mini-mask frame; every 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -51,12 +53,19 @@ def minimize_masks(masks: Tensor, boxes: Tensor, size: int = 56) -> Tensor:
     masks = torch.as_tensor(masks)
     boxes = torch.as_tensor(boxes, dtype=torch.float32, device=masks.device).reshape(-1, 4)
     out = torch.zeros(masks.shape[0], size, size, dtype=torch.bool, device=masks.device)
-    for start in range(0, masks.shape[0], _CHUNK):
-        chunk = masks[start : start + _CHUNK].to(torch.float32)[:, None]  # [n, 1, H, W]
-        index = torch.arange(chunk.shape[0], device=masks.device)
-        rois = _rois(boxes[start : start + _CHUNK], index)
-        sampled = roi_align(chunk, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        out[start : start + chunk.shape[0]] = sampled[:, 0] >= 0.5
+    height, width = masks.shape[-2:]
+    for i, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
+        # Only the pixels the box's samples can read are made float: aligned samples lie in (x1 - 0.5, x2 - 0.5), and
+        # bilinear reads floor(x) and floor(x) + 1, so one pixel beyond floor / ceil is enough. Where the crop meets
+        # the mask's edge, roi_align clamps as it would on the whole mask; inside, nothing it reads is cut off.
+        cx1, cy1 = max(math.floor(x1) - 1, 0), max(math.floor(y1) - 1, 0)
+        cx2, cy2 = min(math.ceil(x2) + 1, width), min(math.ceil(y2) + 1, height)
+        if cx2 <= cx1 or cy2 <= cy1:
+            continue  # the box misses the mask: roi_align would sample zeros (or clamp to an edge of zeros)
+        crop = masks[i, cy1:cy2, cx1:cx2].to(torch.float32)[None, None]  # [1, 1, h, w]
+        roi = torch.tensor([[0.0, x1 - cx1, y1 - cy1, x2 - cx1, y2 - cy1]], device=masks.device)
+        sampled = roi_align(crop, roi, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+        out[i] = sampled[0, 0] >= 0.5
     return out
 
 

@@ -10,7 +10,8 @@ including background (0). Boxes: (x1, y1, x2, y2) in padded-image pixels.
 
 `forward(batch)` takes the loader's Batch dict (fixed shapes, G = roi.max_gt_instances): `images` uint8 [N, 3, S, S],
 `windows` int64 [N, 4] and, in training, `gt_class_ids` [N, G], `gt_boxes` [N, G, 4], `gt_mini_masks`
-[N, G, m, m], `crowd_boxes` [N, C, 4], `rpn_match` int8 [N, A], `rpn_deltas` [N, A, 4].
+[N, G, m, m], `crowd_boxes` [N, C, 4], `rpn_match` int8 [N, A], `rpn_deltas` [N, A, 4] (or, as the loader ships
+them, `rpn_pos_idx` [N, K] and `rpn_pos_deltas` [N, K, 4], scattered into the dense form here).
 Training returns {loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask}, each already multiplied by its
 train.loss_* weight. Eval returns one dict per image: boxes [D, 4] padded px, class_ids int64 [D], scores [D],
 masks [D, M, M] float probabilities of the predicted class (M = mask.mask_size).
@@ -33,6 +34,7 @@ from mrcnn.losses import box_losses, mask_loss, rpn_losses
 from mrcnn.proposals import generate_proposals
 from mrcnn.roi_heads import BoxHead, MaskHead, pool_rois
 from mrcnn.rpn import RPNHead
+from mrcnn.rpn_targets import scatter_positive_deltas
 
 LOSS_KEYS = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
 
@@ -129,8 +131,12 @@ class MaskRCNN(nn.Module):
         rpn_deltas: Tensor,
         proposals: list[Tensor],
     ) -> dict[str, Tensor]:
+        if "rpn_deltas" in batch:
+            rpn_targets = batch["rpn_deltas"]
+        else:  # the loader's sparse form (rpn_pos_idx [N, K], rpn_pos_deltas [N, K, 4]), made dense here
+            rpn_targets = scatter_positive_deltas(self.anchors.shape[0], batch["rpn_pos_idx"], batch["rpn_pos_deltas"])
         loss_rpn_cls, loss_rpn_box = rpn_losses(
-            objectness, rpn_deltas, batch["rpn_match"], batch["rpn_deltas"], **self.rpn_sample_settings
+            objectness, rpn_deltas, batch["rpn_match"], rpn_targets, **self.rpn_sample_settings
         )
         targets = sample_detection_targets(
             proposals,

@@ -27,6 +27,7 @@ from pyarrow import fs as pafs
 from mrcnn.config import Config
 from pipelines.data.coco import split_paths
 from pipelines.data.preprocess import preprocess
+from pipelines.data.shards import SCHEMA_VERSION
 from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.infra import tracking
 from pipelines.infra.logs import format_seconds, get_logger, setup_logging
@@ -234,7 +235,9 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
             )
         return {"metrics": result.metrics, "out": out_dir, "run_id": result.run_id, "table": result.table}
 
-    data_inputs = {"dataset": request.dataset, "splits": [s[0] for s in splits], "annotations": annotations_hash}
+    # the shard schema too: shards cached by an older version would be refused by every reader
+    data_inputs = {"dataset": request.dataset, "splits": [s[0] for s in splits], "annotations": annotations_hash,
+                   "shard_schema": SCHEMA_VERSION}
     fields_of = stage_config_fields(config)
     return [
         Stage("preprocess", {**data_inputs, **fields_of["preprocess"]}, preprocess_stage),

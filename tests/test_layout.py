@@ -29,7 +29,8 @@ ALLOWED = {
     "pipelines": set(),
 }
 # modules the GPU machine imports (tests/gpu, bench/bench_gpu.py): it has no Ray, MLflow or pycocotools
-GPU_SIDE = ("mrcnn.model", "mrcnn.config", "pipelines.data.shards", "pipelines.data.loader",
+GPU_SIDE = ("mrcnn.model", "mrcnn.config", "pipelines.data.shards", "pipelines.data.images",
+            "pipelines.data.loader",
             "pipelines.training.loop", "pipelines.training.optim", "pipelines.training.checkpoints",
             "pipelines.training.precision", "pipelines.training.progress", "tests.support.synthetic_batch",
             "pipelines.evaluation.inference")

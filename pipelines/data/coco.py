@@ -46,6 +46,7 @@ from pycocotools.coco import COCO
 
 from pipelines.data.categories import CategoryMap
 from pipelines.data.errors import DatasetError, ImageError, UnsafePathError
+from pipelines.data.images import loader_reads
 from pipelines.infra.storage import is_uri, read_bytes
 
 
@@ -386,12 +387,35 @@ def annotation_mask(ann: dict[str, Any], height: int, width: int) -> np.ndarray:
     return mask_utils.decode(_to_rle(ann["segmentation"], height, width))
 
 
+@dataclass(frozen=True)
+class SourceImage:
+    """An image file read and decoded once: data, its bytes; pixels, [H, W, 3] uint8 RGB (`load_image_rgb`), or
+    None when not asked for and not needed; loader_reads, whether `pipelines.data.images.decode_image(data)` gives
+    these pixels (so the bytes can be stored as they are) or the image must be re-encoded (CMYK, 16-bit, palette,
+    alpha, formats other than JPEG/PNG); height, width: the stored pixels' size.
+    """
+
+    data: bytes = field(repr=False)
+    pixels: np.ndarray | None = field(repr=False)
+    loader_reads: bool
+    height: int
+    width: int
+
+
 def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
-    """Decode an image file (local path or URI) to [H, W, 3] uint8 RGB.
+    """Decode an image file (local path or URI) to [H, W, 3] uint8 RGB (`read_image(path).pixels`)."""
+    return read_image(path).pixels
+
+
+def read_image(path: str | os.PathLike, *, pixels: bool = True) -> SourceImage:
+    """Read an image file (local path or URI) and decode it to [H, W, 3] uint8 RGB.
 
     Grayscale, CMYK, palette and alpha images are converted to RGB (alpha dropped). EXIF orientation is
     NOT applied: COCO's heights and widths are those of the stored pixels. Raises ImageError naming the
     file when it is missing, empty, not an image, truncated / corrupt, or more pixels than PIL decodes.
+    With `pixels=False`, a JPEG the loader reads as it is (what preprocess stores unchanged) is decoded at 1/8
+    scale (libjpeg's DCT scaling, about twice as fast): every coefficient of the file is still read, so a
+    truncated or corrupt file fails just the same, and `pixels` is None. Other files are decoded in full.
     """
     path = os.fspath(path)
     try:
@@ -404,6 +428,11 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
         raise ImageError(f"empty image file (0 bytes): {path}")
     try:
         img = Image.open(io.BytesIO(raw))
+        width, height = img.size
+        if not pixels and img.format == "JPEG" and loader_reads(img, raw):
+            img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
+            img.load()  # the whole entropy-coded stream, at 1/8 of the size
+            return SourceImage(raw, None, True, height, width)
         img.load()  # decode everything now: a truncated JPEG fails here, not later in a worker's batch
     except UnidentifiedImageError as e:
         raise ImageError(f"not a recognised image file: {path}") from e
@@ -417,9 +446,10 @@ def load_image_rgb(path: str | os.PathLike) -> np.ndarray:
         if img.mode.startswith("I;16") or (img.mode == "I" and arr.max() > 255):
             arr = arr / 257.0
         arr = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2))
+        return SourceImage(raw, np.ascontiguousarray(np.repeat(arr[..., None], 3, axis=2)), False, height, width)
+    readable = loader_reads(img, raw)
     if img.mode != "RGB":
         if img.mode == "P" and "transparency" in img.info:
             img = img.convert("RGBA")  # PIL asks palette images with transparency to go through RGBA
         img = img.convert("RGB")
-    return np.asarray(img, dtype=np.uint8).copy()
+    return SourceImage(raw, np.asarray(img, dtype=np.uint8).copy(), readable, height, width)

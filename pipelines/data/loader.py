@@ -1,9 +1,12 @@
 """From Parquet shards to fixed-size training batches, in Ray Data on CPUs.
 
-JPEG decoding, mini-mask unpacking, the RPN labels and padding every tensor to a fixed shape happen here, in
-`map_batches` on CPU workers, never in the GPU process (docs/design.md, "Ray"). The positives' RPN deltas travel
-sparse (K = rpn.anchors_per_image a image: 5 KB, not 1 MB of mostly zeros at 1024 px) and `densify_rpn_deltas`
-makes them dense on the training device. After it the batch is exactly the Batch of the model (mrcnn/model.py):
+Decoding each stored source image and resizing it to its window (`pipelines.data.images`, through
+`mrcnn.geometry.resize_image`), mini-mask unpacking, the RPN labels and padding every tensor to a fixed shape
+happen here, in `map_batches` on CPU workers (docs/design.md, "Ray"); a GPU training loop may instead decode and
+resize the `image` bytes on its device with `pipelines.data.images.decode_canvas`. The positives' RPN deltas
+travel sparse (K = rpn.anchors_per_image an image: 6 KB, not 1 MB of mostly zeros at 1024 px) and
+`densify_rpn_deltas` makes them dense on the training device. After it the batch is exactly the Batch of the
+model (mrcnn/model.py):
 
     images        uint8   [N, 3, S, S]   RGB, image at the top-left, zero padding
     windows       int64   [N, 4]         (x1, y1, x2, y2) of the image in the padded frame
@@ -32,7 +35,7 @@ import numpy as np
 import torch
 
 from mrcnn.rpn_targets import scatter_positive_deltas
-from pipelines.data.shards import MAX_CROWD, decode_row
+from pipelines.data.shards import MAX_CROWD, decode_row, row_image
 from pipelines.infra.storage import filesystem_for, join_uri
 
 
@@ -67,10 +70,11 @@ class ShardBatchDecoder:
             "rpn_pos_deltas": np.zeros((n, p, 4), np.float32),
         }
         for i in range(n):
-            row = decode_row({key: v[i] for key, v in rows.items()}, mini_mask_size=m)
-            image = row["image"]  # [h, w, 3] uint8, unpadded
-            h, w = image.shape[:2]
-            out["images"][i, :, :h, :w] = image.transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+            raw = {key: v[i] for key, v in rows.items()}
+            row = decode_row(raw, mini_mask_size=m, image=False)
+            image = row_image(raw).numpy()  # [3, h, w] uint8, unpadded, resized to the window
+            x1, y1 = int(row["window"][0]), int(row["window"][1])
+            out["images"][i, :, y1 : y1 + image.shape[1], x1 : x1 + image.shape[2]] = image
             out["windows"][i] = row["window"]
             k = min(len(row["gt_class_ids"]), g)
             out["gt_class_ids"][i, :k] = row["gt_class_ids"][:k]

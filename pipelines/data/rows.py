@@ -1,8 +1,11 @@
 """One COCO image record -> one shard row (`RowMaker`): the code that writes every shard row.
 
-The image is decoded, resized and re-encoded; class ids made contiguous; gt boxes taken from the annotation's
-`bbox`; masks minimised and bit-packed; RPN targets computed by the model's own `compute_rpn_targets`. A record
-that cannot be used returns no row and a report naming the image and the reason.
+The image file is decoded once (a bad file skips the record) and its bytes stored as they are; only an image the
+loader cannot decode to the same pixels (CMYK, 16-bit, palette, alpha, neither JPEG nor PNG) is re-encoded, at its
+own size (`image.encoding`, `image.jpeg_quality`). Nothing is resized here: the stored geometry (`scale`, `window`)
+tells the loader the size, and the targets are in that resized frame. Class ids are made contiguous; gt boxes
+taken from the annotation's `bbox`; masks minimised and bit-packed; RPN targets computed by the model's own
+`compute_rpn_targets`. A record that cannot be used returns no row and a report naming the image and the reason.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from mrcnn.config import Config
 from mrcnn.geometry import coco_bbox_to_box, resize_geometry
 from mrcnn.mini_masks import mini_mask_boxes, minimize_masks, pack_masks
 from mrcnn.rpn_targets import compute_rpn_targets
-from pipelines.data.coco import annotation_mask, load_image_rgb
+from pipelines.data.coco import annotation_mask, read_image
 from pipelines.data.errors import ImageError
 from pipelines.data.shards import (
     MAX_CROWD,
@@ -37,7 +40,7 @@ _WORK_SCHEMA = pa.schema(
 
 
 def _image_error_reason(error: Exception) -> str:
-    """Stable slug + detail for an ImageError raised by `load_image_rgb` (its messages name the cause)."""
+    """Stable slug + detail for an ImageError raised by `read_image` (its messages name the cause)."""
     msg = str(error)
     for prefix, slug in (
         ("image file not found", "missing_image"),
@@ -97,11 +100,12 @@ class RowMaker:
         cfg = self.config
         height, width = int(record["height"]), int(record["width"])
         try:
-            pixels = load_image_rgb(record["path"])  # [H, W, 3] uint8 RGB (grayscale / CMYK / alpha converted)
+            # decoded once (a bad file is skipped here); pixels only where the file must be re-encoded
+            source = read_image(record["path"], pixels=False)
         except ImageError as e:
             return None, [_skip(record, _image_error_reason(e))]
-        if pixels.shape[:2] != (height, width):
-            reason = (f"size_mismatch: file is {pixels.shape[1]}x{pixels.shape[0]} (w x h), "
+        if (source.height, source.width) != (height, width):
+            reason = (f"size_mismatch: file is {source.width}x{source.height} (w x h), "
                       f"annotations say {width}x{height}")
             return None, [_skip(record, reason)]
 
@@ -150,8 +154,9 @@ class RowMaker:
             "width": width,
             "scale": float(np.float32(geo.scale)),
             "window": [int(v) for v in geo.window],
-            "image": encode_image(pixels, geo.new_w, geo.new_h, encoding=cfg.image.encoding,
-                                  quality=cfg.image.jpeg_quality),
+            # the file as it is, or re-encoded at its own size; the loader resizes to the window
+            "image": source.data if source.loader_reads else encode_image(
+                source.pixels, encoding=cfg.image.encoding, quality=cfg.image.jpeg_quality),
             "gt_class_ids": np.asarray([a["category_id"] for a in kept], np.int32),
             "gt_boxes": gt_boxes.numpy().astype(np.float32).reshape(-1),  # [G, 4] -> flat
             "mini_masks": packed,
@@ -167,12 +172,9 @@ class RowMaker:
         return row, reports
 
 
-def encode_image(pixels: np.ndarray, new_w: int, new_h: int, *, encoding: str = "jpeg", quality: int = 95) -> bytes:
-    """[H, W, 3] uint8 RGB -> bytes of the image resized to new_w x new_h (bilinear, antialiased), unpadded."""
-
-    img = Image.fromarray(pixels, "RGB")
-    if img.size != (new_w, new_h):
-        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+def encode_image(pixels: np.ndarray, *, encoding: str = "jpeg", quality: int = 95) -> bytes:
+    """[H, W, 3] uint8 RGB -> JPEG (at `quality`) or PNG bytes of the image at its own size."""
+    img = Image.fromarray(np.ascontiguousarray(pixels), "RGB")
     buf = io.BytesIO()
     if encoding == "jpeg":
         img.save(buf, "JPEG", quality=quality)

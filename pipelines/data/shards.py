@@ -1,16 +1,16 @@
-"""The preprocessed shard format, schema v1 (docs/design.md, "What a shard row holds" and "The manifest").
+"""The preprocessed shard format, schema v2 (docs/design.md, "What a shard row holds" and "The manifest").
 
     SHARDS/manifest.json                 written last by `pipelines.data.preprocess`: its presence marks a complete run
     SHARDS/<split>/part-*.parquet        one row per image, the columns of SHARD_SCHEMA
 
 The reading side lives here, shared by the stages that consume shards: `read_manifest`, `check_fingerprint`
 (shards made with another shard config are refused, naming the fields that differ), `shard_uris` and
-`decode_row` (one row -> numpy arrays). Paths are local paths or URIs (`s3://`, `gs://`) through pyarrow.fs.
+`decode_row` (one row -> numpy arrays, the image decoded and resized by `pipelines.data.images`). Paths are
+local paths or URIs (`s3://`, `gs://`) through pyarrow.fs.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from typing import Any
@@ -18,14 +18,16 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+import torch
 
 from mrcnn.config import LEGACY_SHARD_FIELDS, Config, fingerprint_diff
 from mrcnn.mini_masks import unpack_masks
 from mrcnn.rpn_targets import dense_rpn_targets
+from pipelines.data.images import ImageDecodeError, decode_resize, window_size
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_file
 
-SCHEMA_VERSION = 1
+# 2: `image` holds the source file's bytes (v1: the image resized and re-encoded); the loader resizes
+SCHEMA_VERSION = 2
 
 
 MANIFEST = "manifest.json"
@@ -37,7 +39,7 @@ DEFAULT_MINI_MASK_SIZE = 56
 MAX_CROWD = 16
 
 
-# docs/design.md schema v1, plus num_instances / num_crowd. Ragged values are plain lists with explicit counts
+# docs/design.md schema v2, plus num_instances / num_crowd. Ragged values are plain lists with explicit counts
 # (flat, 4 floats a box); no Ray tensor extension types, which have known bugs with ragged data in Parquet.
 SHARD_SCHEMA = pa.schema(
     [
@@ -47,7 +49,7 @@ SHARD_SCHEMA = pa.schema(
         ("width", pa.int32()),
         ("scale", pa.float32()),  # original -> resized
         ("window", pa.list_(pa.int32())),  # (x1, y1, x2, y2) of the image in the padded frame
-        ("image", pa.binary()),  # resized, unpadded, JPEG or PNG
+        ("image", pa.binary()),  # the source file's bytes (JPEG / PNG), or re-encoded at its size; not resized
         ("gt_class_ids", pa.list_(pa.int32())),  # [G], contiguous 1..K
         ("gt_boxes", pa.list_(pa.float32())),  # [G * 4] (x1, y1, x2, y2) padded px, from the annotation's bbox
         ("mini_masks", pa.binary()),  # np.packbits of bool [G, 56, 56], C order
@@ -78,9 +80,12 @@ def read_manifest(shards_uri: str) -> dict[str, Any]:
         raise FileNotFoundError(f"no {MANIFEST} in {shards_uri}: not preprocessed, or the run did not finish "
                                 "(rerun `mrcnn-cli preprocess`)")
     manifest = json.loads(read_file(filesystem, path))
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{shards_uri}: shard schema version {manifest.get('schema_version')!r}, this code reads "
-                         f"{SCHEMA_VERSION}; preprocess again")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        why = (" (v1 shards hold resized, re-encoded images; v2 keeps the source images and resizes when loading)"
+               if version == 1 else "")
+        raise ValueError(f"{shards_uri}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}{why}; "
+                         "rerun `mrcnn-cli preprocess` (with --overwrite) to make them again")
     return manifest
 
 
@@ -101,20 +106,28 @@ def shard_uris(shards_uri: str, manifest: dict[str, Any], split: str) -> list[st
     return [join_uri(absolute(shards_uri), f) for f in manifest["splits"][split]["files"]]
 
 
-def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask_size: int | None = None) -> dict:
+def row_image(row: dict[str, Any], device: str | torch.device = "cpu") -> torch.Tensor:
+    """uint8 [3, h, w] on `device`: the row's stored image decoded and resized to its window (h = y2 - y1,
+    w = x2 - x1) by `pipelines.data.images.decode_resize`. ValueError naming the image when it does not decode."""
+    new_h, new_w = window_size(row["window"])
+    try:
+        return decode_resize(bytes(row["image"]), new_h, new_w, device)
+    except ImageDecodeError as e:
+        raise ValueError(f"image {row.get('image_id')} ({row.get('file_name')}) in the shards: {e}") from e
+
+
+def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask_size: int | None = None,
+               image: bool = True) -> dict:
     """A shard row (pyarrow `to_pylist()` dict or numpy values) -> numpy arrays, G instances, C crowd regions:
 
-    image [h, w, 3] uint8 (resized, unpadded), image_id, height, width (original), scale float, window int64 [4];
+    image [h, w, 3] uint8 (resized by `row_image`, unpadded; left out when not `image`), image_id, height, width
+    (original), scale float, window int64 [4];
     gt_class_ids int64 [G]; gt_boxes float32 [G, 4] (x1, y1, x2, y2) padded px; mini_masks bool [G, m, m];
     crowd_boxes float32 [C, 4]; rpn_pos_idx int64 [P]; rpn_pos_deltas float32 [P, 4]; rpn_ignore_idx int64 [I].
     With `num_anchors` also rpn_match int8 [A] (1 / 0 / -1) and rpn_deltas float32 [A, 4] (dense), after
     checking every index is below num_anchors (ValueError: shards of another anchor set).
     `mini_mask_size` defaults to the size the packed bytes imply (56 for an image without instances).
     """
-
-
-    with Image.open(io.BytesIO(bytes(row["image"]))) as img:
-        image = np.asarray(img.convert("RGB"))
     class_ids = np.asarray(row["gt_class_ids"], np.int64).reshape(-1)
     g = len(class_ids)
     packed = bytes(row["mini_masks"] or b"")
@@ -127,7 +140,6 @@ def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask
         "width": int(row["width"]),
         "scale": float(row["scale"]),
         "window": np.asarray(row["window"], np.int64),
-        "image": image,
         "gt_class_ids": class_ids,
         "gt_boxes": np.asarray(row["gt_boxes"], np.float32).reshape(-1, 4),  # flat -> [G, 4]
         "mini_masks": np.asarray(masks, bool),
@@ -136,8 +148,9 @@ def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask
         "rpn_pos_deltas": np.asarray(row["rpn_pos_deltas"], np.float32).reshape(-1, 4),  # flat -> [P, 4]
         "rpn_ignore_idx": np.asarray(row["rpn_ignore_idx"], np.int64).reshape(-1),
     }
+    if image:
+        out["image"] = row_image(row).permute(1, 2, 0).numpy()  # (3, h, w) -> (h, w, 3)
     if num_anchors is not None:
-
         for key in ("rpn_pos_idx", "rpn_ignore_idx"):
             if len(out[key]) and (out[key].min() < 0 or out[key].max() >= num_anchors):
                 raise ValueError(f"{key} of image {out['image_id']} outside 0..{num_anchors - 1}: wrong anchor set?")

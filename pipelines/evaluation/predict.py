@@ -2,7 +2,7 @@
 
 The model carries its config and category names (a checkpoint's meta.json, or an MLflow model's
 `mrcnn_meta`), so each image goes through the same geometry as training: resized with
-`mrcnn.geometry.resize_geometry` (bilinear, as preprocessing resizes), placed at the top-left of the zero
+`mrcnn.geometry.resize_geometry` and `resize_image` (the loader's resize), placed at the top-left of the zero
 S x S canvas, detected in eval mode, and mapped back to original pixels: the model and the way back are evaluate's
 (`inference.run_model`, `inference.coco_results_of_batch`), run in this process.
 
@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from PIL import Image
 
-from mrcnn.geometry import resize_geometry
+from mrcnn.geometry import resize_geometry, resize_image
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb
 from pipelines.evaluation.inference import coco_results_of_batch, run_model
@@ -79,16 +78,13 @@ def image_ids(paths: list[Path]) -> list[int]:
 
 
 def network_input(image: np.ndarray, *, min_dim: int, max_dim: int) -> tuple[np.ndarray, Any]:
-    """[H, W, 3] uint8 original -> ([3, S, S] uint8 canvas, Geometry): resized, top-left, zero padding."""
-
-
+    """[H, W, 3] uint8 original -> ([3, S, S] uint8 canvas, Geometry): resized by `mrcnn.geometry.resize_image`
+    (the loader's resize), top-left, zero padding."""
     height, width = image.shape[:2]
     geo = resize_geometry(height, width, min_dim=min_dim, max_dim=max_dim)
-    resized = Image.fromarray(image, "RGB")
-    if resized.size != (geo.new_w, geo.new_h):  # bilinear, as pipelines.data.rows.encode_image resizes
-        resized = resized.resize((geo.new_w, geo.new_h), Image.Resampling.BILINEAR)
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (h, w, 3) -> (3, h, w)
     canvas = np.zeros((3, max_dim, max_dim), np.uint8)
-    canvas[:, : geo.new_h, : geo.new_w] = np.asarray(resized).transpose(2, 0, 1)  # (h, w, 3) -> (3, h, w)
+    canvas[:, : geo.new_h, : geo.new_w] = resize_image(chw, geo.new_h, geo.new_w).numpy()
     return canvas, geo
 
 

@@ -1,7 +1,9 @@
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from mrcnn.geometry import Geometry, boxes_to_original, coco_bbox_to_box, resize_geometry
+from mrcnn.geometry import Geometry, _resize_float, boxes_to_original, coco_bbox_to_box, resize_geometry, resize_image
 
 
 def test_landscape_at_coco_is_limited_by_max_dim():
@@ -57,3 +59,52 @@ def test_boxes_to_original_inverts_coco_bbox_to_box():
 def test_boxes_to_original_subtracts_window_offset():
     back = boxes_to_original(torch.tensor([[14.0, 24.0, 34.0, 44.0]]), scale=2.0, window=(4, 4, 104, 104))
     torch.testing.assert_close(back, torch.tensor([[5.0, 10.0, 15.0, 20.0]]))
+
+
+# ---------------------------------------------------------------------------------------------- resize_image
+
+
+def _texture(h: int, w: int, seed: int = 0) -> torch.Tensor:
+    """uint8 [3, h, w]: smooth gradients plus noise, so that a wrong filter or offset shows."""
+    g = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    base = torch.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256])
+    return (base + torch.randint(-40, 41, (3, h, w), generator=g)).clamp(0, 255).to(torch.uint8)
+
+
+@pytest.mark.parametrize(("h", "w", "new_h", "new_w"), [(48, 64, 77, 102), (64, 48, 20, 15), (31, 57, 31, 100)])
+def test_resize_image_is_pil_bilinear_within_one_grey_level(h, w, new_h, new_w):
+    """PIL's BILINEAR (antialiased when shrinking) is the independent reference: v1 shards were resized with it."""
+    image = _texture(h, w)
+    got = resize_image(image, new_h, new_w)
+    pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((new_w, new_h), Image.Resampling.BILINEAR)
+    expected = torch.from_numpy(np.array(pil)).permute(2, 0, 1)
+    assert got.dtype == torch.uint8 and got.shape == (3, new_h, new_w)
+    assert (got.int() - expected.int()).abs().max() <= 1
+
+
+def test_resize_image_float_path_agrees_with_the_uint8_path():
+    """The CUDA branch (float32, rounded) run on CPU: what a GPU gives is the CPU's pixels up to rounding."""
+    image = _texture(60, 80, seed=1)
+    for new_h, new_w in ((96, 128), (30, 40), (60, 81)):
+        cpu = resize_image(image, new_h, new_w)
+        flt = _resize_float(image[None], new_h, new_w)[0]
+        diff = (cpu.int() - flt.int()).abs()
+        assert diff.max() <= 1 and diff.float().mean() < 0.5, (new_h, new_w, diff.max(), diff.float().mean())
+
+
+def test_resize_image_keeps_the_size_batches_and_refuses_other_input():
+    image = _texture(10, 12)
+    assert resize_image(image, 10, 12) is image
+    batch = torch.stack([image, _texture(10, 12, seed=2)])
+    got = resize_image(batch, 15, 18)
+    assert got.shape == (2, 3, 15, 18)
+    assert torch.equal(got[1], resize_image(batch[1], 15, 18))
+    constant = torch.full((3, 7, 9), 77, dtype=torch.uint8)
+    assert (resize_image(constant, 20, 3) == 77).all()  # a flat image stays flat at any size
+    with pytest.raises(ValueError, match="uint8"):
+        resize_image(image.float(), 5, 5)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        resize_image(image[:2], 5, 5)
+    with pytest.raises(ValueError, match="positive"):
+        resize_image(image, 0, 5)

@@ -160,3 +160,27 @@ def test_mask_targets_match_roi_align_on_the_full_mask():
     assert diff.mean() < 0.02, f"mean abs diff {diff.mean():.4f}"
     # after the loss's own 0.5 threshold nearly every target pixel agrees
     assert ((ours >= 0.5) == (direct >= 0.5)).float().mean() > 0.98
+
+
+def test_minimize_masks_reads_only_around_each_box_and_gives_what_roi_align_gives_on_the_whole_mask():
+    """Each mask is cropped to its box (plus a pixel) before roi_align: the result must be roi_align's over the
+    full mask (torchvision, the independent reference), boxes inside, across the edges and outside the mask."""
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(40, 37, 53, dtype=torch.uint8)
+    for i in range(40):  # a random blob per mask: an ellipse with noise
+        cy, cx = torch.randint(0, 37, (1,), generator=g).item(), torch.randint(0, 53, (1,), generator=g).item()
+        yy, xx = torch.meshgrid(torch.arange(37), torch.arange(53), indexing="ij")
+        blob = ((yy - cy) / 9.0) ** 2 + ((xx - cx) / 13.0) ** 2 < 1
+        masks[i] = (blob ^ (torch.rand(37, 53, generator=g) < 0.05)).to(torch.uint8)
+    lo = torch.rand(40, 2, generator=g) * torch.tensor([70.0, 50.0]) - torch.tensor([10.0, 8.0])
+    boxes = torch.cat([lo, lo + 0.5 + torch.rand(40, 2, generator=g) * 30], 1)  # some beyond every edge
+    boxes[:5] = boxes[:5].round()  # whole-pixel boxes too
+    rois = torch.cat([torch.arange(40, dtype=torch.float32)[:, None], boxes], 1)
+    expected = roi_align(masks.float()[:, None], rois, output_size=28, spatial_scale=1.0, sampling_ratio=-1,
+                         aligned=True)[:, 0] >= 0.5
+    got = minimize_masks(masks, boxes, size=28)
+    assert got.shape == (40, 28, 28)
+    # float rounding of the shifted box may flip a bin sitting exactly on the 0.5 threshold, nothing more
+    assert (got != expected).sum() <= 2, (got != expected).sum()
+    far = torch.tensor([[60.0, 40.0, 70.0, 50.0]])
+    assert not minimize_masks(masks[:1], far, size=28).any()

@@ -207,3 +207,25 @@ def test_overfits_one_image_and_detects_both_shapes():
     for g in range(2):
         hits = (iou[g] >= 0.5) & (det["class_ids"] == gt_classes[g])
         assert hits.any(), f"gt {g} not found: boxes {det['boxes'].tolist()} classes {det['class_ids'].tolist()}"
+
+
+def test_the_model_takes_the_loaders_sparse_rpn_deltas_as_the_dense_ones():
+    """The loader ships the positives' deltas sparse: the losses are those of the dense batch, exactly."""
+    from mrcnn.rpn_targets import scatter_positive_deltas
+    from tests.support.synthetic_batch import loader_batch, random_instances
+
+    config = shapes()
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=4).train()
+    images, per_image = random_instances(config.image.max_dim, 2, 3, 4)
+    sparse = loader_batch(config, model.anchors, images, per_image)
+    assert (sparse["rpn_pos_idx"] >= 0).any()
+    dense = {k: v for k, v in sparse.items() if not k.startswith("rpn_pos")}
+    dense["rpn_deltas"] = scatter_positive_deltas(model.anchors.shape[0], sparse["rpn_pos_idx"],
+                                                  sparse["rpn_pos_deltas"])
+    torch.manual_seed(1)
+    from_sparse = model(sparse)
+    torch.manual_seed(1)
+    from_dense = model(dense)
+    for key, value in from_dense.items():
+        assert torch.equal(from_sparse[key], value), key

@@ -247,3 +247,15 @@ def test_init_weights_rerun_train_and_evaluate_and_reach_training(synth_dataset,
     with pytest.raises(RuntimeError, match="stop"):
         stages[1].fn(str(tmp_path / "out"), {"preprocess": {"shards": "S", "run_id": "r"}}, None)
     assert seen["request"].model_path == f"torchvision:{weights}"
+
+
+def test_another_shard_schema_reruns_every_stage(synth_dataset, tmp_path, monkeypatch):
+    """A work dir cached by an older shard schema is not reused: its shards would be refused by read_manifest."""
+    from mrcnn.config import shapes
+    from pipelines import dag
+
+    request = dag.PipelineRequest(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    now = [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), request))]
+    monkeypatch.setattr(dag, "SCHEMA_VERSION", dag.SCHEMA_VERSION - 1)
+    older = [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), request))]
+    assert all(a != b for a, b in zip(now, older, strict=True))

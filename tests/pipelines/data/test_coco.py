@@ -324,3 +324,29 @@ def test_coco128_reads_with_zero_skips(shared_data):
     pixels = load_image_rgb(gray["path"])
     assert pixels.shape == (gray["height"], gray["width"], 3)
     assert (pixels[..., 0] == pixels[..., 2]).all()
+
+
+def test_read_image_without_pixels_still_reads_the_whole_jpeg(tmp_path):
+    """pixels=False (what preprocess asks for) decodes a kept JPEG at 1/8 scale: the size is the file's, and a
+    truncated or corrupt file fails as a full decode does; files to re-encode still come with their pixels."""
+    from pipelines.data.coco import read_image
+
+    rng = np.random.default_rng(0)
+    rgb = Image.fromarray(rng.integers(0, 256, (45, 70, 3), dtype=np.uint8))
+    rgb.save(tmp_path / "a.jpg", quality=90)
+    got = read_image(tmp_path / "a.jpg", pixels=False)
+    assert got.pixels is None and got.loader_reads and (got.height, got.width) == (45, 70)
+    assert got.data == (tmp_path / "a.jpg").read_bytes()
+    raw = (tmp_path / "a.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(raw[: len(raw) - 200])
+    broken = bytearray(raw)
+    broken[len(raw) // 2 : len(raw) // 2 + 600] = b"\xff" * 600  # markers where entropy-coded data should be
+    (tmp_path / "bad.jpg").write_bytes(bytes(broken))
+    for name in ("cut.jpg", "bad.jpg"):
+        with pytest.raises(ImageError, match="truncated or corrupt"):
+            read_image(tmp_path / name)
+        with pytest.raises(ImageError, match="truncated or corrupt"):
+            read_image(tmp_path / name, pixels=False)
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    cmyk = read_image(tmp_path / "cmyk.jpg", pixels=False)
+    assert not cmyk.loader_reads and cmyk.pixels.shape == (45, 70, 3)

@@ -81,7 +81,7 @@ def synth_shards(ray_session, synth_dataset, bad_dataset, tmp_path_factory):
 def test_manifest_counts_match_the_source(synth_shards, synth_dataset):
     out, manifest, uri = synth_shards
     assert uri == f"{out}/manifest.json"
-    assert manifest["schema_version"] == 1 and manifest["fingerprint"] == shapes().fingerprint()
+    assert manifest["schema_version"] == 2 and manifest["fingerprint"] == shapes().fingerprint()
     check_fingerprint(manifest, shapes())
     with pytest.raises(FingerprintMismatch, match="image.max_dim: 128 != 1024"):
         check_fingerprint(manifest, coco_preset())
@@ -128,11 +128,11 @@ def test_rows_decode_to_a_direct_computation(synth_shards, synth_dataset):
             new_w, new_h = round(w * scale), round(h * scale)
             assert got["scale"] == pytest.approx(scale, rel=1e-6)
             assert got["window"].tolist() == [0, 0, new_w, new_h]
-            resized = Image.open(f"{images}/{info['file_name']}").convert("RGB").resize(
-                (new_w, new_h), Image.Resampling.BILINEAR)
-            jpeg = io.BytesIO()
-            resized.save(jpeg, "JPEG", quality=95)
-            assert (got["image"] == np.asarray(Image.open(jpeg))).all()  # the same libjpeg: bit-exact
+            path = Path(images) / info["file_name"]
+            assert row["image"] == path.read_bytes()  # schema v2: the source file's bytes, not re-encoded
+            resized = Image.open(path).convert("RGB").resize((new_w, new_h), Image.Resampling.BILINEAR)
+            diff = np.abs(got["image"].astype(int) - np.asarray(resized, int))  # resized when read, not stored
+            assert got["image"].shape == (new_h, new_w, 3) and diff.max() <= 1  # torch's antialiased bilinear ~ PIL's
 
             anns = coco.loadAnns(coco.getAnnIds(imgIds=row["image_id"]))
             things = [a for a in anns if not a["iscrowd"]]
@@ -416,5 +416,8 @@ def test_coco128_preprocesses_without_unexpected_skips(ray_session, shared_data,
     gray = next(r for r in rows if r["file_name"] == "000000000086.jpg")
     image = decode_row(gray)["image"].astype(int)
     assert (gray["height"], gray["width"]) == (640, 512) and image.shape == (1000, 800, 3)  # 800 / 512 = 1.5625
-    assert np.abs(image[..., 0] - image[..., 1]).max() <= 2  # grey stays grey through RGB and JPEG
+    assert np.abs(image[..., 0] - image[..., 1]).max() == 0  # a grayscale JPEG decodes to equal channels
+    assert gray["image"] == (root / "train2017" / "000000000086.jpg").read_bytes()  # kept as it is
+    source_bytes = sum((root / "train2017" / r["file_name"]).stat().st_size for r in rows)
+    assert sum(len(r["image"]) for r in rows) == source_bytes  # every coco128 file is an RGB or grayscale JPEG
     shutil.rmtree(out)

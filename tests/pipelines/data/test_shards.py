@@ -8,11 +8,14 @@ import json
 import numpy as np
 import pyarrow as pa
 import pytest
+import torch
 from PIL import Image
 
 from mrcnn.config import fingerprint_diff, shapes
+from mrcnn.geometry import resize_image
 from mrcnn.mini_masks import pack_masks
 from pipelines.data.shards import (
+    SCHEMA_VERSION,
     SHARD_SCHEMA,
     FingerprintMismatch,
     check_fingerprint,
@@ -67,7 +70,8 @@ def test_manifest_must_exist_and_match_the_config(tmp_path):
     with pytest.raises(FileNotFoundError, match="did not finish"):
         read_manifest(str(tmp_path))
     config = shapes()
-    manifest = {"schema_version": 1, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
+    manifest = {"schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(),
+                "shard_fields": config.shard_fields(),
                 "splits": {"val2017": {"files": ["val2017/part-00000-000.parquet"]}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert read_manifest(str(tmp_path)) == manifest
@@ -80,6 +84,26 @@ def test_manifest_must_exist_and_match_the_config(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 0}))
     with pytest.raises(ValueError, match="schema version 0"):
         read_manifest(str(tmp_path))
+
+
+def test_schema_v1_shards_are_refused_with_what_to_do(tmp_path):
+    config = shapes()
+    manifest = {"schema_version": 1, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields()}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"schema version 1, this code reads 2 \(v1 shards hold resized") as e:
+        read_manifest(str(tmp_path))
+    assert "rerun `mrcnn-cli preprocess`" in str(e.value) and str(tmp_path) in str(e.value)
+
+
+def test_decode_row_resizes_the_stored_image_to_its_window():
+    """v2 rows hold the source image at its own size; the window says the size the network sees."""
+    pixels = (np.arange(90, dtype=np.uint8) * 2).reshape(5, 6, 3)
+    got = decode_row(_row(image=_png(pixels), height=5, width=6, scale=2.0, window=[0, 0, 12, 10]))
+    expected = resize_image(torch.from_numpy(pixels).permute(2, 0, 1).contiguous(), 10, 12).permute(1, 2, 0)
+    assert got["image"].shape == (10, 12, 3) and np.array_equal(got["image"], expected.numpy())
+    assert "image" not in decode_row(_row(), image=False)
+    with pytest.raises(ValueError, match=r"image 5 \(x.jpg\) in the shards: image bytes are neither JPEG nor PNG"):
+        decode_row(_row(image=b"not an image"))
 
 
 def test_shard_fields_of_manifests_written_before_the_anchor_conventions_read_as_their_old_values():

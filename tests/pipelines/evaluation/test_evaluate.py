@@ -72,8 +72,8 @@ def test_way_back_is_exact_on_coco128_at_coco(shared_data, capsys):
     metrics = evaluate_detections(annotations, results, image_ids=image_ids).metrics
     with capsys.disabled():
         print(f"\n[way back, coco128, coco] bbox AP {metrics['bbox/AP']:.3f} segm AP {metrics['segm/AP']:.3f}")
-    assert metrics["bbox/AP"] >= 0.99
-    assert metrics["segm/AP"] >= 0.98
+    assert metrics["bbox/AP"] >= 0.9995  # 1.000: the stored geometry maps the gt boxes back exactly
+    assert metrics["segm/AP"] >= 0.985  # 0.990: 56x56 mini-masks lose a little
 
 
 def _checkpoint(tmp_path: Path, config, categories: dict, name: str = "ckpt") -> str:

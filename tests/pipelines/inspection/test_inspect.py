@@ -16,6 +16,7 @@ from PIL import Image
 
 from mrcnn.anchors import anchors_from_config, anchors_per_level
 from mrcnn.config import coco, shapes
+from mrcnn.geometry import resize_image
 from mrcnn.mini_masks import expand_masks, mini_mask_boxes, unpack_masks
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
@@ -112,8 +113,9 @@ def _far_pixel(boxes: np.ndarray, window, margin: int) -> tuple[int, int] | None
 
 
 def test_gt_overlay_inside_the_masks_and_not_far_from_them(synth_shards, tmp_path, tracking_uri):
-    """Read the row independently (pyarrow, PIL, unpack_masks), find a pixel deep inside a gt mask and one far
-    from every box, and check the PNG: tinted with the instance's overlay colour there, untouched here."""
+    """Read the row independently (pyarrow, PIL, the shared resize, unpack_masks), find a pixel deep inside a gt
+    mask and one far from every box, and check the PNG: tinted with the
+    instance's overlay colour there, untouched here."""
     rows = pq.read_table(f"{synth_shards}/val2017").to_pylist()
     for row in rows:
         boxes = np.asarray(row["gt_boxes"], np.float32).reshape(-1, 4)
@@ -122,7 +124,9 @@ def test_gt_overlay_inside_the_masks_and_not_far_from_them(synth_shards, tmp_pat
             break
     else:
         pytest.fail("no validation image with room far from its boxes")
-    image = np.asarray(Image.open(io.BytesIO(row["image"])).convert("RGB"))
+    source = torch.from_numpy(np.array(Image.open(io.BytesIO(row["image"])).convert("RGB"))).permute(2, 0, 1)
+    x1, y1, x2, y2 = row["window"]  # v2 rows hold the source image: resized to the window when read
+    image = resize_image(source.contiguous(), y2 - y1, x2 - x1).permute(1, 2, 0).numpy()
     canvas = np.zeros((128, 128, 3), np.uint8)
     canvas[: image.shape[0], : image.shape[1]] = image
     g = len(boxes)

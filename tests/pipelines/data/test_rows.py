@@ -1,0 +1,62 @@
+"""pipelines/data/rows.py: what RowMaker stores as the image (schema v2), in-process, no Ray."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mrcnn.config import shapes
+from mrcnn.geometry import resize_geometry, resize_image
+from pipelines.data.coco import load_image_rgb
+from pipelines.data.images import decode_image
+from pipelines.data.rows import RowMaker
+from pipelines.data.shards import decode_row
+
+
+def _record(path, height: int, width: int) -> dict:
+    return {"image_id": 7, "file_name": path.name, "path": str(path), "height": height, "width": width,
+            "annotations": [{"id": 1, "category_id": 1, "iscrowd": 0, "area": 100.0, "bbox": [4.0, 5.0, 10.0, 10.0],
+                             "segmentation": [[4, 5, 14, 5, 14, 15, 4, 15]]}]}
+
+
+def _photo(h: int, w: int) -> np.ndarray:
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:h, :w]
+    base = np.stack([xx * 4 % 256, yy * 5 % 256, (xx + yy) % 256], axis=-1)
+    return np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def test_a_jpeg_is_stored_byte_for_byte_and_resized_when_read(tmp_path):
+    path = tmp_path / "a.jpg"
+    Image.fromarray(_photo(40, 60)).save(path, "JPEG", quality=90)
+    config = shapes()
+    row, reports = RowMaker(config.to_dict(), torch_threads=None).make(_record(path, 40, 60))
+    assert reports == []
+    assert row["image"] == path.read_bytes()  # the file itself, not a resized re-encoding
+    geo = resize_geometry(40, 60, min_dim=config.image.min_dim, max_dim=config.image.max_dim)
+    assert row["window"] == [0, 0, geo.new_w, geo.new_h] and row["scale"] == np.float32(geo.scale)
+    image = decode_row(row)["image"]  # [h, w, 3] at the window's size
+    original = torch.from_numpy(load_image_rgb(path)).permute(2, 0, 1).contiguous()
+    assert np.array_equal(image, resize_image(original, geo.new_h, geo.new_w).permute(1, 2, 0).numpy())
+
+
+def test_a_cmyk_jpeg_is_re_encoded_at_its_own_size(tmp_path):
+    """The loader does not convert CMYK as PIL does: the pixels preprocess saw are stored instead (PNG: exact)."""
+    path = tmp_path / "cmyk.jpg"
+    Image.fromarray(_photo(30, 20)).convert("CMYK").save(path, "JPEG")
+    row, _ = RowMaker(shapes().override(["image.encoding=png"]).to_dict(), torch_threads=None).make(
+        _record(path, 30, 20))
+    assert row["image"] != path.read_bytes()
+    stored = decode_image(row["image"])
+    assert stored.shape == (3, 30, 20)  # the original size: not resized in preprocess
+    assert np.array_equal(stored.permute(1, 2, 0).numpy(), load_image_rgb(path))
+    assert decode_row(row)["image"].shape == (128, 85, 3)  # 128 / 30 = 4.27: 20 -> 85 at the window
+
+
+def test_a_truncated_file_is_still_skipped_and_named(tmp_path):
+    path = tmp_path / "cut.jpg"
+    Image.fromarray(_photo(40, 60)).save(path, "JPEG")
+    path.write_bytes(path.read_bytes()[:300])
+    row, reports = RowMaker(shapes().to_dict(), torch_threads=None).make(_record(path, 40, 60))
+    assert row is None and reports[0]["reason"].startswith("corrupt_image") and reports[0]["file"] == "cut.jpg"
