@@ -22,31 +22,21 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, when run as a script
 
 SIZE, BATCH, NUM_CLASSES, INSTANCES = 512, 2, 81, 3
 VARIANTS = ("ours", "torchvision-default", "torchvision-our-rois")
 
 
-def _random_instances(seed: int = 0) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+def _random_instances(seed: int = 0):
     """images uint8 [N, H, W, 3]; per image (boxes [G, 4] float32 x1y1x2y2, masks bool [G, H, W], labels [G])."""
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, size=(BATCH, SIZE, SIZE, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:SIZE, :SIZE]
-    per_image = []
-    for _ in range(BATCH):
-        boxes, masks = [], []
-        for _ in range(INSTANCES):
-            w, h = rng.integers(40, 200, size=2)
-            x1, y1 = rng.integers(0, SIZE - w), rng.integers(0, SIZE - h)
-            cx, cy = x1 + w / 2, y1 + h / 2
-            masks.append(((xx + 0.5 - cx) / (w / 2)) ** 2 + ((yy + 0.5 - cy) / (h / 2)) ** 2 <= 1)  # an ellipse
-            boxes.append([x1, y1, x1 + w, y1 + h])
-        labels = rng.integers(1, NUM_CLASSES, size=INSTANCES)
-        per_image.append((np.asarray(boxes, np.float32), np.stack(masks), labels))
-    return images, per_image
+    from tests.support.synthetic_batch import random_instances
+
+    return random_instances(SIZE, BATCH, INSTANCES, NUM_CLASSES, seed=seed, sides=(40, 200))
 
 
 def _our_model_and_batch():

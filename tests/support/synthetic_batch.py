@@ -12,9 +12,11 @@ from mrcnn.rpn_targets import compute_rpn_targets
 
 
 def random_instances(size: int, n: int, instances: int, num_classes: int, seed: int = 0,
-                     empty: tuple[int, ...] = ()):
+                     empty: tuple[int, ...] = (), sides: tuple[int, int] | None = None):
     """images uint8 [n, size, size, 3]; per image (boxes float32 [G, 4] x1y1x2y2, masks bool [G, size, size],
-    labels int64 [G] in 1..num_classes-1); the images listed in `empty` have no instance."""
+    labels int64 [G] in 1..num_classes-1) of ellipses with sides in [sides[0], sides[1]) px (default size/12 to
+    size/3); the images listed in `empty` have no instance."""
+    lo, hi = sides or (size // 12, size // 3)
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
     yy, xx = np.mgrid[:size, :size]
@@ -22,7 +24,7 @@ def random_instances(size: int, n: int, instances: int, num_classes: int, seed: 
     for i in range(n):
         boxes, masks = [], []
         for _ in range(0 if i in empty else instances):
-            w, h = rng.integers(size // 12, size // 3, size=2)
+            w, h = rng.integers(lo, hi, size=2)
             x1, y1 = rng.integers(0, size - w), rng.integers(0, size - h)
             cx, cy = x1 + w / 2, y1 + h / 2
             masks.append(((xx + 0.5 - cx) / (w / 2)) ** 2 + ((yy + 0.5 - cy) / (h / 2)) ** 2 <= 1)
