@@ -31,7 +31,7 @@ from pipelines.evaluation.inference import TIMINGS, ModelStage, decode_inputs, w
 from pipelines.evaluation.inference import to_coco_results as to_coco_results  # re-exported: callers import it here
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
-from pipelines.infra.ray_env import cluster_has_gpus, init_ray
+from pipelines.infra.ray_env import cluster_has_gpus, init_ray, largest_node_cpus
 from pipelines.infra.storage import read_bytes
 from pipelines.models import ModelSpec, check_model_fits, load_model, model_spec
 from pipelines.pictures import predictions_grid
@@ -93,9 +93,8 @@ def predict_split(
     # blocks of one batch (a streaming split, no barrier): a map task emits its output block when its input block
     # is done, so with a shard file as one block the way back would wait for the model to finish the whole file
     ds = ds.repartition(target_num_rows_per_block=batch_size)
-    # CPU actors: the CPUs a model may use without starving the decode and way-back tasks
-    cpus = int(ray.cluster_resources().get("CPU", 1))
-    model_cpus = 1 if use_gpu else max(1, (cpus - 1) // max(1, workers))
+    model_cpus = 1 if use_gpu else model_actor_cpus(int(ray.cluster_resources().get("CPU", 1)), workers,
+                                                    largest_node=largest_node_cpus())
     inputs = ds.map_batches(decode_inputs, fn_kwargs={"image_size": spec.config.image.max_dim},
                             batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
     outputs = inputs.map_batches(
@@ -121,6 +120,15 @@ def predict_split(
     seconds["wall_s"] = progress.done()
     image_ids = sorted(by_image)
     return [d for i in image_ids for d in by_image[i]], image_ids, seconds
+
+
+def model_actor_cpus(cluster_cpus: int, workers: int, *, largest_node: float) -> int:
+    """CPUs (and torch threads) of each CPU model actor: the cluster's CPUs but one (for the decode and way-back
+    tasks) shared by the `workers` actors, and never more than a node holds with one left over: an actor that fits
+    on no node is never placed, and the stage would wait forever (2-CPU nodes of a 4-CPU cluster did)."""
+    share = (cluster_cpus - 1) // max(1, workers)
+    per_node = int(largest_node) - 1 if largest_node >= 2 else 1
+    return max(1, min(share, per_node))
 
 
 class Progress:

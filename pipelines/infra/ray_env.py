@@ -118,3 +118,10 @@ def cluster_nodes() -> int:
     import ray
 
     return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def largest_node_cpus() -> float:
+    """The CPUs of the alive node with the most: an actor asking for more is never placed (Ray waits forever)."""
+    import ray
+
+    return max((float(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=0.0)

@@ -123,3 +123,14 @@ def test_model_of_another_geometry_or_categories_is_refused(synth_shards, tmp_pa
     fewer = CategoryMap(coco_ids=(1, 3), names=("circle", "square")).to_dict()
     with pytest.raises(ModelMismatchError, match="categories"):
         evaluate(EvaluateRequest(shards=synth_shards, model_path=_checkpoint(tmp_path, shapes(), fewer, "c2")))
+
+
+def test_a_cpu_model_actor_fits_on_a_node():
+    """4 CPUs as two 2-CPU nodes: one actor of 3 CPUs was never placed and evaluate waited forever."""
+    from pipelines.evaluation.evaluate import model_actor_cpus
+
+    assert model_actor_cpus(4, 1, largest_node=2) == 1  # the multi-node test cluster
+    assert model_actor_cpus(4, 1, largest_node=4) == 3  # one node: all but one CPU
+    assert model_actor_cpus(4, 2, largest_node=4) == 1
+    assert model_actor_cpus(16, 2, largest_node=16) == 7
+    assert model_actor_cpus(1, 1, largest_node=1) == 1
