@@ -197,11 +197,6 @@ def finite_flag_on_every_rank(total: torch.Tensor) -> torch.Tensor:
     return flag
 
 
-def finite_on_every_rank(total: torch.Tensor) -> bool:
-    """`finite_flag_on_every_rank` read on the host."""
-    return bool(finite_flag_on_every_rank(total).item())
-
-
 def validation_losses(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device) -> dict:
     """Mean loss terms over `batches` with no update: the model in training mode (losses need targets) but
     BatchNorm in eval mode so running statistics stay as they are, and the global RNG left untouched (the
