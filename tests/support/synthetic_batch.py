@@ -9,6 +9,7 @@ import torch
 from mrcnn.config import Config
 from mrcnn.mini_masks import mini_mask_boxes, minimize_masks
 from mrcnn.rpn_targets import compute_rpn_targets
+from pipelines.data.loader import rpn_labels
 
 
 def random_instances(size: int, n: int, instances: int, num_classes: int, seed: int = 0,
@@ -37,7 +38,8 @@ def random_instances(size: int, n: int, instances: int, num_classes: int, seed: 
 
 def loader_batch(config: Config, anchors: torch.Tensor, images: np.ndarray, per_image) -> dict[str, torch.Tensor]:
     """The Batch of pipelines/data/loader.py (scale 1, window = the whole image), with the RPN deltas sparse
-    (`rpn_pos_idx` [N, K], -1 padded, and `rpn_pos_deltas` [N, K, 4], K = rpn.anchors_per_image)."""
+    (`rpn_pos_idx` [N, K], -1 padded, and `rpn_pos_deltas` [N, K, 4], K = rpn.anchors_per_image), the labels
+    made by the loader's `rpn_labels`."""
     n, size = len(images), images.shape[1]
     g, m, a, k = config.roi.max_gt_instances, config.mask.mini_mask_size, anchors.shape[0], config.rpn.anchors_per_image
     batch = {
@@ -64,10 +66,10 @@ def loader_batch(config: Config, anchors: torch.Tensor, images: np.ndarray, per_
             mini = minimize_masks(torch.from_numpy(masks), mini_mask_boxes(boxes_t), size=m)
             batch["gt_mini_masks"][i, :count] = mini.to(torch.uint8)
         targets = compute_rpn_targets(anchors=anchors, gt_boxes=boxes_t, crowd_boxes=torch.zeros(0, 4))
-        batch["rpn_match"][i, targets.ignore_idx] = -1
-        pos = targets.pos_idx[:k]
-        batch["rpn_match"][i, targets.pos_idx[k:]] = -1  # as the loader does past K (it draws which; here: the last)
-        batch["rpn_match"][i, pos] = 1
-        batch["rpn_pos_idx"][i, : len(pos)] = pos
-        batch["rpn_pos_deltas"][i, : len(pos)] = targets.pos_deltas[:k]
+        row = {"image_id": i, "rpn_pos_idx": targets.pos_idx.numpy(), "rpn_pos_deltas": targets.pos_deltas.numpy(),
+               "rpn_ignore_idx": targets.ignore_idx.numpy()}
+        match, pos, deltas = rpn_labels(row, num_anchors=a, max_positives=k)  # the loader's own labels
+        batch["rpn_match"][i] = torch.from_numpy(match)
+        batch["rpn_pos_idx"][i, : len(pos)] = torch.from_numpy(pos)
+        batch["rpn_pos_deltas"][i, : len(pos)] = torch.from_numpy(deltas)
     return batch
