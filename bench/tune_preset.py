@@ -27,7 +27,7 @@ from pipelines.data.loader import ShardBatchDecoder, decoder_for
 from pipelines.data.shards import check_fingerprint, read_manifest
 from pipelines.evaluation.coco_eval import evaluate_detections
 from pipelines.evaluation.evaluate import to_coco_results
-from pipelines.training.loop import StepRunner
+from pipelines.training.loop import StepRunner, prepare_device
 from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr
 
 
@@ -73,6 +73,7 @@ def main() -> None:
     check_fingerprint(manifest, config)
     coco_ids = list(CategoryMap.from_dict(manifest["categories"]).coco_ids)
     model = build_model(config, num_classes=len(coco_ids) + 1)
+    model = prepare_device(model, torch.device("cpu"), cudnn_benchmark=False, channels_last=config.train.channels_last)
     if args.min_confidence is not None:
         model.detection_settings["min_confidence"] = args.min_confidence
     decoder = ShardBatchDecoder(**decoder_for(config, int(model.anchors.shape[0])))

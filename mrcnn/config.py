@@ -150,7 +150,7 @@ class TrainConfig:
     # non_blocking=True on a background thread (`iter_torch_batches(prefetch_batches=, pin_memory=)`)
     prefetch_batches: int = 2
     cudnn_benchmark: bool = False  # torch.backends.cudnn.benchmark on GPU workers (fixed input sizes)
-    channels_last: bool = False  # the model in channels_last memory format on GPU workers
+    channels_last: bool = False  # the model in channels_last memory format (the shapes preset: 10% faster on CPU)
     # decode the splits once into Ray's object store (`Dataset.materialize`) instead of re-reading the shards every
     # epoch: for datasets that fit in memory (the demo's: an epoch then starts in under a second, not ~8 s). On one
     # node only: a lost node takes its cached blocks with it and training cannot restore (tests/cluster)

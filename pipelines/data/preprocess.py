@@ -52,7 +52,7 @@ from pipelines.data.shards import (
     SHARD_SCHEMA,
 )
 from pipelines.infra.logs import get_logger
-from pipelines.infra.ray_env import init_ray
+from pipelines.infra.ray_env import init_ray, usable_cpus
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_file
 
 log = get_logger("preprocess")
@@ -346,7 +346,7 @@ def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *
          max_workers: int | None) -> dict[str, dict[str, Any]]:
     """Run the Ray Data job over every split's records; returns the datasink's merged per-split result."""
 
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = usable_cpus()
     workers = max(1, min(max_workers or cpus, cpus))
     blocks = max(1, min(MAX_INPUT_BLOCKS, math.ceil(len(items) / BATCH_SIZE)))
     ctx = DataContext.get_current()

@@ -31,7 +31,7 @@ from pipelines.evaluation.inference import TIMINGS, ModelStage, decode_inputs, w
 from pipelines.evaluation.inference import to_coco_results as to_coco_results  # re-exported: callers import it here
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
-from pipelines.infra.ray_env import cluster_has_gpus, init_ray, largest_node_cpus
+from pipelines.infra.ray_env import cluster_has_gpus, init_ray, largest_node_cpus, usable_cpus
 from pipelines.infra.storage import read_bytes
 from pipelines.models import ModelSpec, check_model_fits, load_model, model_spec
 from pipelines.pictures import predictions_grid
@@ -93,7 +93,7 @@ def predict_split(
     # blocks of one batch (a streaming split, no barrier): a map task emits its output block when its input block
     # is done, so with a shard file as one block the way back would wait for the model to finish the whole file
     ds = ds.repartition(target_num_rows_per_block=batch_size)
-    model_cpus = 1 if use_gpu else model_actor_cpus(int(ray.cluster_resources().get("CPU", 1)), workers,
+    model_cpus = 1 if use_gpu else model_actor_cpus(usable_cpus(), workers,
                                                     largest_node=largest_node_cpus())
     inputs = ds.map_batches(decode_inputs, fn_kwargs={"image_size": spec.config.image.max_dim},
                             batch_size=batch_size, batch_format="numpy", num_cpus=0.5)

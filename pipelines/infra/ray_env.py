@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,11 +65,83 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     return "local"
 
 
+_DATASET_NAME = re.compile(r"Running Dataset:? (\S+?)\.?(?:\s|:|$)")
+
+
+class PlainBars:
+    """Ray's progress bars (tqdm_ray's states) as the project's one-line progress bars, for a console that is not a
+    terminal (a CI log, `make demo 2>&1 | tee`), where tqdm's carriage returns and cursor moves come out as
+    escape-code junk. Each bar but Ray Data's per-operator ones (`- MapBatches(...)`) gives a line every
+    `every_s` seconds and one when it closes, e.g.
+    `dataset_12_0 [######------------------] 352/944 (37%) 32.7 row/s ETA 18s`."""
+
+    def __init__(self, every_s: float = 15.0, clock: Callable[[], float] = time.monotonic):
+        self.every_s, self.clock = every_s, clock
+        self._bars: dict[str, tuple[float, float]] = {}  # uuid -> (first seen, last line given)
+
+    def __call__(self, state: dict[str, Any]) -> str | None:
+        """One bar state (tqdm_ray's `_get_state()`) -> the progress line to show now, or None."""
+        desc = str(state.get("desc") or "")
+        if desc.lstrip().startswith("-"):
+            return None
+        now, key = self.clock(), str(state.get("uuid"))
+        first, last = self._bars.setdefault(key, (now, now))
+        closed = bool(state.get("closed"))
+        if not closed and now - last < self.every_s:
+            return None
+        if closed:
+            self._bars.pop(key)
+        else:
+            self._bars[key] = (first, now)
+        done, total, unit = int(state.get("x") or 0), state.get("total"), str(state.get("unit") or "it")
+        elapsed = now - first
+        rate = done / elapsed if elapsed > 0 else 0.0
+        match = _DATASET_NAME.search(desc)
+        name = match.group(1) if match else desc.split(":")[0].strip()[:60] or "progress"
+        if closed and elapsed < 1:  # first seen closed: no rate to tell
+            return f"{name}: {done} {unit}"
+        if closed:
+            return f"{name}: {done} {unit} in {logs.format_seconds(elapsed)} ({rate:.1f} {unit}/s)"
+        if total:
+            return f"{name} {logs.progress(done, int(total), rate=rate, unit=unit + '/s')}"
+        return f"{name}: {done} {unit} ({rate:.1f} {unit}/s)"
+
+
+def plain_progress_bars(plain: bool | None = None) -> bool:
+    """Where stderr (tqdm's stream) is not a terminal, or `plain` says so: the driver's tqdm_ray manager, which
+    draws the bars of the driver's own datasets and those the workers send, gives `PlainBars` lines through the
+    project's `data` logger instead. Returns whether it does. (`tqdm_ray.instance().process_state_update` is
+    Ray's, not a public switch; without it Ray draws its bars as it does.)"""
+    from ray.experimental import tqdm_ray
+
+    manager = tqdm_ray.instance()
+    current = getattr(manager, "process_state_update", None)
+    if not callable(current):
+        return False
+    original = getattr(current, "__wrapped__", current)
+    if plain is None:
+        plain = not sys.stderr.isatty()
+    if not plain:
+        manager.process_state_update = original
+        return False
+    bars, log = PlainBars(), logs.get_logger("data")
+
+    def update(state: dict[str, Any]) -> None:
+        text = bars(state)
+        if text:
+            log.info("%s", text)
+
+    update.__wrapped__ = original  # type: ignore[attr-defined]
+    manager.process_state_update = update
+    return True
+
+
 def worker_output_router(original: Callable[..., None]) -> Callable[..., None]:
     """Ray's `print_to_stdstream(data, ignore_prefix)` (what the driver does with each batch of a worker's
     output lines and the raylet's messages) keeping the console for the project's lines (`[stage] message`,
-    shown without Ray's `(pid=...)` prefix) and Ray's progress bars (tqdm_ray's state lines); every other line
-    goes to the log file through the WORKER_OUTPUT_LOGGER logger, with the worker it came from."""
+    shown without Ray's `(pid=...)` prefix) and Ray's progress bars (tqdm_ray's state lines, drawn by Ray's
+    tqdm_ray manager: `plain_progress_bars`); every other line goes to the log file through the
+    WORKER_OUTPUT_LOGGER logger, with the worker it came from."""
     from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
     file_log = logging.getLogger(WORKER_OUTPUT_LOGGER)
@@ -91,7 +166,8 @@ def worker_output_router(original: Callable[..., None]) -> Callable[..., None]:
 def sort_worker_output() -> bool:
     """Put `worker_output_router` between Ray's workers and the driver's console when the project's logging has
     a log file and is not verbose (`logs.verbose()`); before `ray.init`, which hands Ray's printing function to
-    its log thread. Returns whether it is in place. (A private Ray function: Ray's public switch,
+    its log thread; and Ray's bars as the project's lines where stderr is not a terminal (`plain_progress_bars`).
+    Returns whether the router is in place. (A private Ray function: Ray's public switch,
     `log_to_driver=False`, would silence the project's lines from the workers as well.)"""
     from ray._private import worker
 
@@ -99,6 +175,7 @@ def sort_worker_output() -> bool:
         logging.getLogger(WORKER_OUTPUT_LOGGER).warning(
             "this Ray has no ray._private.worker.print_to_stdstream: its workers' output is not sorted")
         return False
+    plain_progress_bars()
     current = worker.print_to_stdstream
     original = getattr(current, "__wrapped__", current)
     if logs.verbose():
@@ -118,6 +195,16 @@ def cluster_nodes() -> int:
     import ray
 
     return len([n for n in ray.nodes() if n.get("Alive")])
+
+
+def usable_cpus() -> int:
+    """The cluster's CPUs for a CPU-bound pool, but on one node no more than its cores: a local Ray advertises
+    at least 4 logical CPUs on a 2-core machine (`init_ray`), and 4 actors there only share 2 cores after each
+    has paid its start-up (importing torch)."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    return min(cpus, os.cpu_count() or cpus) if cluster_nodes() == 1 else cpus
 
 
 def largest_node_cpus() -> float:

@@ -10,7 +10,7 @@ import warnings
 import pytest
 
 from pipelines.infra import logs
-from pipelines.infra.ray_env import WORKER_OUTPUT_LOGGER, worker_output_router
+from pipelines.infra.ray_env import WORKER_OUTPUT_LOGGER, PlainBars, plain_progress_bars, worker_output_router
 
 
 @pytest.fixture
@@ -125,3 +125,41 @@ def test_progress_bar_line():
     assert logs.progress(320, 320, rate=4.0, unit="img/s").startswith("[" + "#" * 24 + "] 320/320 (100%)")
     assert logs.progress(0, 10, rate=0.0, unit="img/s").endswith("ETA ?")
     assert [logs.format_seconds(s) for s in (12, 125, 3725)] == ["12s", "2m05s", "1h02m"]
+
+
+def _bar(x, total, *, desc="Running Dataset: dataset_12_0. Active & requested resources: 1/4 CPU", closed=False,
+         uuid="a"):
+    return {"x": x, "total": total, "desc": desc, "unit": "row", "uuid": uuid, "closed": closed, "pos": 0}
+
+
+def test_plain_bars_give_a_line_every_so_often_and_one_at_the_end():
+    now = [100.0]
+    bars = PlainBars(every_s=15.0, clock=lambda: now[0])
+    shown = []
+    for t, state in ((100, _bar(0, None)), (105, _bar(100, 944)), (116, _bar(400, 944)), (120, _bar(500, 944)),
+                     (122, _bar(0, 8, desc="- MapBatches(RowMaker): Tasks: 8; Actors: 4", uuid="op")),
+                     (140, _bar(944, 944, closed=True))):
+        now[0] = float(t)
+        shown.append(bars(state))
+    # 400 rows 16 s after the bar first came: 25 rows/s, 544 left -> 22 s
+    assert shown == [None, None, "dataset_12_0 [##########--------------] 400/944 (42%) 25.0 row/s ETA 22s", None,
+                     None, "dataset_12_0: 944 row in 40s (23.6 row/s)"]
+    now[0] = 200.0  # a closed bar is forgotten: a new one with its uuid starts its own clock
+    assert bars(_bar(5, 10, closed=True)) == "dataset_12_0: 5 row"
+
+
+def test_plain_progress_bars_take_over_and_give_back_rays_bar_manager(routing, tmp_path):
+    from ray.experimental import tqdm_ray
+
+    project_console = routing[2]
+    manager = tqdm_ray.instance()
+    original = manager.process_state_update
+    try:
+        logs.setup_logging(log_file=tmp_path / "run.log")
+        assert plain_progress_bars(True)
+        manager.process_state_update(_bar(944, 944, closed=True))  # what the driver does with a worker's bar
+        assert project_console.getvalue().startswith("[data] dataset_12_0: 944 row\n")
+        assert not plain_progress_bars(False)
+        assert manager.process_state_update == original
+    finally:
+        manager.process_state_update = original

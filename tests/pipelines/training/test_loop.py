@@ -14,6 +14,7 @@ from pipelines.training.loop import (
     NonFiniteLossError,
     StepRunner,
     compress_gradients,
+    prepare_device,
     timed,
     total_steps_for,
     validation_due,
@@ -53,6 +54,28 @@ def test_one_step_updates_the_model_and_the_schedule(batch):
     changed = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.equal(v, before[k])]
     assert any("rpn" in k for k in changed) and any("mask" in k for k in changed)
     assert runner.scheduler.last_epoch == 1
+
+
+def test_channels_last_on_a_cpu_changes_the_layout_not_the_step():
+    """train.channels_last applies on a CPU too: the convolutions' weights are NHWC and one training step gives the
+    losses and weights of the contiguous model (up to float rounding in oneDNN's other kernels)."""
+    from tests.support.synthetic_batch import loader_batch, random_instances
+
+    config = shapes()
+    results = {}
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = prepare_device(build_model(config, num_classes=4), torch.device("cpu"), cudnn_benchmark=False,
+                               channels_last=channels_last)
+        conv = model.backbone.conv1.weight
+        assert conv.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert conv.is_contiguous() != channels_last
+        images, per_image = random_instances(128, 2, 3, num_classes=4)
+        losses = _runner(model, flip=False)(loader_batch(config, model.anchors, images, per_image), step=0).losses
+        results[channels_last] = losses, model.backbone.layer1[0].conv1.weight.detach().clone()
+    (loss_a, w_a), (loss_b, w_b) = results[False], results[True]
+    assert loss_a == pytest.approx(loss_b, rel=1e-4)
+    assert torch.allclose(w_a, w_b, atol=1e-5)
 
 
 @pytest.mark.parametrize("layers, frozen", [("heads", ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")),
