@@ -1,8 +1,10 @@
 """What DDP's gradient all-reduce costs on a CPU box: 2 processes x 1 torch thread, batch 4 each, stepping
 the same model (a) independently, (b) under DistributedDataParallel over gloo, (c) under DDP with the fp16
-gradient-compression hook. Prints img/s per process and in total for each mode, run one after the other.
+gradient-compression hook, (d, e) both with the gradients as views into DDP's buckets. Prints img/s per
+process and in total for each mode, run one after the other.
 
     .venv/bin/python bench/bench_ddp.py --shards SHARDS [--config shapes] [--set roi.sampling_ratio=1 ...]
+        [--modes independent ddp ...]
 
 SHARDS: preprocessed shards (`mrcnn-cli preprocess`) made with the same shard fields as the config.
 """
@@ -20,7 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-MODES = ("independent", "ddp", "ddp-fp16")
+MODES = ("independent", "ddp", "ddp-fp16", "ddp-view", "ddp-view-fp16")
+# DistributedDataParallel's keyword arguments by mode ("-view": gradients are views into the all-reduce buckets,
+# no copy in and out of them each step)
+DDP_KWARGS = {"ddp": {}, "ddp-fp16": {}, "ddp-view": {"gradient_as_bucket_view": True},
+              "ddp-view-fp16": {"gradient_as_bucket_view": True}}
 BATCH, STEPS, WARMUP = 4, 12, 2
 
 
@@ -30,21 +36,22 @@ def worker(rank: int, mode: str, args: argparse.Namespace, port: int, queue) -> 
     from mrcnn.config import load_config
     from mrcnn.model import build_model
     from pipelines.data.loader import ShardBatchDecoder, decoder_for
-    from pipelines.training.loop import StepRunner, compress_gradients
+    from pipelines.training.loop import StepRunner, compress_gradients, prepare_device
     from pipelines.training.optim import build_optimizer, build_scheduler
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = load_config(args.config, args.set)
     rows = load_rows(args.shards, "train2017")
-    model = build_model(config, num_classes=4)
+    model = prepare_device(build_model(config, num_classes=4), torch.device("cpu"), cudnn_benchmark=False,
+                           channels_last=config.train.channels_last)
     decoder = ShardBatchDecoder(**decoder_for(config, int(model.anchors.shape[0])))
     flip_perm = model.flip_perm
     if mode != "independent":
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=2)
-        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-        compress_gradients(model, "fp16" if mode == "ddp-fp16" else "none")
+        model = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False, **DDP_KWARGS[mode])
+        compress_gradients(model, "fp16" if mode.endswith("-fp16") else "none")
     optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
     scheduler = build_scheduler(optimizer, total_steps=100, warmup_steps=0, schedule="cosine")
     runner = StepRunner(model=model, optimizer=optimizer, scheduler=scheduler, device=torch.device("cpu"),
@@ -68,9 +75,10 @@ def main() -> None:
     parser.add_argument("--config", default="shapes")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--port", type=int, default=29533)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
-    for mode in MODES:
+    for mode in args.modes:
         queue = ctx.Queue()
         procs = [ctx.Process(target=worker, args=(rank, mode, args, args.port, queue)) for rank in range(2)]
         for p in procs:

@@ -145,6 +145,8 @@ def read_split(shards: str, split: str, *, override_num_blocks: int | None = Non
 
 def batches_dataset(shards: str, split: str, config: Any, num_anchors: int, *, decode_batch_size: int = 4):
     """Shards -> a dataset of decoded, fixed-shape rows (what `iter_torch_batches` then stacks)."""
+    from pipelines.infra.ray_env import one_node_task_concurrency
+
     ds = read_split(shards, split)
     # stateless tasks, not an actor pool: the decoder has nothing to set up, and tasks run in Ray's reused
     # worker processes, so each epoch's new stream does not pay an actor start (a torch import) again
@@ -154,6 +156,7 @@ def batches_dataset(shards: str, split: str, config: Any, num_anchors: int, *, d
         batch_size=decode_batch_size,
         batch_format="numpy",
         num_cpus=0.5,
+        concurrency=one_node_task_concurrency(),
     )
 
 

@@ -31,7 +31,13 @@ from pipelines.evaluation.inference import TIMINGS, ModelStage, decode_inputs, w
 from pipelines.evaluation.inference import to_coco_results as to_coco_results  # re-exported: callers import it here
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
-from pipelines.infra.ray_env import cluster_has_gpus, init_ray, largest_node_cpus, usable_cpus
+from pipelines.infra.ray_env import (
+    cluster_has_gpus,
+    init_ray,
+    largest_node_cpus,
+    one_node_task_concurrency,
+    usable_cpus,
+)
 from pipelines.infra.storage import read_bytes
 from pipelines.models import ModelSpec, check_model_fits, load_model, model_spec
 from pipelines.pictures import predictions_grid
@@ -95,8 +101,9 @@ def predict_split(
     ds = ds.repartition(target_num_rows_per_block=batch_size)
     model_cpus = 1 if use_gpu else model_actor_cpus(usable_cpus(), workers,
                                                     largest_node=largest_node_cpus())
+    tasks = one_node_task_concurrency()  # one node: as many decode / way-back processes as cores, no more
     inputs = ds.map_batches(decode_inputs, fn_kwargs={"image_size": spec.config.image.max_dim},
-                            batch_size=batch_size, batch_format="numpy", num_cpus=0.5)
+                            batch_size=batch_size, batch_format="numpy", num_cpus=0.5, concurrency=tasks)
     outputs = inputs.map_batches(
         ModelStage,
         fn_constructor_kwargs={"spec": spec, "min_confidence": settings.min_confidence, "use_gpu": use_gpu,
@@ -108,7 +115,7 @@ def predict_split(
         num_cpus=model_cpus,
     )
     results = outputs.map_batches(way_back, fn_kwargs={"categories": spec.categories}, batch_size=batch_size,
-                                  batch_format="numpy", num_cpus=0.5)
+                                  batch_format="numpy", num_cpus=0.5, concurrency=tasks)
     by_image: dict[int, list[dict[str, Any]]] = {}
     seconds = dict.fromkeys(TIMINGS, 0.0)
     progress = Progress(total)

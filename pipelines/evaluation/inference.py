@@ -102,18 +102,20 @@ def pack_detections(detections: list[dict[str, torch.Tensor]], *, max_detections
 def unpack_detections(batch: dict[str, np.ndarray], i: int) -> dict[str, torch.Tensor]:
     """Image i of a packed batch -> the model's eval dict (CPU tensors), padding dropped."""
     k = int(batch["det_count"][i])
+    # Ray Data hands out read-only views of its blocks: writable contiguous copies for torch (a tensor over a
+    # read-only array is undefined behaviour if written, and torch warns)
     return {
-        "boxes": torch.from_numpy(np.ascontiguousarray(batch["det_boxes"][i, :k])),
-        "scores": torch.from_numpy(np.ascontiguousarray(batch["det_scores"][i, :k])),
-        "class_ids": torch.from_numpy(np.ascontiguousarray(batch["det_classes"][i, :k])),
-        "masks": torch.from_numpy(np.ascontiguousarray(batch["det_masks"][i, :k])),
+        key: torch.from_numpy(np.require(batch[column][i, :k], requirements=["C", "W"]))
+        for key, column in (("boxes", "det_boxes"), ("scores", "det_scores"), ("class_ids", "det_classes"),
+                            ("masks", "det_masks"))
     }
 
 
 def run_model(model: torch.nn.Module, images: np.ndarray, windows: np.ndarray, device: torch.device,
               *, max_detections: int) -> dict[str, np.ndarray]:
     """images uint8 [N, 3, S, S], windows int64 [N, 4] -> the packed outputs (eval mode, no grad)."""
-    batch = {"images": torch.as_tensor(images).to(device), "windows": torch.as_tensor(windows).to(device)}
+    batch = {"images": torch.from_numpy(np.require(images, requirements=["C", "W"])).to(device),
+             "windows": torch.from_numpy(np.require(windows, requirements=["C", "W"])).to(device)}
     with torch.no_grad():
         detections = model(batch)
     return pack_detections(detections, max_detections=max_detections)

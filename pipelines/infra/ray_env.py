@@ -65,15 +65,18 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
     return "local"
 
 
-_DATASET_NAME = re.compile(r"Running Dataset:? (\S+?)\.?(?:\s|:|$)")
+# "Running Dataset: ds_1_0. Active ...", "✔️  Dataset ds_1_0 execution finished ..."
+_DATASET_NAME = re.compile(r"Dataset:? (\S+?)\.?(?:\s|:|$)")
+_OPERATOR_NAME = re.compile(r"^\s*- ([^:]+)")  # "- MapBatches(RowMaker): Tasks: 8; ..."
 
 
 class PlainBars:
     """Ray's progress bars (tqdm_ray's states) as the project's one-line progress bars, for a console that is not a
     terminal (a CI log, `make demo 2>&1 | tee`), where tqdm's carriage returns and cursor moves come out as
-    escape-code junk. Each bar but Ray Data's per-operator ones (`- MapBatches(...)`) gives a line every
-    `every_s` seconds and one when it closes, e.g.
-    `dataset_12_0 [######------------------] 352/944 (37%) 32.7 row/s ETA 18s`."""
+    escape-code junk. Each bar gives a line every `every_s` seconds, e.g.
+    `MapBatches(RowMaker) [######------------------] 352/944 (37%) 32.7 row/s ETA 18s` (Ray Data's operators) or
+    `dataset_12_0: 10 row (0.7 row/s)`, and a dataset's bar one line when it closes: `dataset_12_0: 944 row in
+    40s`."""
 
     def __init__(self, every_s: float = 15.0, clock: Callable[[], float] = time.monotonic):
         self.every_s, self.clock = every_s, clock
@@ -82,26 +85,27 @@ class PlainBars:
     def __call__(self, state: dict[str, Any]) -> str | None:
         """One bar state (tqdm_ray's `_get_state()`) -> the progress line to show now, or None."""
         desc = str(state.get("desc") or "")
-        if desc.lstrip().startswith("-"):
-            return None
+        operator = _OPERATOR_NAME.match(desc)
         now, key = self.clock(), str(state.get("uuid"))
         first, last = self._bars.setdefault(key, (now, now))
         closed = bool(state.get("closed"))
-        if not closed and now - last < self.every_s:
-            return None
         if closed:
             self._bars.pop(key)
-        else:
+        if closed and operator:  # the dataset's own line says it is done
+            return None
+        if not closed and now - last < self.every_s:
+            return None
+        if not closed:
             self._bars[key] = (first, now)
-        done, total, unit = int(state.get("x") or 0), state.get("total"), str(state.get("unit") or "it")
+        done, total, unit = int(state.get("x") or 0), state.get("total"), str(state.get("unit") or "it").strip()
         elapsed = now - first
         rate = done / elapsed if elapsed > 0 else 0.0
-        match = _DATASET_NAME.search(desc)
-        name = match.group(1) if match else desc.split(":")[0].strip()[:60] or "progress"
-        if closed and elapsed < 1:  # first seen closed: no rate to tell
-            return f"{name}: {done} {unit}"
+        dataset = _DATASET_NAME.search(desc)
+        name = (operator.group(1).strip() if operator else dataset.group(1) if dataset
+                else desc.split(":")[0].strip()[:60] or "progress")
         if closed:
-            return f"{name}: {done} {unit} in {logs.format_seconds(elapsed)} ({rate:.1f} {unit}/s)"
+            took = f" in {logs.format_seconds(elapsed)}" if elapsed >= 1 else ""
+            return f"{name}: {done} {unit}{took}"
         if total:
             return f"{name} {logs.progress(done, int(total), rate=rate, unit=unit + '/s')}"
         return f"{name}: {done} {unit} ({rate:.1f} {unit}/s)"
@@ -205,6 +209,17 @@ def usable_cpus() -> int:
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     return min(cpus, os.cpu_count() or cpus) if cluster_nodes() == 1 else cpus
+
+
+def one_node_task_concurrency() -> int | None:
+    """A cap for the concurrent tasks of a `map_batches` on a one-node Ray: its cores (`usable_cpus`). Each
+    concurrent task needs a worker process, and on a 2-core machine advertising 4 CPUs, 0.5-CPU tasks started 8
+    of them, each importing torch before its first batch. None (no cap) without Ray or on a cluster."""
+    import ray
+
+    if not ray.is_initialized() or cluster_nodes() != 1:
+        return None
+    return usable_cpus()
 
 
 def largest_node_cpus() -> float:

@@ -52,6 +52,20 @@ def test_packed_outputs_unpack_to_what_the_model_gave():
         pack_detections(detections, max_detections=4)
 
 
+def test_read_only_blocks_unpack_into_writable_tensors_without_a_warning():
+    """Ray Data's blocks arrive as read-only arrays: torch over one warns (and may not be written)."""
+    import warnings
+
+    packed = pack_detections(_detections([2]), max_detections=3)
+    for array in packed.values():
+        array.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        back = unpack_detections(packed, 0)
+    back["masks"][0, 0, 0] = 1.0  # its own memory: the block is untouched (torch.rand is < 1)
+    assert packed["det_masks"][0, 0, 0, 0] < 1.0
+
+
 def test_decode_gives_the_training_decoders_images_without_rpn_targets(synth_shards):
     rows = _rows(synth_shards)
     config = shapes()

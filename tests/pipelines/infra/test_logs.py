@@ -135,15 +135,20 @@ def _bar(x, total, *, desc="Running Dataset: dataset_12_0. Active & requested re
 def test_plain_bars_give_a_line_every_so_often_and_one_at_the_end():
     now = [100.0]
     bars = PlainBars(every_s=15.0, clock=lambda: now[0])
+    operator = "- MapBatches(RowMaker): Tasks: 8; Actors: 4; Queued blocks: 67 (0.0B)"
     shown = []
-    for t, state in ((100, _bar(0, None)), (105, _bar(100, 944)), (116, _bar(400, 944)), (120, _bar(500, 944)),
-                     (122, _bar(0, 8, desc="- MapBatches(RowMaker): Tasks: 8; Actors: 4", uuid="op")),
-                     (140, _bar(944, 944, closed=True))):
+    for t, state in ((100, _bar(0, None)), (101, _bar(0, 944, desc=operator, uuid="op")),
+                     (105, _bar(1, None)), (116, _bar(4, None)), (117, _bar(400, 944, desc=operator, uuid="op")),
+                     (120, _bar(500, 944, desc=operator, uuid="op")),
+                     (125, _bar(944, 944, desc=operator, uuid="op", closed=True)),
+                     (140, _bar(944, 944, desc="✔️  Dataset dataset_12_0 execution finished in 40 seconds",
+                                closed=True))):
         now[0] = float(t)
         shown.append(bars(state))
-    # 400 rows 16 s after the bar first came: 25 rows/s, 544 left -> 22 s
-    assert shown == [None, None, "dataset_12_0 [##########--------------] 400/944 (42%) 25.0 row/s ETA 22s", None,
-                     None, "dataset_12_0: 944 row in 40s (23.6 row/s)"]
+    # 400 rows 16 s after the operator's bar first came: 25 rows/s, 544 left -> 22 s
+    assert shown == [None, None, None, "dataset_12_0: 4 row (0.2 row/s)",
+                     "MapBatches(RowMaker) [##########--------------] 400/944 (42%) 25.0 row/s ETA 22s", None, None,
+                     "dataset_12_0: 944 row in 40s"]
     now[0] = 200.0  # a closed bar is forgotten: a new one with its uuid starts its own clock
     assert bars(_bar(5, 10, closed=True)) == "dataset_12_0: 5 row"
 
