@@ -114,7 +114,8 @@ EXPECTED_LOSSES = {
 # does not change what this regression test guards (the model's computation).
 REGRESSION_CONFIG = [
     "rpn.anchor_scales=[8, 16, 32, 64, 128]", "rpn.positive_iou=0.7", "roi.rois_per_image=64", "roi.sampling_ratio=2",
-    "roi.positive_fraction=0.33",
+    "roi.positive_fraction=0.33", "rpn.anchors_per_image=256", "rpn.pre_nms_topk=1000", "rpn.post_nms_train=300",
+    "roi.mask_conv_dim=64",
 ]
 
 
