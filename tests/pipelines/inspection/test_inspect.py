@@ -73,7 +73,9 @@ def test_every_stage_on_shards_in_one_mlflow_run(synth_shards, tmp_path, trackin
     rpn = results["rpn-targets"]
     assert rpn["positive"] == p and rpn["ignored"] == len(row["rpn_ignore_idx"])
     assert rpn["positive"] + rpn["negative"] + rpn["ignored"] == len(anchors_from_config(config))
-    assert rpn["sampled_positive"] == min(p, 128) and rpn["sampled_positive"] + rpn["sampled_negative"] == 256
+    k = config.rpn.anchors_per_image
+    assert rpn["sampled_positive"] == min(p, int(k * config.rpn.positive_fraction))
+    assert rpn["sampled_positive"] + rpn["sampled_negative"] == k
     assert results["deltas"]["positives"] == p and results["deltas"]["max_error_px"] < 1e-3
     assert results["mini-masks"]["instances"] == g and min(results["mini-masks"]["ious"]) > 0.9
     targets = results["detection-targets"]
