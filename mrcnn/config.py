@@ -324,7 +324,8 @@ def shapes() -> Config:
         ),
         # Judged at the demo's fixed wall-clock budget (BENCHMARKS.md, issue 20): 64 RoIs at 1/4 positive (16
         # positives through the mask head) scored segm AP 0.715 / AP50 0.873 after 800 x 8 where 32 RoIs gave
-        # 0.648 / 0.814; 32-channel mask convolutions step 1.18x faster than 64 with no loss measured. sampling_ratio 1: RoIAlign's backward is a fifth of the step on a CPU at 2 (the shapes
+        # 0.648 / 0.814; 32-channel mask convolutions step 1.18x faster than 64 with no loss measured.
+        # sampling_ratio 1: RoIAlign's backward is a fifth of the step on a CPU at 2 (the shapes
         # are small, bins under a P2 cell, so one bilinear sample per bin loses nothing measurable)
         roi=RoIConfig(rois_per_image=64, positive_fraction=0.25, fc_dim=256, mask_conv_dim=32, max_gt_instances=20,
                       sampling_ratio=1),
