@@ -37,6 +37,7 @@ from pipelines.training.checkpoints import (
     set_rng_state,
     unwrap,
 )
+from pipelines.training.local_sgd import LocalSGD, gradient_sync
 from pipelines.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -122,6 +123,9 @@ class StepRunner:
     nonfinite_total: int = 0
     precision: Precision | None = None  # None: float32 (no autocast)
     scaler: torch.amp.GradScaler | None = field(default=None)  # fp16 only; None builds it from `precision`
+    # post-local SGD (`train.local_sgd_every`): its local steps run without the gradient all-reduce and without
+    # the all-ranks finite decision (a rank that skips a step alone pairs no collective wrongly); None: off
+    local_sgd: LocalSGD | None = None
 
     def __post_init__(self):
         if self.flip_perm is not None:  # a constant: on the device once, not copied there every step
@@ -147,11 +151,17 @@ class StepRunner:
             batch = flip_batch(batch, flip_perm=self.flip_perm, which=which)
         self.model.train()
         freeze_norm_statistics(self.model)  # frozen stages (--layers heads / 4+) keep their BatchNorm statistics
+        local = self.local_sgd is not None and self.local_sgd.local(step)
+        with gradient_sync(self.model, local=local):
+            return self._step(batch, local=local)
+
+    def _step(self, batch: dict[str, torch.Tensor], *, local: bool) -> StepResult:
         with self.precision.autocast():
             loss_dict = self.model(batch)
         total = sum(loss_dict.values())
         lr = self.optimizer.param_groups[0]["lr"]
-        flag = finite_flag_on_every_rank(total)  # stays on the device: the all-reduce needs no host sync
+        # stays on the device: the all-reduce needs no host sync
+        flag = finite_flag_on_every_rank(total, collective=not local)
         # every loss value, the total and the flag in ONE device -> host transfer (not one sync per value)
         host = torch.cat([torch.stack([v.detach().float().reshape(()) for v in (*loss_dict.values(), total)]),
                           flag.float()]).cpu().tolist()
@@ -185,13 +195,14 @@ class StepRunner:
         return StepResult(values, total_value, True, lr)
 
 
-def finite_flag_on_every_rank(total: torch.Tensor) -> torch.Tensor:
+def finite_flag_on_every_rank(total: torch.Tensor, *, collective: bool = True) -> torch.Tensor:
     """int32 [1] on the loss's device: 1 where the loss is finite on EVERY rank, else 0 (a MIN all-reduce under
     torch.distributed), so that all ranks skip a step together. A rank that skipped `backward()` alone would
     pair the others' gradient all-reduces with its next step's, averaging mismatched gradients or hanging.
-    No host sync: the flag is read with the loss values in the step's one transfer."""
+    No host sync: the flag is read with the loss values in the step's one transfer. `collective=False` (a local
+    SGD step, no all-reduce to pair): this rank's own flag."""
     flag = torch.isfinite(total.detach()).to(torch.int32).reshape(1)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+    if collective and torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return flag
@@ -376,6 +387,11 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         log.info("%s", precision.describe())
         if loop_config.mlflow_run_id:
             tracking.set_tag(loop_config.tracking_uri, loop_config.mlflow_run_id, "amp", precision.name)
+    # post-local SGD after the warm-up (`train.local_sgd_every`; 0: DDP's all-reduce every step)
+    local_sgd = LocalSGD(every=tc.local_sgd_every if world > 1 else 0, start=tc.warmup_steps)
+    if rank == 0 and local_sgd.enabled:
+        log.info("local SGD after step %d: the %d workers average their weights every %d steps",
+                 local_sgd.start, world, local_sgd.every)
     step, epoch, skip = 0, 0, 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None or loop_config.resume_from:
@@ -404,6 +420,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         max_nonfinite_in_a_row=tc.max_nonfinite_in_a_row,
         precision=precision,
         scaler=scaler,
+        local_sgd=local_sgd,
     )
     logger = RankZeroLogger(tc.log_every, total_steps, tracking_uri=loop_config.tracking_uri,
                             run_id=loop_config.mlflow_run_id) if rank == 0 else None
@@ -413,6 +430,8 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
     last_val: dict[str, float] = {}
 
     def report(batch_in_epoch: int, extra: dict[str, float]) -> None:
+        # a checkpoint holds the workers' mean weights and optimizer state, which every rank then has
+        local_sgd.sync(model, step, optimizer)
         metrics = {"step": step, "epoch": epoch, **last_val, **extra}
         metrics.setdefault("val_loss", float("inf"))  # the score attribute must exist in every report
         rng_by_rank = gather_rng_states(rank, world)  # every rank reports here together
@@ -437,6 +456,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
             result = runner(batch, step)
             step += 1
             batch_in_epoch += 1
+            local_sgd.after_step(model, step)
             if logger:
                 logger.step(step, epoch, result, runner, data_wait_s=waited, step_s=time.perf_counter() - t0,
                             images=global_batch)
@@ -450,6 +470,7 @@ def train_loop_per_worker(train_loop_config: dict[str, LoopConfig]) -> None:
         if exhausted and batch_in_epoch == skip == 0:
             raise RuntimeError(f"an epoch gave this worker no batch of {tc.batch_size}: fewer images than the batch")
         skip = 0
+        local_sgd.sync(model, step)  # the validation loss (and the epoch's checkpoint) of the averaged weights
         if val_shard is not None and validation_due(epoch, done=step >= stop_at, epoch_ended=exhausted,
                                                     every=tc.val_every):
             val_batches = val_shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=False, device=device,
