@@ -12,6 +12,7 @@ GPU tests and benchmarks run it on machines without MLflow.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -30,6 +31,20 @@ DEFAULT_EXPERIMENT = "mrcnn-pipeline"
 # overview, which shows no runs table); the value its "Model training" choice stores
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
+# MLflow 3's runs table shows Source, Models and Dataset until someone picks columns, and keeps that pick in the
+# browser. A "shared view" lives with the experiment instead: the experiment tag `mlflow.sharedViewState.<key>`
+# holds the table's state as JSON and the address `?viewStateShareKey=<key>` opens it (what the UI's "Share"
+# button makes). Ours shows each pipeline's headline numbers, the metrics its parent run carries (pipelines/dag.py)
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+RUNS_VIEW_KEY = "pipelines"
+RUNS_TABLE_METRICS = ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50", "train_images_per_s", "time_total_s")
+
+
+def runs_view_state() -> str:
+    """The runs table's state of our shared view (JSON): the headline metrics as columns, after the run's
+    models; every other setting is the UI's default."""
+    columns = ["attributes.`Models`", *(f"metrics.`{m}`" for m in RUNS_TABLE_METRICS)]
+    return json.dumps({"selectedColumns": columns}, separators=(",", ":"))
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -50,12 +65,15 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def ui_url(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, base: str = "http://127.0.0.1:5000") -> str:
-    """The address of the experiment's runs table in the UI `ui_command` starts (`base`: the server for an
-    http(s) store). MLflow 3.17's UI picks the page's view from the address (`workflowType`, remembered by the
-    browser afterwards), not from the experiment's tag; without it the page opens on the GenAI overview."""
+    """The address of the experiment's runs table, in our shared view (the headline metrics as columns), in the
+    UI `ui_command` starts (`base`: the server for an http(s) store). MLflow 3.17's UI picks the page's view
+    from the address (`workflowType`, remembered by the browser afterwards), not from the experiment's tag;
+    without it the page opens on the GenAI overview."""
     base = tracking_uri if tracking_uri.startswith(("http://", "https://")) else base
     experiment_id = ensure_experiment(tracking_uri, experiment)
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}?workflowType=machine_learning"
+    # the shared view applies on the runs page's own address (`/runs`), not on the experiment's
+    return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+            f"&viewStateShareKey={RUNS_VIEW_KEY}")
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -79,14 +97,18 @@ def _client(tracking_uri: str):
 
 
 def ensure_experiment(tracking_uri: str, name: str = DEFAULT_EXPERIMENT) -> str:
-    """The id of experiment `name`, created when missing with its artifacts under the store (`artifact_root`)
-    and the model-training view (`EXPERIMENT_KIND_TAG`)."""
+    """The id of experiment `name`, created when missing with its artifacts under the store (`artifact_root`),
+    the model-training view (`EXPERIMENT_KIND_TAG`) and our runs table's shared view (`RUNS_VIEW_KEY`; added
+    to an existing experiment that lacks it or holds an older one)."""
     client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
+    view_tag, view = SHARED_VIEW_TAG_PREFIX + RUNS_VIEW_KEY, runs_view_state()
     if experiment is not None:
+        if experiment.tags.get(view_tag) != view:
+            client.set_experiment_tag(experiment.experiment_id, view_tag, view)
         return experiment.experiment_id
     return client.create_experiment(name, artifact_location=artifact_root(tracking_uri),
-                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND})
+                                    tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, view_tag: view})
 
 
 def create_run(
@@ -208,6 +230,9 @@ __all__ = [
     "DEFAULT_EXPERIMENT",
     "EXPERIMENT_KIND_TAG",
     "MODEL_TRAINING_KIND",
+    "RUNS_TABLE_METRICS",
+    "RUNS_VIEW_KEY",
+    "SHARED_VIEW_TAG_PREFIX",
     "artifact_root",
     "code_version",
     "create_run",
@@ -220,6 +245,7 @@ __all__ = [
     "metric_history",
     "set_tag",
     "resolve_tracking_uri",
+    "runs_view_state",
     "ui_command",
     "ui_url",
 ]

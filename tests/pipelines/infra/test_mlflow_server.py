@@ -281,6 +281,7 @@ def test_two_pipelines_compare_in_the_runs_table_and_the_compare_page(mlflow_ser
     numbers as metrics; the runs table (model-training view) lists both, and MLflow's compare page renders their
     params and segm AP side by side (its screenshot kept as `ui/compare.png` in the first run's artifacts)."""
     from pipelines.dag import pipeline_params, run_dag
+    from pipelines.infra import tracking
 
     chromium = _chromium()
     mlflow_server.wait_ready()
@@ -297,15 +298,19 @@ def test_two_pipelines_compare_in_the_runs_table_and_the_compare_page(mlflow_ser
         assert m["segm_AP"] == segm_ap and m["segm_AP50"] == pytest.approx(segm_ap + 0.2)
         assert m["bbox_AP"] == pytest.approx(segm_ap - 0.05) and m["train_images_per_s"] == rate
         assert {"time_preprocess_s", "time_train_s", "time_evaluate_s", "time_total_s"} <= set(m)
+        assert set(tracking.RUNS_TABLE_METRICS) <= set(m)  # every column of the shared view has its numbers
         assert parent.data.params["train.lr"] == str(lr) and parent.data.params["pipeline.workers"] == "2"
     experiment_id = parents[0].info.experiment_id
     assert client.get_experiment(experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
 
-    table = _render(chromium, f"{mlflow_server.url}/#/experiments/{experiment_id}?workflowType=machine_learning",
-                    tmp_path, "--dump-dom", "--window-size=2000,1000")
+    # the address the demo prints: the runs table in our shared view, the headline metrics as columns
+    table = _render(chromium, tracking.ui_url(mlflow_server.url, experiment), tmp_path, "--dump-dom",
+                    "--window-size=2000,1000")
     assert table.returncode == 0, table.stderr[-2000:]
     for parent in parents:
         assert parent.info.run_name in table.stdout and f"/runs/{parent.info.run_id}" in table.stdout
+    cells = " ".join(_visible_text(table.stdout).split())
+    assert "segm_AP" in cells and "0.412" in cells and "0.653" in cells, cells[:3000]
 
     ids = json.dumps([p.info.run_id for p in parents], separators=(",", ":"))
     compare = f"{mlflow_server.url}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}"

@@ -69,3 +69,23 @@ def test_the_ui_command_uses_this_environments_mlflow_on_localhost():
     command = tracking.ui_command("sqlite:////x/mlflow.db")
     assert command.startswith(f"{Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri sqlite:////x/mlflow.db")
     assert "--host 127.0.0.1" in command
+
+
+def test_experiments_carry_the_runs_table_view_and_the_ui_address_opens_it(tmp_path):
+    """The shared view (experiment tag `mlflow.sharedViewState.pipelines`): set on a new experiment, added to one
+    made without it (an older store), and named by the address the demo prints."""
+    import json
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    tag = tracking.SHARED_VIEW_TAG_PREFIX + tracking.RUNS_VIEW_KEY
+    new = client.get_experiment(tracking.ensure_experiment(uri, "new"))
+    columns = json.loads(new.tags[tag])["selectedColumns"]
+    assert "metrics.`segm_AP`" in columns and "metrics.`time_total_s`" in columns
+    older = client.create_experiment("older", artifact_location=str(tmp_path / "art"))
+    assert tag not in client.get_experiment(older).tags
+    assert tracking.ensure_experiment(uri, "older") == older
+    assert client.get_experiment(older).tags[tag] == tracking.runs_view_state()
+    address = tracking.ui_url(uri, "older")
+    assert address == (f"http://127.0.0.1:5000/#/experiments/{older}/runs?workflowType=machine_learning"
+                       "&viewStateShareKey=pipelines")
