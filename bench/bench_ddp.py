@@ -86,9 +86,10 @@ def main() -> None:
     parser.add_argument("--local-every", type=int, default=8, help="local-sgd: steps between weight averages")
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
-    for mode in args.modes:
+    for i, mode in enumerate(args.modes):
         queue = ctx.Queue()
-        procs = [ctx.Process(target=worker, args=(rank, mode, args, args.port, queue)) for rank in range(2)]
+        # a port of its own for each mode: the previous mode's store may still hold its port
+        procs = [ctx.Process(target=worker, args=(rank, mode, args, args.port + i, queue)) for rank in range(2)]
         for p in procs:
             p.start()
         for p in procs:

@@ -145,7 +145,7 @@ class TrainConfig:
     grad_compression: GradCompression = "none"  # "fp16": DDP all-reduces gradients in half precision
     # post-local SGD (pipelines/training/local_sgd.py): after the warm-up each worker steps on its own gradients and
     # the workers' weights are averaged every this many steps; 0: off, DDP all-reduces the gradients every step.
-    # For CPU workers sharing a box, where the all-reduce takes the cores the step needs
+    # For CPU workers sharing a box, where the every-step all-reduce ties the workers together (BENCHMARKS.md)
     local_sgd_every: int = 0
     # mixed precision (pipelines/training/precision.py): auto = bf16 autocast on a GPU that has bf16 (A100, H100,
     # L4), fp16 with a GradScaler on one that has not (V100, T4), off on CPU; bf16 / fp16 / off force a choice
@@ -344,11 +344,11 @@ def shapes() -> Config:
             # after 800 steps), and 2 one-thread workers step 1.6x faster than one on 2 cores
             batch_size=4,
             epochs=0,
-            steps=900,  # the demo in about 9.5 minutes on 2 cores with its other stages (BENCHMARKS.md)
+            steps=900,  # the demo in about 9 minutes on 2 cores with its other stages (BENCHMARKS.md)
             warmup_steps=100,
-            # after the warm-up the 2 workers step alone and average their weights every 8 steps: DDP's gradient
-            # all-reduce over gloo took 38% of the 2 cores; the demo's loop 10.4 -> 17 images/s, and at 950
-            # steps (581 s in all) segm AP 0.724 / AP50 0.881 where DDP's 650 steps gave 0.664 / 0.849 in 630 s
+            # after the warm-up the 2 workers step alone and average their weights every 8 steps: the demo's loop
+            # 10.4 -> 17 images/s under Ray Train; 900 steps: 535 s in all, segm AP 0.707 / AP50 0.869, where DDP
+            # every step gave 0.664 / 0.849 in 630 s at 650 steps
             local_sgd_every=8,
             schedule="cosine",
             checkpoint_every=200,

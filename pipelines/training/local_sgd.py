@@ -8,9 +8,10 @@ are copied back into the parameters in place (torch's replaces `param.data` with
 which drops a channels_last layout and makes every convolution re-layout its weights), and the schedule is a
 pure function of the step, so a resumed run averages where an uninterrupted one did.
 
-Where it pays: DDP over gloo on CPUs that also compute, where the all-reduce of every step's gradients takes
-the cores the step needs (bench/bench_ddp.py: two one-thread workers step 20.9 images/s on their own and 13.0
-under DDP on 2 cores). On GPUs with NCCL the all-reduce overlaps the backward pass and costs little: off there.
+Where it pays: CPU workers sharing a box, where DDP's every-step all-reduce ties the workers together (each step
+waits for the slower one, and on 2 cores Ray's own processes stall one or the other): the demo's loop under Ray
+Train steps 10.4 images/s with DDP and 17-18 with local SGD every 8 steps (BENCHMARKS.md). On GPUs with NCCL
+the all-reduce overlaps the backward pass and costs little: off there.
 """
 
 from __future__ import annotations
