@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from mrcnn.model import LOSS_KEYS
 from pipelines.training.local_sgd import LocalSGD, average_weights, averaged_tensors, optimizer_tensors
 from pipelines.training.loop import StepRunner
+from tests.support.one_weight import OneWeight
 
 
 def test_the_schedule_keeps_the_warm_up_in_sync_then_averages_every_k_steps():
@@ -35,24 +35,13 @@ def test_averaged_tensors_are_the_parameters_and_the_batchnorm_statistics():
     assert got == {id(t) for t in [*model.parameters(), bn.running_mean, bn.running_var]}
 
 
-class _Scaled(nn.Module):
-    """One weight; the loss terms w * sum(x) * 1..5, so d total / dw = 15 * sum(x)."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def forward(self, batch):
-        return {k: (self.w * batch["x"]).sum() * (i + 1) for i, k in enumerate(LOSS_KEYS)}
-
-
 def _on_rank(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     # the steps: rank r's input is r + 1; SGD at a constant lr 0.01
-    model = nn.parallel.DistributedDataParallel(_Scaled())
+    model = nn.parallel.DistributedDataParallel(OneWeight())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     local_sgd = LocalSGD(every=3, start=1)

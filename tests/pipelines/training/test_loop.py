@@ -21,6 +21,7 @@ from pipelines.training.loop import (
     validation_losses,
 )
 from pipelines.training.optim import build_optimizer, build_scheduler
+from tests.support.one_weight import OneWeight
 
 
 @pytest.fixture(scope="module")
@@ -253,17 +254,6 @@ def test_validation_losses_are_the_mean_over_every_ranks_batches(tmp_path):
         assert val["val_loss"] == pytest.approx(3.0 * (1 + 2 + 3 + 4 + 5))
 
 
-class _Scaled(nn.Module):
-    """One weight; loss terms w * sum(x) * 1..5, so a NaN in x makes this rank's loss non-finite."""
-
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(1))
-
-    def forward(self, batch):
-        return {k: (self.w * batch["x"]).sum() * (i + 1) for i, k in enumerate(LOSS_KEYS)}
-
-
 def _step_on_rank(rank: int, world: int, store: str, out: str) -> None:
     from datetime import timedelta
 
@@ -273,7 +263,7 @@ def _step_on_rank(rank: int, world: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     torch.manual_seed(0)
-    model = nn.parallel.DistributedDataParallel(_Scaled())
+    model = nn.parallel.DistributedDataParallel(OneWeight())
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     sched = build_scheduler(opt, total_steps=10, warmup_steps=0, schedule="cosine")
     runner = StepRunner(model=model, optimizer=opt, scheduler=sched, device=torch.device("cpu"), grad_clip=0.0,
