@@ -48,14 +48,12 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def average_weights(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Replace every rank's weights (`averaged_tensors`), and the optimizer's state where given, by their mean
-    over the default process group, in one all-reduce of a flat buffer; each tensor keeps its storage and
-    memory format. A collective: every rank calls it together. Nothing happens without torch.distributed or
-    with a single rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+def average_tensors(tensors: list[torch.Tensor]) -> None:
+    """Replace every rank's `tensors` by their mean over the default process group, in one all-reduce of a flat
+    buffer; each tensor keeps its storage, memory format and dtype. A collective: every rank calls it together
+    with the same list of shapes. Nothing happens without torch.distributed or with a single rank."""
+    if not tensors or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
-    tensors = averaged_tensors(model) + (optimizer_tensors(optimizer) if optimizer is not None else [])
     flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
@@ -64,6 +62,11 @@ def average_weights(model: nn.Module, optimizer: torch.optim.Optimizer | None = 
         n = t.numel()
         t.copy_(flat[offset:offset + n].view(t.shape))  # copy_ keeps t's strides (channels_last) and dtype
         offset += n
+
+
+def average_weights(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """The workers' mean weights (`averaged_tensors`), and the optimizer's state where given, on every rank."""
+    average_tensors(averaged_tensors(model) + (optimizer_tensors(optimizer) if optimizer is not None else []))
 
 
 @dataclass
@@ -92,18 +95,20 @@ class LocalSGD:
 
     def after_step(self, model: nn.Module, done: int) -> bool:
         """Average after `done` steps if the schedule says so; returns whether it did."""
-        if not self.due(done):
-            return False
-        return self.sync(model, done)
+        return self.due(done) and self.sync(model, done)
 
     def sync(self, model: nn.Module, done: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
         """Average now (before the validation loss, the end) unless the weights are equal already: no local
         step ran since the last average. Every rank calls it at the same step. With `optimizer` (before a
         checkpoint) its state is averaged too, every time: the checkpoint then holds what every rank has, so a
-        resume from it continues as the uninterrupted run did."""
-        if not self.enabled or done <= self.start or (self.averaged_at == done and optimizer is None):
+        resume from it continues as the uninterrupted run did. Returns whether anything was averaged."""
+        if not self.enabled or done <= self.start:
             return False
-        average_weights(model, optimizer)
+        weights = averaged_tensors(model) if self.averaged_at != done else []  # not twice at one step count
+        tensors = weights + (optimizer_tensors(optimizer) if optimizer is not None else [])
+        if not tensors:
+            return False
+        average_tensors(tensors)
         self.averaged_at = done
         return True
 

@@ -28,6 +28,25 @@ def test_sync_averages_once_per_step_count_and_not_before_a_local_step_ran():
     assert not LocalSGD(every=0, start=0).sync(model, 5)
 
 
+def test_a_checkpoint_sync_after_the_weights_were_averaged_at_that_step_averages_the_optimizer_state_only(
+        monkeypatch):
+    import pipelines.training.local_sgd as local_sgd
+
+    averaged: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(local_sgd, "average_tensors", averaged.append)
+    model = nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    s = LocalSGD(every=4, start=2)
+    assert s.sync(model, 3)  # the validation's: the weights
+    assert s.sync(model, 3, opt)  # the checkpoint's, at the same count: the momenta alone
+    assert s.sync(model, 4, opt)  # a later checkpoint: both
+    ids = [{id(t) for t in call} for call in averaged]
+    weights, momenta = {id(p) for p in model.parameters()}, {id(t) for t in optimizer_tensors(opt)}
+    assert ids == [weights, momenta, weights | momenta] and len(momenta) == 2
+
+
 def test_averaged_tensors_are_the_parameters_and_the_batchnorm_statistics():
     model = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
     got = {id(t) for t in averaged_tensors(model)}
