@@ -278,7 +278,7 @@ def pipeline_params(config: Config, request: PipelineRequest) -> dict[str, Any]:
            "cpus_per_worker": request.cpus_per_worker, "placement_strategy": request.placement_strategy,
            "init": request.init, "eval_limit": request.eval_limit, "train_split": request.train_split,
            "val_split": request.val_split}
-    return {**tracking.flatten("", config.to_dict()), **{f"pipeline.{k}": v for k, v in own.items()}}
+    return {**config.flat(), **{f"pipeline.{k}": v for k, v in own.items()}}
 
 
 EVALUATE_SECTIONS = ("detection", "evaluate")  # read by evaluation from the pipeline's config, not the model's
@@ -290,7 +290,7 @@ def stage_config_fields(config: Config) -> dict[str, dict[str, Any]]:
     (`Config.shard_fields`, what the fingerprint covers) and the `preprocess` section; evaluate gets
     EVALUATE_SECTIONS, which `evaluate_stage` passes on; train gets every other field, so a new setting reruns
     training unless it is placed elsewhere on purpose."""
-    flat = tracking.flatten("", config.to_dict())
+    flat = config.flat()
     preprocess_keys = set(config.shard_fields()) | {k for k in flat if k.startswith("preprocess.")}
     evaluate_keys = {k for k in flat if k.split(".", 1)[0] in EVALUATE_SECTIONS}
     groups: dict[str, dict[str, Any]] = {"preprocess": {}, "train": {}, "evaluate": {}}

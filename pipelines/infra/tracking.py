@@ -187,16 +187,6 @@ def log_artifact(tracking_uri: str, run_id: str, path: str | Path, artifact_path
         client.log_artifact(run_id, path, artifact_path)
 
 
-def flatten(prefix: str, value: Any) -> dict[str, Any]:
-    """{'train': {'lr': 0.1}} -> {'train.lr': 0.1}, for MLflow params."""
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(flatten(f"{prefix}.{k}" if prefix else str(k), v))
-        return out
-    return {prefix: value}
-
-
 def code_version() -> str:
     """The git commit of the code when run from a checkout (with '-dirty' if modified), else the package version."""
     repo = Path(__file__).resolve().parents[2]
@@ -238,7 +228,6 @@ __all__ = [
     "create_run",
     "ensure_experiment",
     "finish_run",
-    "flatten",
     "log_artifact",
     "log_metrics",
     "log_params",

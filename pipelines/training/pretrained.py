@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
 
 import torch
 from torch import nn
@@ -124,10 +123,6 @@ def initialise_from_torchvision(model: nn.Module, path: str, categories: Categor
 
 def convention_diff(config: Config) -> list[str]:
     """The `CONVENTIONS` in which `config` differs from the torchvision preset, as "key: ours (torchvision's)"."""
-    ours, theirs = _flat(config.to_dict()), _flat(torchvision_config().to_dict())
+    ours, theirs = config.flat(), torchvision_config().flat()
     return [f"{key}: {ours[key]} ({theirs[key]})" for key in CONVENTIONS if ours[key] != theirs[key]]
 
-
-def _flat(data: dict[str, Any]) -> dict[str, Any]:
-    return {f"{section}.{key}": value for section, values in data.items() if isinstance(values, dict)
-            for key, value in values.items()}

@@ -171,7 +171,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         tracking_uri,
         run_id,
         {
-            **tracking.flatten("", config.to_dict()),
+            **config.flat(),
             "dataset_fingerprint": manifest["fingerprint"],
             "annotations_sha256": splits[request.split].get("annotations_sha256", ""),
             "shards": request.shards,
@@ -267,10 +267,10 @@ def resume_refusal(meta: dict[str, Any], config: Config, fingerprint: str) -> st
     if not meta.get("config"):
         return "its meta.json holds no config"
     try:  # through the typed config: settings added since the checkpoint was written read as their defaults
-        theirs = tracking.flatten("", Config.from_dict(meta["config"]).to_dict())
+        theirs = Config.from_dict(meta["config"]).flat()
     except ConfigError as exc:
         return f"its config does not load: {exc}"
-    diff = fingerprint_diff(theirs, tracking.flatten("", config.to_dict()))
+    diff = fingerprint_diff(theirs, config.flat())
     if diff:
         more = f" (and {len(diff) - 3} more)" if len(diff) > 3 else ""
         return "trained with another config: " + "; ".join(diff[:3]) + more

@@ -161,7 +161,6 @@ def test_every_config_field_reruns_exactly_the_stages_it_can_change(synth_datase
     anything else is read by training (the model, the loop, and the config the checkpoint carries)."""
     from mrcnn.config import shapes
     from pipelines.dag import PipelineRequest, pipeline_stages, stage_keys
-    from pipelines.infra.tracking import flatten
 
     request = PipelineRequest(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     base = shapes()
@@ -171,7 +170,7 @@ def test_every_config_field_reruns_exactly_the_stages_it_can_change(synth_datase
 
     before = keys(base)
     assert len(set(before)) == 3
-    fields = sorted(flatten("", base.to_dict()))
+    fields = sorted(base.flat())
     sections = [f for f in dataclasses.fields(base) if dataclasses.is_dataclass(getattr(base, f.name))]
     assert len(fields) == sum(len(dataclasses.fields(getattr(base, s.name))) for s in sections) + 1  # + name
     wrong, fixed = [], []
