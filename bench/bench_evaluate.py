@@ -109,7 +109,7 @@ def parts(args, shards: str, ckpt: str) -> dict:
         inputs = decode_inputs(chunk, image_size=config.image.max_dim)
         t1 = time.perf_counter()
         packed = run_model(model, inputs["images"], inputs["window"], torch.device("cpu"),
-                           max_detections=int(model.detection_settings["max_detections"]))
+                           max_detections=int(model.detection_settings.max_detections))
         t2 = time.perf_counter()
         packed.update({k: inputs[k] for k in ("image_id", "scale", "window", "height", "width", "decode_s")})
         packed["model_s"] = np.zeros(len(inputs["image_id"]))

@@ -22,6 +22,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -67,7 +68,7 @@ def _our_model_and_batch():
         batch["gt_mini_masks"][i, :INSTANCES] = mini.to(torch.uint8)
         targets = compute_rpn_targets(anchors=model.anchors, gt_boxes=boxes_t, crowd_boxes=torch.zeros(0, 4))
         batch["rpn_match"][i], batch["rpn_deltas"][i] = dense_rpn_targets(num_anchors, *targets)
-    model.detection_settings["min_confidence"] = 0.0
+    model.detection_settings = replace(model.detection_settings, min_confidence=0.0)
     return model, batch
 
 

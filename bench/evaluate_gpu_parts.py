@@ -21,6 +21,7 @@ Importable without Ray, MLflow or pycocotools (RLE is timed only where pycocotoo
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -46,8 +47,8 @@ def model_images_per_s(model: torch.nn.Module, device: torch.device, *, batch: i
     images = torch.randint(0, 256, (batch, 3, s, s), generator=gen, dtype=torch.uint8)
     images[:, :, 768:, :] = 0  # a 1024 x 768 image at the top-left of the canvas
     windows = torch.tensor([[0, 0, s, 768]] * batch, dtype=torch.int64)
-    model.detection_settings["min_confidence"] = min_confidence
-    max_det = int(model.detection_settings["max_detections"])
+    model.detection_settings = replace(model.detection_settings, min_confidence=min_confidence)
+    max_det = int(model.detection_settings.max_detections)
     images_np, windows_np = images.numpy(), windows.numpy()
     for _ in range(warmup):
         run_model(model, images_np, windows_np, device, max_detections=max_det)

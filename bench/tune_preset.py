@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def main() -> None:
     model = build_model(config, num_classes=len(coco_ids) + 1)
     model = prepare_device(model, torch.device("cpu"), cudnn_benchmark=False, channels_last=config.train.channels_last)
     if args.min_confidence is not None:
-        model.detection_settings["min_confidence"] = args.min_confidence
+        model.detection_settings = replace(model.detection_settings, min_confidence=args.min_confidence)
     decoder = ShardBatchDecoder(**decoder_for(config, int(model.anchors.shape[0])))
     train, val = load_rows(args.shards, "train2017"), load_rows(args.shards, "val2017")
     n_train, n_val = len(train["image_id"]), len(val["image_id"])

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from mrcnn.schema import Config
 
 
 def _positions(image_size: int, feature_stride: int, anchor_stride: int) -> int:
@@ -29,48 +32,57 @@ def _check(scales: Sequence[float], feature_strides: Sequence[int]) -> None:
         raise ValueError(f"one anchor scale per level: {len(scales)} scales for {len(feature_strides)} strides")
 
 
-def anchors_per_level(
-    *,
-    image_size: int,
-    scales: Sequence[float],
-    feature_strides: Sequence[int],
-    ratios: Sequence[float],
-    anchor_stride: int,
-) -> list[int]:
+@dataclass(frozen=True)
+class AnchorSettings:
+    """An anchor set: a square `image_size` input (image.max_dim), one scale (px) per level of feature stride
+    `feature_strides` (P2 first), the `ratios` (width / height) at each position, positions on every
+    `anchor_stride`-th feature cell, centres at (j + `offset`) * d, half-sizes rounded to whole pixels with
+    `round_sizes`."""
+
+    image_size: int
+    scales: tuple[float, ...]
+    feature_strides: tuple[int, ...]
+    ratios: tuple[float, ...]
+    anchor_stride: int
+    offset: float
+    round_sizes: bool
+
+    @classmethod
+    def from_config(cls, config: Config) -> AnchorSettings:
+        rpn = config.rpn
+        return cls(image_size=config.image.max_dim, scales=tuple(rpn.anchor_scales),
+                   feature_strides=tuple(rpn.feature_strides), ratios=tuple(rpn.anchor_ratios),
+                   anchor_stride=rpn.anchor_stride, offset=rpn.anchor_offset, round_sizes=rpn.round_anchors)
+
+
+def anchors_per_level(anchors: AnchorSettings) -> list[int]:
     """Number of anchors on each level, P2 first: n_l ** 2 * len(ratios)."""
-    _check(scales, feature_strides)
-    return [_positions(image_size, f, anchor_stride) ** 2 * len(ratios) for f in feature_strides]
+    _check(anchors.scales, anchors.feature_strides)
+    return [_positions(anchors.image_size, f, anchors.anchor_stride) ** 2 * len(anchors.ratios)
+            for f in anchors.feature_strides]
 
 
-def generate_anchors(
-    *,
-    image_size: int,
-    scales: Sequence[float],
-    feature_strides: Sequence[int],
-    ratios: Sequence[float],
-    anchor_stride: int,
-    offset: float = 0.5,
-    round_sizes: bool = False,
-) -> Tensor:
-    """All anchors of a square `image_size` input: float32 [A, 4] (x1, y1, x2, y2) in padded-image pixels.
+def generate_anchors(anchors: AnchorSettings) -> Tensor:
+    """All anchors of the set: float32 [A, 4] (x1, y1, x2, y2) in padded-image pixels.
 
-    offset: centres at (j + offset) * d; round_sizes: half-sizes rounded to whole pixels (half to even).
+    Centres at (j + offset) * d; with round_sizes, half-sizes rounded to whole pixels (half to even).
     """
-    _check(scales, feature_strides)
+    a = anchors
+    _check(a.scales, a.feature_strides)
     levels = []
-    for scale, stride in zip(scales, feature_strides, strict=True):
-        n = _positions(image_size, stride, anchor_stride)
-        step = anchor_stride * stride
+    for scale, stride in zip(a.scales, a.feature_strides, strict=True):
+        n = _positions(a.image_size, stride, a.anchor_stride)
+        step = a.anchor_stride * stride
         # float64 while building so mirrored anchors agree to float32 rounding
-        centres = (torch.arange(n, dtype=torch.float64) + offset) * step  # [n]
-        r = torch.tensor(ratios, dtype=torch.float64)
+        centres = (torch.arange(n, dtype=torch.float64) + a.offset) * step  # [n]
+        r = torch.tensor(a.ratios, dtype=torch.float64)
         half_w = scale * r.sqrt() / 2  # [R]
         half_h = scale / r.sqrt() / 2  # [R]
-        if round_sizes:
+        if a.round_sizes:
             half_w, half_h = half_w.round(), half_h.round()
         cy = centres[:, None, None]  # [n, 1, 1] row i
         cx = centres[None, :, None]  # [1, n, 1] column j
-        shape = (n, n, len(ratios))
+        shape = (n, n, len(a.ratios))
         boxes = torch.stack(
             [
                 (cx - half_w).expand(shape),
@@ -84,57 +96,36 @@ def generate_anchors(
     return torch.cat(levels).to(torch.float32)
 
 
-def flip_permutation(
-    *,
-    image_size: int,
-    scales: Sequence[float],
-    feature_strides: Sequence[int],
-    ratios: Sequence[float],
-    anchor_stride: int,
-    offset: float = 0.5,
-    round_sizes: bool = False,
-) -> Tensor:
+def flip_permutation(anchors: AnchorSettings) -> Tensor:
     """int64 [A]: index of each anchor's mirror image under x -> image_size - x (an involution).
 
     Raises ValueError when anchor_stride * feature_stride does not divide image_size on some level, or when the
     centres are not in the middle of their cells (offset != 0.5): the centres are then not mirror-symmetric and no
     such permutation exists. Rounded sizes keep the symmetry (rounding is the same on both sides).
     """
-    _check(scales, feature_strides)
-    if offset != 0.5:
-        raise ValueError(f"anchors are not mirror-symmetric: centres at (j + {offset}) * stride, not at "
+    a = anchors
+    _check(a.scales, a.feature_strides)
+    if a.offset != 0.5:
+        raise ValueError(f"anchors are not mirror-symmetric: centres at (j + {a.offset}) * stride, not at "
                          "(j + 0.5) * stride")
     perms = []
-    offset = 0
-    for stride in feature_strides:
-        step = anchor_stride * stride
-        if image_size % step:
-            raise ValueError(f"anchors are not mirror-symmetric: {image_size=} is not a multiple of {step}")
-        n = image_size // step
-        idx = torch.arange(n * n * len(ratios)).reshape(n, n, len(ratios))  # [row, column, ratio]
-        perms.append(idx.flip(1).reshape(-1) + offset)  # column j <-> n - 1 - j
-        offset += idx.numel()
+    first = 0
+    for stride in a.feature_strides:
+        step = a.anchor_stride * stride
+        if a.image_size % step:
+            raise ValueError(f"anchors are not mirror-symmetric: image_size={a.image_size} is not a multiple of {step}")
+        n = a.image_size // step
+        idx = torch.arange(n * n * len(a.ratios)).reshape(n, n, len(a.ratios))  # [row, column, ratio]
+        perms.append(idx.flip(1).reshape(-1) + first)  # column j <-> n - 1 - j
+        first += idx.numel()
     return torch.cat(perms)
 
 
-def _config_kwargs(config) -> dict:
-    rpn = config.rpn
-    return {
-        "image_size": config.image.max_dim,
-        "scales": rpn.anchor_scales,
-        "feature_strides": rpn.feature_strides,
-        "ratios": rpn.anchor_ratios,
-        "anchor_stride": rpn.anchor_stride,
-        "offset": rpn.anchor_offset,
-        "round_sizes": rpn.round_anchors,
-    }
+def anchors_from_config(config: Config) -> Tensor:
+    """`generate_anchors` of a Config's anchor set (image.max_dim and the rpn section): float32 [A, 4]."""
+    return generate_anchors(AnchorSettings.from_config(config))
 
 
-def anchors_from_config(config) -> Tensor:
-    """`generate_anchors` for a `mrcnn.config.Config` (image.max_dim and the rpn section)."""
-    return generate_anchors(**_config_kwargs(config))
-
-
-def flip_permutation_from_config(config) -> Tensor:
-    """`flip_permutation` for a `mrcnn.config.Config`."""
-    return flip_permutation(**_config_kwargs(config))
+def flip_permutation_from_config(config: Config) -> Tensor:
+    """`flip_permutation` of a Config's anchor set: int64 [A]."""
+    return flip_permutation(AnchorSettings.from_config(config))

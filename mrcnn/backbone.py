@@ -17,6 +17,8 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from mrcnn.schema import Config
+
 RESNETS = {
     18: torchvision.models.resnet18,
     34: torchvision.models.resnet34,
@@ -39,8 +41,7 @@ class ResNetBackbone(nn.Module):
     state dict loads without renaming. `out_channels` lists the channels of C2..C5.
     """
 
-    def __init__(self, depth: int = 50, *, frozen_bn: bool = True, trainable_layers: int = 5,
-                 frozen_bn_eps: float = 1e-5):
+    def __init__(self, depth: int, *, frozen_bn: bool, trainable_layers: int, frozen_bn_eps: float):
         super().__init__()
         if depth not in RESNETS:
             raise ValueError(f"ResNet depth {depth} not supported (choose from {sorted(RESNETS)})")
@@ -55,6 +56,13 @@ class ResNetBackbone(nn.Module):
         expansion = 4 if depth >= 50 else 1
         self.out_channels = [64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
         self.freeze(trainable_layers)
+
+    @classmethod
+    def from_config(cls, config: Config) -> ResNetBackbone:
+        """The backbone section's trunk (weights random: `load_backbone_weights` loads pretrained ones)."""
+        bb = config.backbone
+        return cls(bb.depth, frozen_bn=bb.frozen_bn, trainable_layers=bb.trainable_layers,
+                   frozen_bn_eps=bb.frozen_bn_eps)
 
     def stage_modules(self, name: str) -> list[nn.Module]:
         return [self.conv1, self.bn1] if name == "stem" else [getattr(self, name)]
@@ -90,11 +98,6 @@ class ResNetBackbone(nn.Module):
         c4 = self.layer3(c3)
         c5 = self.layer4(c4)
         return [c2, c3, c4, c5]
-
-
-def build_backbone(depth: int = 50, *, frozen_bn: bool = True, trainable_layers: int = 5,
-                   frozen_bn_eps: float = 1e-5) -> ResNetBackbone:
-    return ResNetBackbone(depth, frozen_bn=frozen_bn, trainable_layers=trainable_layers, frozen_bn_eps=frozen_bn_eps)
 
 
 def _find_backbone(model: nn.Module) -> ResNetBackbone:

@@ -16,7 +16,6 @@ from torch import Tensor
 
 # dw, dh clamped at log(1000 / 16) so exp() cannot overflow on a wild prediction (torchvision's bbox_xform_clip)
 DELTA_CLAMP = math.log(1000.0 / 16)
-DEFAULT_STD = (0.1, 0.1, 0.2, 0.2)
 
 
 def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -25,7 +24,7 @@ def _centre_size(boxes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return boxes[..., 0] + 0.5 * w, boxes[..., 1] + 0.5 * h, w, h
 
 
-def encode(boxes: Tensor, reference: Tensor, *, std: Sequence[float] = DEFAULT_STD) -> Tensor:
+def encode(boxes: Tensor, reference: Tensor, *, std: Sequence[float]) -> Tensor:
     """Deltas that take `reference` onto `boxes`.
 
     boxes, reference: [N, 4] (x1, y1, x2, y2) in the same frame; returns deltas [N, 4] (dx, dy, dw, dh) / std.
@@ -37,7 +36,7 @@ def encode(boxes: Tensor, reference: Tensor, *, std: Sequence[float] = DEFAULT_S
     return deltas / deltas.new_tensor(std)
 
 
-def decode(deltas: Tensor, reference: Tensor, *, std: Sequence[float] = DEFAULT_STD) -> Tensor:
+def decode(deltas: Tensor, reference: Tensor, *, std: Sequence[float]) -> Tensor:
     """Boxes obtained by applying `deltas` to `reference`; the inverse of `encode`.
 
     deltas: [N, 4] or [N, K, 4] (dx, dy, dw, dh) / std (e.g. K class-specific deltas per RoI);

@@ -22,6 +22,7 @@ from torchvision.ops import box_iou
 
 from mrcnn.box_coder import encode
 from mrcnn.mini_masks import mask_targets, mini_mask_boxes
+from mrcnn.schema import Config
 
 
 @dataclass
@@ -53,6 +54,36 @@ def nonempty_boxes(boxes: Tensor) -> Tensor:
     return (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
 
 
+@dataclass(frozen=True)
+class DetectionTargetSettings:
+    """The detection-target layer of a model: `sample_detection_targets`' settings (the roi section, the RPN's
+    crowd IoU, the mask head's output size)."""
+
+    rois_per_image: int
+    positive_fraction: float
+    positive_iou: float
+    crowd_iou: float
+    bbox_std: tuple[float, float, float, float]
+    mask_size: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> DetectionTargetSettings:
+        roi = config.roi
+        return cls(rois_per_image=roi.rois_per_image, positive_fraction=roi.positive_fraction,
+                   positive_iou=roi.positive_iou, crowd_iou=config.rpn.crowd_iou, bbox_std=roi.bbox_std,
+                   mask_size=config.mask.mask_size)
+
+    def sample(self, proposals: list[Tensor], *, gt_class_ids: Tensor, gt_boxes: Tensor, gt_mini_masks: Tensor,
+               crowd_boxes: Tensor, generator: torch.Generator | None = None) -> DetectionTargets:
+        """`sample_detection_targets` with these settings (shapes there)."""
+        return sample_detection_targets(
+            proposals, gt_class_ids=gt_class_ids, gt_boxes=gt_boxes, gt_mini_masks=gt_mini_masks,
+            crowd_boxes=crowd_boxes, rois_per_image=self.rois_per_image, positive_fraction=self.positive_fraction,
+            positive_iou=self.positive_iou, crowd_iou=self.crowd_iou, bbox_std=self.bbox_std,
+            mask_size=self.mask_size, generator=generator,
+        )
+
+
 @torch.no_grad()
 def sample_detection_targets(
     proposals: list[Tensor],
@@ -61,12 +92,12 @@ def sample_detection_targets(
     gt_boxes: Tensor,
     gt_mini_masks: Tensor,
     crowd_boxes: Tensor,
-    rois_per_image: int = 200,
-    positive_fraction: float = 0.33,
-    positive_iou: float = 0.5,
-    crowd_iou: float = 0.001,
-    bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
-    mask_size: int = 28,
+    rois_per_image: int,
+    positive_fraction: float,
+    positive_iou: float,
+    crowd_iou: float,
+    bbox_std: tuple[float, float, float, float],
+    mask_size: int,
     generator: torch.Generator | None = None,
 ) -> DetectionTargets:
     """Sample RoIs and their targets for a batch.

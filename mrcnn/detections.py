@@ -10,6 +10,8 @@ Glossary: N images, R RoIs, K classes including background (0), D detections of 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
@@ -18,6 +20,33 @@ from mrcnn.box_coder import decode
 from mrcnn.geometry import boxes_to_original
 from mrcnn.mini_masks import paste_masks
 from mrcnn.proposals import clip_to_window, split_by_image, top_per_group
+from mrcnn.schema import Config
+
+
+@dataclass(frozen=True)
+class DetectionSettings:
+    """The detection layer of a model: `detect`'s settings (the box head's bbox std, the detection section).
+    A stage that evaluates at another threshold replaces the model's: `dataclasses.replace(model.detection_settings,
+    min_confidence=...)`."""
+
+    bbox_std: tuple[float, float, float, float]
+    min_confidence: float
+    nms_threshold: float
+    max_detections: int
+    min_size: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> DetectionSettings:
+        det = config.detection
+        return cls(bbox_std=config.roi.bbox_std, min_confidence=det.min_confidence, nms_threshold=det.nms_threshold,
+                   max_detections=det.max_detections, min_size=det.min_size)
+
+    def detect(self, class_logits: Tensor, pred_deltas: Tensor, rois: Tensor, image_idx: Tensor,
+               windows: Tensor) -> list[dict[str, Tensor]]:
+        """`detect` with these settings (shapes there)."""
+        return detect(class_logits, pred_deltas, rois, image_idx, windows, bbox_std=self.bbox_std,
+                      min_confidence=self.min_confidence, nms_threshold=self.nms_threshold,
+                      max_detections=self.max_detections, min_size=self.min_size)
 
 
 @torch.no_grad()
@@ -28,11 +57,11 @@ def detect(
     image_idx: Tensor,
     windows: Tensor,
     *,
-    bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
-    min_confidence: float = 0.7,
-    nms_threshold: float = 0.3,
-    max_detections: int = 100,
-    min_size: float = 0.01,
+    bbox_std: tuple[float, float, float, float],
+    min_confidence: float,
+    nms_threshold: float,
+    max_detections: int,
+    min_size: float,
 ) -> list[dict[str, Tensor]]:
     """Detections per image.
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mrcnn.schema import Config
+
 
 class FPN(nn.Module):
     """Lateral 1x1 convs, nearest-neighbour top-down pathway, 3x3 output convs, plus P6."""
 
-    def __init__(self, in_channels: list[int], out_channels: int = 256):
+    def __init__(self, in_channels: list[int], out_channels: int):
         super().__init__()
         self.out_channels = out_channels
         self.lateral = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
@@ -22,6 +24,11 @@ class FPN(nn.Module):
             # Detectron's "c2_xavier_fill": no ReLU follows these convs, so a=1 (linear) Kaiming.
             nn.init.kaiming_uniform_(conv.weight, a=1)
             nn.init.zeros_(conv.bias)
+
+    @classmethod
+    def from_config(cls, config: Config, in_channels: list[int]) -> FPN:
+        """On a backbone of `in_channels` (C2..C5), backbone.fpn_channels wide."""
+        return cls(in_channels, config.backbone.fpn_channels)
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """features: [C2, C3, C4, C5] -> [P2, P3, P4, P5, P6], Pi: [N, out_channels, Hi, Wi]."""

@@ -11,13 +11,34 @@ RoIs, K classes including background, M mask size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mrcnn.rpn_targets import sample_anchors
+from mrcnn.schema import Config
 
 SMOOTH_L1_BETA = 1.0 / 9.0
+
+
+@dataclass(frozen=True)
+class RPNSampleSettings:
+    """The anchors the RPN losses sample a step: `num_samples` an image, at most `positive_fraction` positive."""
+
+    num_samples: int
+    positive_fraction: float
+
+    @classmethod
+    def from_config(cls, config: Config) -> RPNSampleSettings:
+        return cls(num_samples=config.rpn.anchors_per_image, positive_fraction=config.rpn.positive_fraction)
+
+    def losses(self, objectness: Tensor, pred_deltas: Tensor, rpn_match: Tensor,
+               rpn_deltas: Tensor) -> tuple[Tensor, Tensor]:
+        """`rpn_losses` on a sample of these settings (shapes there)."""
+        return rpn_losses(objectness, pred_deltas, rpn_match, rpn_deltas, num_samples=self.num_samples,
+                          positive_fraction=self.positive_fraction)
 
 
 def rpn_losses(
@@ -26,8 +47,8 @@ def rpn_losses(
     rpn_match: Tensor,
     rpn_deltas: Tensor,
     *,
-    num_samples: int = 256,
-    positive_fraction: float = 0.5,
+    num_samples: int,
+    positive_fraction: float,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(loss_rpn_cls, loss_rpn_box) on a fresh sample of anchors.

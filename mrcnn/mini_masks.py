@@ -43,7 +43,7 @@ def _rois(boxes: Tensor, batch_index: Tensor) -> Tensor:
     return torch.cat([batch_index.to(boxes.dtype)[:, None], boxes], dim=1)
 
 
-def minimize_masks(masks: Tensor, boxes: Tensor, size: int = 56) -> Tensor:
+def minimize_masks(masks: Tensor, boxes: Tensor, size: int) -> Tensor:
     """Crop-and-resize each mask to its box.
 
     masks: [N, H, W] bool / uint8 (array-like accepted); boxes: [N, 4] (x1, y1, x2, y2) in the masks' pixel frame
@@ -119,7 +119,7 @@ def unpack_masks(data: bytes, count: int, size: int) -> np.ndarray:
     return bits.reshape(count, size, size).astype(bool)
 
 
-def mask_targets(mini: Tensor, mini_boxes: Tensor, rois: Tensor, gt_index: Tensor, *, size: int = 28) -> Tensor:
+def mask_targets(mini: Tensor, mini_boxes: Tensor, rois: Tensor, gt_index: Tensor, *, size: int) -> Tensor:
     """Mask-head targets: each RoI's gt mask resampled to [size, size], float in [0, 1] (not thresholded).
 
     mini: [G, s, s] bool / uint8 / float mini-masks; mini_boxes: [G, 4] their boxes; rois: [R, 4]; both

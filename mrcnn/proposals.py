@@ -18,12 +18,15 @@ levels of min(pre_nms_topk, A_l)). Boxes: (x1, y1, x2, y2) in padded-image pixel
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from mrcnn.anchors import AnchorSettings, anchors_per_level
 from mrcnn.box_coder import decode
+from mrcnn.schema import Config
 
 
 def clip_to_window(boxes: Tensor, windows: Tensor) -> Tensor:
@@ -67,8 +70,8 @@ def generate_proposals(
     pre_nms_topk: int,
     post_nms_topk: int,
     nms_threshold: float,
-    bbox_std: tuple[float, float, float, float] = (0.1, 0.1, 0.2, 0.2),
-    min_size: float = 1.0,
+    bbox_std: tuple[float, float, float, float],
+    min_size: float,
     level_sizes: Sequence[int] | None = None,
     pre_nms_per_level: bool = False,
     nms_per_level: bool = False,
@@ -123,3 +126,36 @@ def generate_proposals(
         split_by_image(boxes[keep], image_idx[keep], num_images),
         split_by_image(torch.sigmoid(scores[keep]), image_idx[keep], num_images),
     )
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """The proposal layer of a model: `generate_proposals`' settings, and how many proposals an image keeps in
+    training (`post_nms_train`) and in evaluation (`post_nms_test`). level_sizes: anchors per level, P2 first."""
+
+    pre_nms_topk: int
+    nms_threshold: float
+    bbox_std: tuple[float, float, float, float]
+    min_size: float
+    level_sizes: tuple[int, ...]
+    pre_nms_per_level: bool
+    nms_per_level: bool
+    post_nms_train: int
+    post_nms_test: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> ProposalSettings:
+        rpn = config.rpn
+        return cls(pre_nms_topk=rpn.pre_nms_topk, nms_threshold=rpn.nms_threshold, bbox_std=rpn.bbox_std,
+                   min_size=rpn.min_size, level_sizes=tuple(anchors_per_level(AnchorSettings.from_config(config))),
+                   pre_nms_per_level=rpn.pre_nms_per_level, nms_per_level=rpn.nms_per_level,
+                   post_nms_train=rpn.post_nms_train, post_nms_test=rpn.post_nms_test)
+
+    def propose(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, windows: Tensor, *,
+                post_nms_topk: int) -> tuple[list[Tensor], list[Tensor]]:
+        """`generate_proposals` with these settings (shapes there)."""
+        return generate_proposals(
+            objectness, deltas, anchors, windows, pre_nms_topk=self.pre_nms_topk, post_nms_topk=post_nms_topk,
+            nms_threshold=self.nms_threshold, bbox_std=self.bbox_std, min_size=self.min_size,
+            level_sizes=self.level_sizes, pre_nms_per_level=self.pre_nms_per_level, nms_per_level=self.nms_per_level,
+        )

@@ -11,14 +11,17 @@ RoIs: [R, 5] (image index, x1, y1, x2, y2) in padded-image pixels.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from mrcnn.schema import Config
+
 
 def assign_levels(
-    boxes: Tensor, *, canonical_level: int = 4, canonical_size: int = 224, min_level: int = 2, max_level: int = 5
+    boxes: Tensor, *, canonical_level: int, canonical_size: int, min_level: int = 2, max_level: int = 5
 ) -> Tensor:
     """boxes: [R, 4] (x1, y1, x2, y2) px -> int64 [R] FPN level in min_level..max_level (FPN eq. 1)."""
     area = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).float().clamp(min=1e-6)
@@ -33,10 +36,10 @@ def pool_rois(
     *,
     output_size: int,
     strides: tuple[int, ...],
-    canonical_level: int = 4,
-    canonical_size: int = 224,
-    sampling_ratio: int = 2,
-    aligned: bool = True,
+    canonical_level: int,
+    canonical_size: int,
+    sampling_ratio: int,
+    aligned: bool,
 ) -> Tensor:
     """RoIAlign each RoI on its FPN level.
 
@@ -74,6 +77,33 @@ def pool_rois(
     return pooled_cat[torch.argsort(order_cat)]
 
 
+@dataclass(frozen=True)
+class PoolSettings:
+    """RoI pooling of both heads: `pool_rois`' settings over P2..P5 (`strides`), the box head's `pool_size` and the
+    mask head's `mask_pool_size`."""
+
+    strides: tuple[int, ...]
+    canonical_level: int
+    canonical_size: int
+    sampling_ratio: int
+    aligned: bool
+    pool_size: int
+    mask_pool_size: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> PoolSettings:
+        roi = config.roi
+        return cls(strides=tuple(config.rpn.feature_strides[:4]), canonical_level=roi.canonical_level,
+                   canonical_size=roi.canonical_size, sampling_ratio=roi.sampling_ratio, aligned=roi.aligned,
+                   pool_size=roi.pool_size, mask_pool_size=roi.mask_pool_size)
+
+    def pool(self, pyramid: list[Tensor], rois: Tensor, output_size: int) -> Tensor:
+        """rois: [R, 5] (image index, x1, y1, x2, y2) -> [R, C, s, s] from P2..P5 (the pyramid's P6 is left out)."""
+        return pool_rois(pyramid[: len(self.strides)], rois, output_size=output_size, strides=self.strides,
+                         canonical_level=self.canonical_level, canonical_size=self.canonical_size,
+                         sampling_ratio=self.sampling_ratio, aligned=self.aligned)
+
+
 class BoxHead(nn.Module):
     """Two fully connected layers, then class logits [R, K] and class-specific deltas [R, K, 4].
 
@@ -92,6 +122,11 @@ class BoxHead(nn.Module):
         nn.init.normal_(self.box_deltas.weight, std=0.001)
         for layer in (self.class_logits, self.box_deltas):
             nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_config(cls, config: Config, num_classes: int) -> BoxHead:
+        """On the FPN's backbone.fpn_channels, pooled at roi.pool_size, roi.fc_dim wide."""
+        return cls(config.backbone.fpn_channels, config.roi.pool_size, config.roi.fc_dim, num_classes)
 
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
         """pooled: [R, C, s, s] -> (class logits [R, K], deltas [R, K, 4])."""
@@ -123,6 +158,11 @@ class MaskHead(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.normal_(self.predictor.weight, std=0.001)
         nn.init.zeros_(self.predictor.bias)
+
+    @classmethod
+    def from_config(cls, config: Config, num_classes: int) -> MaskHead:
+        """On the FPN's backbone.fpn_channels, roi.mask_conv_layers convolutions roi.mask_conv_dim wide."""
+        return cls(config.backbone.fpn_channels, config.roi.mask_conv_dim, config.roi.mask_conv_layers, num_classes)
 
     def forward(self, pooled: Tensor) -> Tensor:
         x = self.convs(pooled)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mrcnn.schema import Config
+
 
 class RPNHead(nn.Module):
     """Shared conv head. forward: [P2..P6] -> objectness logits [N, sum_i Hi*Wi*A], deltas [N, sum_i Hi*Wi*A, 4].
@@ -22,7 +24,7 @@ class RPNHead(nn.Module):
     Deltas are (dx, dy, dw, dh) divided by the RPN bbox std, relative to the anchors (see `mrcnn.box_coder`).
     """
 
-    def __init__(self, in_channels: int, num_anchors: int, *, head_channels: int = 0, anchor_stride: int = 1):
+    def __init__(self, in_channels: int, num_anchors: int, *, head_channels: int, anchor_stride: int):
         super().__init__()
         head_channels = head_channels or in_channels
         self.num_anchors = num_anchors
@@ -33,6 +35,14 @@ class RPNHead(nn.Module):
         for layer in (self.conv, self.objectness, self.deltas):
             nn.init.normal_(layer.weight, std=0.01)
             nn.init.zeros_(layer.bias)
+
+    @classmethod
+    def from_config(cls, config: Config) -> RPNHead:
+        """On the FPN's backbone.fpn_channels, one anchor per ratio a cell, rpn.head_channels wide (0: as the FPN),
+        its conv at rpn.anchor_stride."""
+        rpn = config.rpn
+        return cls(config.backbone.fpn_channels, len(rpn.anchor_ratios), head_channels=rpn.head_channels,
+                   anchor_stride=rpn.anchor_stride)
 
     def forward_level(self, feature: Tensor) -> tuple[Tensor, Tensor]:
         """feature: [N, C, H, W] -> raw maps: logits [N, A, Hi, Wi], deltas [N, A*4, Hi, Wi] (channel a*4 + k)."""

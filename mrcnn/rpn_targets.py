@@ -16,13 +16,15 @@ ships them sparse), and `sample_anchors` draws the 256-anchor sample on the devi
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from mrcnn.box_coder import DEFAULT_STD, encode
+from mrcnn.box_coder import encode
+from mrcnn.schema import Config
 
 
 class RPNTargets(NamedTuple):
@@ -73,15 +75,37 @@ def _match(anchors: Tensor, boxes: Tensor, *, with_best: bool) -> tuple[Tensor, 
     return torch.cat(values), torch.cat(indices), is_best
 
 
+@dataclass(frozen=True)
+class RPNTargetSettings:
+    """The labelling of `compute_rpn_targets`: IoU thresholds and the RPN's bbox std (the rpn section)."""
+
+    positive_iou: float
+    negative_iou: float
+    crowd_iou: float
+    bbox_std: tuple[float, float, float, float]
+
+    @classmethod
+    def from_config(cls, config: Config) -> RPNTargetSettings:
+        rpn = config.rpn
+        return cls(positive_iou=rpn.positive_iou, negative_iou=rpn.negative_iou, crowd_iou=rpn.crowd_iou,
+                   bbox_std=rpn.bbox_std)
+
+    def compute(self, *, anchors: Tensor, gt_boxes: Tensor, crowd_boxes: Tensor) -> RPNTargets:
+        """`compute_rpn_targets` with these settings (shapes there)."""
+        return compute_rpn_targets(anchors=anchors, gt_boxes=gt_boxes, crowd_boxes=crowd_boxes,
+                                   positive_iou=self.positive_iou, negative_iou=self.negative_iou,
+                                   crowd_iou=self.crowd_iou, bbox_std=self.bbox_std)
+
+
 def compute_rpn_targets(
     *,
     anchors: Tensor,
     gt_boxes: Tensor,
     crowd_boxes: Tensor,
-    positive_iou: float = 0.7,
-    negative_iou: float = 0.3,
-    crowd_iou: float = 0.001,
-    bbox_std: Sequence[float] = DEFAULT_STD,
+    positive_iou: float,
+    negative_iou: float,
+    crowd_iou: float,
+    bbox_std: Sequence[float],
 ) -> RPNTargets:
     """Sparse RPN targets of one image (see the module docstring for the rules).
 
@@ -155,8 +179,8 @@ def scatter_positive_deltas(num_anchors: int, pos_idx: Tensor, pos_deltas: Tenso
 def sample_anchors(
     match: Tensor,
     *,
-    num_samples: int = 256,
-    positive_fraction: float = 0.5,
+    num_samples: int,
+    positive_fraction: float,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Per image, a random sample of at most `num_samples` labelled anchors.

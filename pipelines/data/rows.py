@@ -23,7 +23,7 @@ from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
 from mrcnn.geometry import coco_bbox_to_box, resize_geometry
 from mrcnn.mini_masks import mini_mask_boxes, minimize_masks, pack_masks
-from mrcnn.rpn_targets import compute_rpn_targets
+from mrcnn.rpn_targets import RPNTargetSettings
 from pipelines.data.coco import annotation_mask, read_image
 from pipelines.data.errors import ImageError
 from pipelines.data.shards import (
@@ -73,6 +73,7 @@ class RowMaker:
             torch.set_num_threads(torch_threads)  # one actor per CPU: intra-op threads would only oversubscribe
         self.config = Config.from_dict(config)
         self.anchors = anchors_from_config(self.config)  # [A, 4] padded px, built once per actor
+        self.rpn_targets = RPNTargetSettings.from_config(self.config)
 
     # ------------------------------------------------------------------ map_batches entry point
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
@@ -142,11 +143,7 @@ class RowMaker:
             packed = pack_masks(np.asarray(mini, dtype=bool))
         else:
             packed = b""
-        rpn = compute_rpn_targets(
-            anchors=self.anchors, gt_boxes=gt_boxes, crowd_boxes=crowd_boxes,
-            positive_iou=cfg.rpn.positive_iou, negative_iou=cfg.rpn.negative_iou, crowd_iou=cfg.rpn.crowd_iou,
-            bbox_std=tuple(cfg.rpn.bbox_std),
-        )
+        rpn = self.rpn_targets.compute(anchors=self.anchors, gt_boxes=gt_boxes, crowd_boxes=crowd_boxes)
         row = {
             "image_id": int(record["image_id"]),
             "file_name": record["file_name"],

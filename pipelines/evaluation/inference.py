@@ -130,7 +130,7 @@ class ModelStage:
         if threads and self.device.type == "cpu":
             torch.set_num_threads(int(threads))
         self.model = load_model(spec, device=self.device, min_confidence=min_confidence)
-        self.max_detections = int(self.model.detection_settings["max_detections"])
+        self.max_detections = int(self.model.detection_settings.max_detections)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         start = time.perf_counter()

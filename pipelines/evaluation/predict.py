@@ -106,7 +106,7 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
     categories = CategoryMap.from_dict(spec.categories)
     coco_ids = list(categories.coco_ids)
     names = dict(zip(coco_ids, categories.names, strict=True))
-    min_score = model.detection_settings["min_confidence"]
+    min_score = model.detection_settings.min_confidence
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -122,7 +122,7 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
                     for im in originals]
         packed = run_model(model, np.stack([c for c, _ in prepared]),
                            np.asarray([g.window for _, g in prepared], np.int64), device,
-                           max_detections=int(model.detection_settings["max_detections"]))
+                           max_detections=int(model.detection_settings.max_detections))
         packed.update(image_id=np.asarray([i for _, i in chunk], np.int64),
                       scale=np.asarray([g.scale for _, g in prepared], np.float64),
                       window=np.asarray([g.window for _, g in prepared], np.int64),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from mrcnn.anchors import anchors_from_config, anchors_per_level
+from mrcnn.anchors import AnchorSettings, anchors_from_config, anchors_per_level
 from mrcnn.box_coder import decode
 from mrcnn.config import Config
 from mrcnn.geometry import coco_bbox_to_box
@@ -56,18 +56,12 @@ def gt_picture(sample: Sample, path: str | os.PathLike) -> dict[str, Any]:
     return pic.save(path, {"instances": g, "crowd": c, "image_id": sample.image_id, "image_rect": pic.rect(0, 0)})
 
 
-def _anchor_kwargs(config: Config) -> dict[str, Any]:
-    rpn = config.rpn
-    return {"image_size": config.image.max_dim, "scales": rpn.anchor_scales, "feature_strides": rpn.feature_strides,
-            "ratios": rpn.anchor_ratios, "anchor_stride": rpn.anchor_stride}
-
-
 def anchors_picture(config: Config, path: str | os.PathLike, sample: Sample | None = None) -> dict[str, Any]:
     """Anchors of every ratio at three positions of each level (centre, and a quarter in from two corners),
     every anchor centre of the coarser levels as a dot, and the counts; on the sample's image when given."""
 
     anchors = anchors_from_config(config).numpy()  # with the config's centre offset and rounding
-    per_level = anchors_per_level(**_anchor_kwargs(config))
+    per_level = anchors_per_level(AnchorSettings.from_config(config))
     total, size, ratios = len(anchors), config.image.max_dim, config.rpn.anchor_ratios
     title = (f"anchors: {total:,} in total, per level {', '.join(f'{n:,}' for n in per_level)}\n"
              f"'{config.name}' config, {size}x{size} input, anchor stride {config.rpn.anchor_stride}, "

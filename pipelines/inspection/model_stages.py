@@ -22,11 +22,9 @@ from torchvision.ops import box_iou
 from mrcnn.anchors import anchors_from_config, flip_permutation_from_config
 from mrcnn.box_coder import decode
 from mrcnn.config import Config
-from mrcnn.detection_targets import sample_detection_targets
 from mrcnn.detections import paste_masks_in_image
 from mrcnn.flip import flip_batch
 from mrcnn.model import build_model
-from mrcnn.proposals import generate_proposals
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import ShardBatchDecoder, decoder_for, densify_rpn_deltas
 from pipelines.data.shards import read_manifest, read_rows
@@ -108,8 +106,8 @@ def _proposals(run: ModelRun, post_nms_topk: int) -> tuple[torch.Tensor, torch.T
     """(boxes [P, 4], scores [P]) of the proposal layer for the image, best first."""
 
     _, objectness, deltas = run.features
-    boxes, scores = generate_proposals(objectness, deltas, run.model.anchors, run.batch["windows"],
-                                       post_nms_topk=post_nms_topk, **run.model.proposal_settings)
+    boxes, scores = run.model.proposal_settings.propose(objectness, deltas, run.model.anchors, run.batch["windows"],
+                                                        post_nms_topk=post_nms_topk)
     return boxes[0].cpu(), scores[0].cpu()
 
 
@@ -128,17 +126,17 @@ def proposals_picture(run: ModelRun, path: str | os.PathLike) -> dict[str, Any]:
     model, sample = run.model, run.sample
     settings = model.proposal_settings
     num_anchors = len(model.anchors)
-    candidates = (sum(min(settings["pre_nms_topk"], n) for n in settings["level_sizes"])
-                  if settings.get("pre_nms_per_level") else min(settings["pre_nms_topk"], num_anchors))
+    candidates = (sum(min(settings.pre_nms_topk, n) for n in settings.level_sizes)
+                  if settings.pre_nms_per_level else min(settings.pre_nms_topk, num_anchors))
     # every box surviving NMS (post_nms_topk = A), then the first post_nms_test: what the model keeps
     boxes, scores = _proposals(run, num_anchors)
     after_nms = len(boxes)
-    boxes, scores = boxes[: model.post_nms_test], scores[: model.post_nms_test]
+    boxes, scores = boxes[: settings.post_nms_test], scores[: settings.post_nms_test]
     gt = torch.as_tensor(sample.row["gt_boxes"])
     recall = _recall(boxes, gt)
     title = (f"proposals of the {run.label}\n{num_anchors:,} anchors -> top {candidates:,} by objectness (before "
-             f"NMS) -> {after_nms:,} after clipping + NMS {settings['nms_threshold']:g} -> {len(boxes):,} kept "
-             f"(post_nms_test {model.post_nms_test})\ngt recall at IoU 0.5: {recall:.2f}; image {sample.image_id} "
+             f"NMS) -> {after_nms:,} after clipping + NMS {settings.nms_threshold:g} -> {len(boxes):,} kept "
+             f"(post_nms_test {settings.post_nms_test})\ngt recall at IoU 0.5: {recall:.2f}; image {sample.image_id} "
              f"from {sample.source}")
     pic = Picture(1, 2, panel=panel_px(sample.size), title=title)
     top = min(TOP_PROPOSALS, len(boxes))
@@ -161,23 +159,23 @@ def detection_targets_picture(run: ModelRun, path: str | os.PathLike, *, seed: i
     negatives, the positives refined by their target deltas (they land on the gt), and mask targets."""
 
     model, sample, batch = run.model, run.sample, run.batch
-    proposals, _ = _proposals(run, model.post_nms_train)
+    proposals, _ = _proposals(run, model.proposal_settings.post_nms_train)
     settings = model.target_settings
-    targets = sample_detection_targets(
+    targets = settings.sample(
         [proposals.to(run.device)], gt_class_ids=batch["gt_class_ids"], gt_boxes=batch["gt_boxes"],
         gt_mini_masks=batch["gt_mini_masks"], crowd_boxes=batch["crowd_boxes"],
-        generator=torch.Generator(device=run.device).manual_seed(seed), **settings,
+        generator=torch.Generator(device=run.device).manual_seed(seed),
     )
     rois, positive = targets.rois.cpu(), targets.positive.cpu()
     pos_rois, neg_rois = rois[positive], rois[~positive]
-    refined = decode(targets.deltas.cpu()[positive], pos_rois, std=settings["bbox_std"])
+    refined = decode(targets.deltas.cpu()[positive], pos_rois, std=settings.bbox_std)
     gt = torch.as_tensor(sample.row["gt_boxes"])
     gt_index = box_iou(refined, gt).argmax(1) if len(gt) and len(refined) else torch.zeros(0, dtype=torch.int64)
     error = float((refined - gt[gt_index]).abs().max()) if len(refined) else 0.0
     classes = targets.class_ids.cpu()[positive].tolist()
     title = (f"detection-targets of the {run.label}\n{len(proposals)} proposals (post_nms_train) + {len(gt)} gt "
-             f"-> {len(rois)} RoIs sampled (rois_per_image {settings['rois_per_image']}, at most "
-             f"{settings['positive_fraction']:.0%} positive, IoU >= {settings['positive_iou']:g}): "
+             f"-> {len(rois)} RoIs sampled (rois_per_image {settings.rois_per_image}, at most "
+             f"{settings.positive_fraction:.0%} positive, IoU >= {settings.positive_iou:g}): "
              f"{len(pos_rois)} positive, {len(neg_rois)} negative\nrefined positives vs gt: max error "
              f"{error:.4f} px; image {sample.image_id} from {sample.source}, seed {seed}")
     cols = 3
@@ -223,9 +221,9 @@ def predictions_picture(run: ModelRun, path: str | os.PathLike) -> dict[str, Any
     if len(gt) and len(det["boxes"]):
         same = gt_classes[:, None] == det["class_ids"][None, :]  # [G, D]
         found = int(((box_iou(gt, det["boxes"].float()) >= 0.5) & same).any(1).sum())
-    threshold = model.detection_settings["min_confidence"]
+    threshold = model.detection_settings.min_confidence
     title = (f"predictions of the {run.label}\n{len(names)} detections with score >= {threshold:g} (at most "
-             f"{model.detection_settings['max_detections']}); {found} of {len(gt)} gt found (same class, "
+             f"{model.detection_settings.max_detections}); {found} of {len(gt)} gt found (same class, "
              f"IoU >= 0.5)\nimage {sample.image_id} from {sample.source}")
     pic = Picture(1, 2, panel=panel_px(size), title=title)
     ax = pic.axes(0, 0, f"ground truth: {len(gt)} instances")
