@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from mrcnn.rpn_targets import scatter_positive_deltas
-from pipelines.data.shards import MAX_CROWD, decode_row, row_image
+from pipelines.data.shards import MAX_CROWD, check_anchor_indices, decode_row, row_image
 from pipelines.infra.storage import filesystem_for, join_uri
 
 
@@ -95,9 +95,7 @@ def rpn_labels(row: dict[str, Any], *, num_anchors: int, max_positives: int) -> 
     past max_positives (a uniform draw seeded by the image id) become ignored. ValueError for an index outside
     the anchors (shards of another anchor set)."""
     pos_idx, pos_deltas, ignore_idx = row["rpn_pos_idx"], row["rpn_pos_deltas"], row["rpn_ignore_idx"]
-    for key, idx in (("rpn_pos_idx", pos_idx), ("rpn_ignore_idx", ignore_idx)):
-        if len(idx) and (idx.min() < 0 or idx.max() >= num_anchors):
-            raise ValueError(f"{key} of image {row['image_id']} outside 0..{num_anchors - 1}: wrong anchor set?")
+    check_anchor_indices(row, num_anchors)
     match = np.zeros(num_anchors, np.int8)
     match[ignore_idx] = -1
     if len(pos_idx) > max_positives:

@@ -33,7 +33,6 @@ SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 
 
-DEFAULT_MINI_MASK_SIZE = 56
 # crowd regions per image that a training batch holds for the detection-target layer's "never negative" rule (all
 # are stored and used by the RPN targets); COCO images have at most a few, preprocess counts those past it
 MAX_CROWD = 16
@@ -116,6 +115,15 @@ def row_image(row: dict[str, Any], device: str | torch.device = "cpu") -> torch.
         raise ValueError(f"image {row.get('image_id')} ({row.get('file_name')}) in the shards: {e}") from e
 
 
+def check_anchor_indices(row: dict[str, Any], num_anchors: int) -> None:
+    """ValueError naming the image when a decoded row's `rpn_pos_idx` or `rpn_ignore_idx` (int64 [P], [I]) holds an
+    index outside 0..num_anchors - 1: shards made for another anchor set."""
+    for key in ("rpn_pos_idx", "rpn_ignore_idx"):
+        idx = row[key]
+        if len(idx) and (idx.min() < 0 or idx.max() >= num_anchors):
+            raise ValueError(f"{key} of image {row['image_id']} outside 0..{num_anchors - 1}: wrong anchor set?")
+
+
 def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask_size: int | None = None,
                image: bool = True) -> dict:
     """A shard row (pyarrow `to_pylist()` dict or numpy values) -> numpy arrays, G instances, C crowd regions:
@@ -126,13 +134,14 @@ def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask
     crowd_boxes float32 [C, 4]; rpn_pos_idx int64 [P]; rpn_pos_deltas float32 [P, 4]; rpn_ignore_idx int64 [I].
     With `num_anchors` also rpn_match int8 [A] (1 / 0 / -1) and rpn_deltas float32 [A, 4] (dense), after
     checking every index is below num_anchors (ValueError: shards of another anchor set).
-    `mini_mask_size` defaults to the size the packed bytes imply (56 for an image without instances).
+    `mini_mask_size` (the config's mask.mini_mask_size) defaults to the size the packed bytes imply; an image without
+    instances then has mini_masks [0, 0, 0].
     """
     class_ids = np.asarray(row["gt_class_ids"], np.int64).reshape(-1)
     g = len(class_ids)
     packed = bytes(row["mini_masks"] or b"")
     if mini_mask_size is None:  # 3136 bits a mask at 56: the byte count gives the size back exactly
-        mini_mask_size = math.isqrt(len(packed) * 8 // g) if g else DEFAULT_MINI_MASK_SIZE
+        mini_mask_size = math.isqrt(len(packed) * 8 // g) if g else 0
     masks = unpack_masks(packed, g, mini_mask_size) if g else np.zeros((0, mini_mask_size, mini_mask_size), bool)
     out = {
         "image_id": int(row["image_id"]),
@@ -151,9 +160,7 @@ def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask
     if image:
         out["image"] = row_image(row).permute(1, 2, 0).numpy()  # (3, h, w) -> (h, w, 3)
     if num_anchors is not None:
-        for key in ("rpn_pos_idx", "rpn_ignore_idx"):
-            if len(out[key]) and (out[key].min() < 0 or out[key].max() >= num_anchors):
-                raise ValueError(f"{key} of image {out['image_id']} outside 0..{num_anchors - 1}: wrong anchor set?")
+        check_anchor_indices(out, num_anchors)
         match, deltas = dense_rpn_targets(num_anchors, out["rpn_pos_idx"], out["rpn_pos_deltas"],
                                           out["rpn_ignore_idx"])
         out["rpn_match"], out["rpn_deltas"] = match.numpy(), deltas.numpy()
