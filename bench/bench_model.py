@@ -44,10 +44,11 @@ def _our_model_and_batch():
     from mrcnn.config import coco
     from mrcnn.mini_masks import mini_mask_boxes, minimize_masks
     from mrcnn.model import build_model
-    from mrcnn.rpn_targets import compute_rpn_targets, dense_rpn_targets
+    from mrcnn.rpn_targets import RPNTargetSettings, dense_rpn_targets
 
     config = coco().override(["image.min_dim=512", "image.max_dim=512"])
     model = build_model(config, NUM_CLASSES)
+    rpn_rules = RPNTargetSettings.from_config(config)
     images, per_image = _random_instances()
     g, m, num_anchors = config.roi.max_gt_instances, config.mask.mini_mask_size, model.anchors.shape[0]
     batch = {
@@ -66,7 +67,7 @@ def _our_model_and_batch():
         batch["gt_class_ids"][i, :INSTANCES] = torch.from_numpy(labels)
         mini = minimize_masks(torch.from_numpy(masks), mini_mask_boxes(boxes_t), size=m)
         batch["gt_mini_masks"][i, :INSTANCES] = mini.to(torch.uint8)
-        targets = compute_rpn_targets(anchors=model.anchors, gt_boxes=boxes_t, crowd_boxes=torch.zeros(0, 4))
+        targets = rpn_rules.compute(anchors=model.anchors, gt_boxes=boxes_t, crowd_boxes=torch.zeros(0, 4))
         batch["rpn_match"][i], batch["rpn_deltas"][i] = dense_rpn_targets(num_anchors, *targets)
     model.detection_settings = replace(model.detection_settings, min_confidence=0.0)
     return model, batch

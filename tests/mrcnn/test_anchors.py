@@ -1,9 +1,11 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
 
 from mrcnn.anchors import (
+    AnchorSettings,
     anchors_from_config,
     anchors_per_level,
     flip_permutation,
@@ -13,7 +15,13 @@ from mrcnn.anchors import (
 from mrcnn.config import coco, shapes
 
 R2 = math.sqrt(2.0)
-TINY = dict(image_size=8, scales=(4,), feature_strides=(4,), ratios=(0.5, 1.0, 2.0), anchor_stride=1)
+TINY = AnchorSettings(image_size=8, scales=(4,), feature_strides=(4,), ratios=(0.5, 1.0, 2.0), anchor_stride=1,
+                      offset=0.5, round_sizes=False)
+
+
+def _settings(**kwargs) -> AnchorSettings:
+    """Centred, unrounded anchors (the coco preset's convention)."""
+    return AnchorSettings(**kwargs, offset=0.5, round_sizes=False)
 
 
 def _anchor(cx, cy, ratio):
@@ -40,7 +48,7 @@ def test_tiny_map_written_out_by_hand():
             [6 - 2 * R2, 6 - R2, 6 + 2 * R2, 6 + R2],
         ]
     )
-    anchors = generate_anchors(**TINY)
+    anchors = generate_anchors(TINY)
     assert anchors.dtype == torch.float32
     torch.testing.assert_close(anchors, expected)
     # the helper above agrees with the literal table (so the mirror test below uses the same numbers)
@@ -50,34 +58,36 @@ def test_tiny_map_written_out_by_hand():
 
 def test_anchor_stride_spreads_centres():
     # image 16, stride 4, anchor stride 2 -> step 8: 2 positions per side, centres at 4 and 12
-    anchors = generate_anchors(image_size=16, scales=(8,), feature_strides=(4,), ratios=(1.0,), anchor_stride=2)
+    anchors = generate_anchors(_settings(image_size=16, scales=(8,), feature_strides=(4,), ratios=(1.0,),
+                                         anchor_stride=2))
     expected = torch.tensor([[0.0, 0, 8, 8], [8, 0, 16, 8], [0, 8, 8, 16], [8, 8, 16, 16]])
     torch.testing.assert_close(anchors, expected)
 
 
 def test_partial_last_cell_counts_as_a_position():
     # image 10, step 4: ceil(10 / 4) = 3 positions per side
-    assert anchors_per_level(image_size=10, scales=(4,), feature_strides=(4,), ratios=(1.0,), anchor_stride=1) == [9]
+    tiny = _settings(image_size=10, scales=(4,), feature_strides=(4,), ratios=(1.0,), anchor_stride=1)
+    assert anchors_per_level(tiny) == [9]
 
 
 def test_coco_preset_counts():
     config = coco()
     assert anchors_from_config(config).shape == (65_472, 4)
     kwargs = dict(image_size=1024, scales=(32, 64, 128, 256, 512), feature_strides=(4, 8, 16, 32, 64))
-    assert anchors_per_level(**kwargs, ratios=(0.5, 1, 2), anchor_stride=2) == [49152, 12288, 3072, 768, 192]
-    assert sum(anchors_per_level(**kwargs, ratios=(0.5, 1, 2), anchor_stride=1)) == 261_888
+    assert anchors_per_level(_settings(**kwargs, ratios=(0.5, 1, 2), anchor_stride=2)) == [49152, 12288, 3072, 768, 192]
+    assert sum(anchors_per_level(_settings(**kwargs, ratios=(0.5, 1, 2), anchor_stride=1))) == 261_888
 
 
 def test_levels_are_concatenated_p2_first():
     kwargs = dict(image_size=64, scales=(8, 16), feature_strides=(4, 8), ratios=(1.0,), anchor_stride=1)
-    anchors = generate_anchors(**kwargs)
-    assert anchors_per_level(**kwargs) == [256, 64]
+    anchors = generate_anchors(_settings(**kwargs))
+    assert anchors_per_level(_settings(**kwargs)) == [256, 64]
     torch.testing.assert_close(anchors[0], torch.tensor([-2.0, -2.0, 6.0, 6.0]))  # P2 centre (2, 2), 8 x 8
     torch.testing.assert_close(anchors[256], torch.tensor([-4.0, -4.0, 12.0, 12.0]))  # P3 centre (4, 4), 16 x 16
 
 
 def test_scale_is_the_square_root_of_area_and_ratio_is_w_over_h():
-    anchors = generate_anchors(**TINY)
+    anchors = generate_anchors(TINY)
     w = anchors[:, 2] - anchors[:, 0]
     h = anchors[:, 3] - anchors[:, 1]
     torch.testing.assert_close(w * h, torch.full((12,), 16.0))
@@ -100,17 +110,17 @@ def test_flip_permutation_is_an_involution_mapping_each_anchor_to_its_mirror(con
 
 def test_flip_permutation_tiny_by_hand():
     # columns swap within each row; ratio order is kept
-    assert flip_permutation(**TINY).tolist() == [3, 4, 5, 0, 1, 2, 9, 10, 11, 6, 7, 8]
+    assert flip_permutation(TINY).tolist() == [3, 4, 5, 0, 1, 2, 9, 10, 11, 6, 7, 8]
 
 
 def test_flip_permutation_refuses_asymmetric_layout():
     with pytest.raises(ValueError, match="mirror-symmetric"):
-        flip_permutation(image_size=10, scales=(4,), feature_strides=(4,), ratios=(1.0,), anchor_stride=1)
+        flip_permutation(_settings(image_size=10, scales=(4,), feature_strides=(4,), ratios=(1.0,), anchor_stride=1))
 
 
 def test_one_scale_per_level_is_required():
     with pytest.raises(ValueError, match="one anchor scale per level"):
-        generate_anchors(image_size=8, scales=(4, 8), feature_strides=(4,), ratios=(1.0,), anchor_stride=1)
+        generate_anchors(_settings(image_size=8, scales=(4, 8), feature_strides=(4,), ratios=(1.0,), anchor_stride=1))
 
 
 def test_torchvision_convention_equals_its_anchor_generator():
@@ -136,8 +146,8 @@ def test_torchvision_convention_equals_its_anchor_generator():
 
 def test_off_centre_anchors_have_no_flip_permutation():
     with pytest.raises(ValueError, match="not mirror-symmetric"):
-        flip_permutation(**TINY, offset=0.0)
+        flip_permutation(replace(TINY, offset=0.0))
     # rounding keeps the symmetry
-    perm = flip_permutation(**TINY, round_sizes=True)
-    anchors = generate_anchors(**TINY, round_sizes=True)
+    perm = flip_permutation(replace(TINY, round_sizes=True))
+    anchors = generate_anchors(replace(TINY, round_sizes=True))
     torch.testing.assert_close(anchors[perm][:, [2, 0]], 8 - anchors[:, [0, 2]])

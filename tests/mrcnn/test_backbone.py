@@ -12,12 +12,17 @@ from tests.support.torchvision_reference import randomised_resnet18
 torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
 
 
+def _resnet(depth: int, **settings) -> ResNetBackbone:
+    """A trunk with the coco preset's backbone settings, `settings` overriding them."""
+    return ResNetBackbone(depth, **{"frozen_bn": True, "trainable_layers": 5, "frozen_bn_eps": 1e-5, **settings})
+
+
 def test_weights_round_trip_matches_torchvision_features(tmp_path):
     reference = randomised_resnet18()
     path = tmp_path / "r18.pth"
     torch.save(reference.state_dict(), path)  # includes fc.* and num_batches_tracked
 
-    backbone = ResNetBackbone(18)  # FrozenBatchNorm2d by default
+    backbone = _resnet(18)  # FrozenBatchNorm2d, as the coco preset
     load_backbone_weights(backbone, path)
     for name, value in backbone.state_dict().items():
         assert torch.equal(value, reference.state_dict()[name]), name
@@ -39,7 +44,7 @@ def test_load_into_a_model_holding_the_backbone(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(reference.state_dict(), path)
     holder = nn.Module()
-    holder.backbone = ResNetBackbone(18, frozen_bn=False)
+    holder.backbone = _resnet(18, frozen_bn=False)
     loaded = load_backbone_weights(holder, path)
     assert loaded is holder.backbone
     assert torch.equal(holder.backbone.layer3[1].bn2.running_var, reference.layer3[1].bn2.running_var)
@@ -49,7 +54,7 @@ def test_incompatible_weights_error_lists_missing_and_unexpected_keys(tmp_path):
     path = tmp_path / "r18.pth"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     with pytest.raises(BackboneWeightsError) as err:
-        load_backbone_weights(ResNetBackbone(50), path)
+        load_backbone_weights(_resnet(50), path)
     message = str(err.value)
     assert "missing keys [" in message and "layer1.0.conv3.weight" in message  # bottleneck-only conv
     assert "unexpected keys [" in message and "fc." not in message  # the classifier is ignored
@@ -61,13 +66,13 @@ def test_shape_mismatch_and_missing_file_are_clear_errors(tmp_path):
     path = tmp_path / "bad.pth"
     torch.save(state, path)
     with pytest.raises(BackboneWeightsError, match=r"conv1\.weight: file \(64, 3, 3, 3\) != model \(64, 3, 7, 7\)"):
-        load_backbone_weights(ResNetBackbone(18), path)
+        load_backbone_weights(_resnet(18), path)
     with pytest.raises(BackboneWeightsError, match="not found"):
-        load_backbone_weights(ResNetBackbone(18), tmp_path / "absent.pth")
+        load_backbone_weights(_resnet(18), tmp_path / "absent.pth")
 
 
 def test_frozen_bn_by_default_and_trainable_layers_freeze_from_the_bottom():
-    backbone = ResNetBackbone(18, trainable_layers=2)
+    backbone = _resnet(18, trainable_layers=2)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in backbone.modules())
     assert any(isinstance(m, FrozenBatchNorm2d) for m in backbone.modules())
     trains = {
@@ -82,7 +87,7 @@ def test_frozen_bn_by_default_and_trainable_layers_freeze_from_the_bottom():
 
 
 def test_frozen_stages_keep_batchnorm_statistics_in_training():
-    backbone = ResNetBackbone(18, frozen_bn=False, trainable_layers=3).train()
+    backbone = _resnet(18, frozen_bn=False, trainable_layers=3).train()
     before = backbone.layer1[0].bn1.running_mean.clone()
     backbone(torch.randn(2, 3, 64, 64))
     assert torch.equal(backbone.layer1[0].bn1.running_mean, before)  # layer1 frozen: stats untouched

@@ -32,7 +32,8 @@ def _jitter(box: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def _sample(proposals, batch, **kwargs):
-    settings = {"rois_per_image": 8, "positive_fraction": 0.25, "positive_iou": 0.5, "mask_size": 28}
+    settings = {"rois_per_image": 8, "positive_fraction": 0.25, "positive_iou": 0.5, "crowd_iou": 0.001,
+                "bbox_std": (0.1, 0.1, 0.2, 0.2), "mask_size": 28}
     settings.update(kwargs)
     return sample_detection_targets(proposals, **batch, generator=torch.Generator().manual_seed(0), **settings)
 

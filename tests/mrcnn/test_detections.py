@@ -23,9 +23,11 @@ def _detect(min_confidence: float, max_detections: int = 10) -> list[dict[str, t
         rois,
         torch.tensor([0, 0, 1]),
         torch.tensor([[0, 0, 100, 100], [0, 0, 45, 60]]),
+        bbox_std=(0.1, 0.1, 0.2, 0.2),
         min_confidence=min_confidence,
         nms_threshold=0.3,
         max_detections=max_detections,
+        min_size=0.01,
     )
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mrcnn.anchors import flip_permutation, generate_anchors
+from mrcnn.anchors import AnchorSettings, flip_permutation, generate_anchors
 from mrcnn.flip import flip_batch
 from mrcnn.mini_masks import mini_mask_boxes, minimize_masks
 from mrcnn.rpn_targets import compute_rpn_targets, dense_rpn_targets
@@ -9,7 +9,9 @@ from mrcnn.rpn_targets import compute_rpn_targets, dense_rpn_targets
 S = 64
 # ratios 1/4, 1, 4 keep every anchor coordinate a multiple of 1/2, so mirrored IoUs are bit-identical and the
 # best-anchor ties come out the same on both sides
-ANCHORS = dict(image_size=S, scales=(8, 16, 32), feature_strides=(4, 8, 16), ratios=(0.25, 1.0, 4.0), anchor_stride=1)
+ANCHORS = AnchorSettings(image_size=S, scales=(8, 16, 32), feature_strides=(4, 8, 16), ratios=(0.25, 1.0, 4.0),
+                         anchor_stride=1, offset=0.5, round_sizes=False)
+RPN_RULES = dict(positive_iou=0.7, negative_iou=0.3, crowd_iou=0.001, bbox_std=(0.1, 0.1, 0.2, 0.2))
 
 
 def _mirror(boxes):
@@ -23,15 +25,15 @@ def _random_boxes(n, g, max_size=40):
 
 
 def _dense(anchors, gt, crowd):
-    t = compute_rpn_targets(anchors=anchors, gt_boxes=gt, crowd_boxes=crowd)
+    t = compute_rpn_targets(anchors=anchors, gt_boxes=gt, crowd_boxes=crowd, **RPN_RULES)
     return dense_rpn_targets(anchors.shape[0], t.pos_idx, t.pos_deltas, t.ignore_idx)
 
 
 @pytest.mark.parametrize("seed", range(10))
 def test_permuted_targets_equal_targets_of_the_mirrored_boxes(seed):
     g = torch.Generator().manual_seed(seed)
-    anchors = generate_anchors(**ANCHORS)
-    perm = flip_permutation(**ANCHORS)
+    anchors = generate_anchors(ANCHORS)
+    perm = flip_permutation(ANCHORS)
     gt = _random_boxes(int(torch.randint(1, 8, (1,), generator=g)), g)
     crowd = _random_boxes(int(torch.randint(0, 3, (1,), generator=g)), g, max_size=10)
     match, deltas = _dense(anchors, gt, crowd)
@@ -73,8 +75,8 @@ def _rect_mask(box):
 
 def test_flip_batch_equals_targets_recomputed_on_the_flipped_image():
     g = torch.Generator().manual_seed(0)
-    anchors = generate_anchors(**ANCHORS)
-    perm = flip_permutation(**ANCHORS)
+    anchors = generate_anchors(ANCHORS)
+    perm = flip_permutation(ANCHORS)
     entries, flipped_entries, images = [], [], []
     for n_gt in (3, 2):
         boxes = torch.zeros(4, 4)  # G = 4 with padding rows
@@ -127,8 +129,8 @@ def test_flip_batch_equals_targets_recomputed_on_the_flipped_image():
 
 def test_flipping_twice_is_the_identity_and_which_false_is_a_no_op():
     g = torch.Generator().manual_seed(3)
-    anchors = generate_anchors(**ANCHORS)
-    perm = flip_permutation(**ANCHORS)
+    anchors = generate_anchors(ANCHORS)
+    perm = flip_permutation(ANCHORS)
     match, deltas = _dense(anchors, _random_boxes(3, g), torch.zeros(0, 4))
     batch = {
         "images": torch.randint(0, 256, (2, 3, S, S), generator=g, dtype=torch.uint8),

@@ -7,6 +7,8 @@ import torch
 
 from mrcnn.losses import box_losses, mask_loss, rpn_losses
 
+SAMPLE = {"num_samples": 256, "positive_fraction": 0.5}  # the coco preset's anchor sample
+
 
 def _smooth_l1(x: float, beta: float = 1 / 9) -> float:
     return 0.5 * x * x / beta if abs(x) < beta else abs(x) - 0.5 * beta
@@ -21,7 +23,7 @@ def test_rpn_losses_known_answer():
     pred[0, 1] = 50.0  # a negative's deltas never count
     logits = torch.zeros(1, 6)
     logits[0, 3] = 100.0  # an ignored anchor's logit never counts
-    loss_cls, loss_box = rpn_losses(logits, pred, match, targets, num_samples=256)
+    loss_cls, loss_box = rpn_losses(logits, pred, match, targets, num_samples=256, positive_fraction=0.5)
     # 5 sampled anchors (2 positive, 3 negative), all at logit 0: BCE = log 2 each
     assert loss_cls.item() == pytest.approx(math.log(2))
     assert loss_box.item() == pytest.approx((_smooth_l1(0.1) + _smooth_l1(2.0)) / 5)
@@ -57,10 +59,10 @@ def test_nothing_to_learn_gives_zero_not_nan_and_keeps_the_graph():
         assert loss.item() == 0.0 and loss.requires_grad
     # only negatives: zero box loss, finite classification loss
     match = torch.zeros(1, 4, dtype=torch.int8)
-    rpn_cls, rpn_box = rpn_losses(torch.zeros(1, 4), torch.ones(1, 4, 4), match, torch.zeros(1, 4, 4))
+    rpn_cls, rpn_box = rpn_losses(torch.zeros(1, 4), torch.ones(1, 4, 4), match, torch.zeros(1, 4, 4), **SAMPLE)
     assert rpn_box.item() == 0.0 and rpn_cls.item() == pytest.approx(math.log(2))
     all_ignored = torch.full((1, 4), -1, dtype=torch.int8)
-    rpn_cls, rpn_box = rpn_losses(torch.zeros(1, 4), torch.ones(1, 4, 4), all_ignored, torch.zeros(1, 4, 4))
+    rpn_cls, rpn_box = rpn_losses(torch.zeros(1, 4), torch.ones(1, 4, 4), all_ignored, torch.zeros(1, 4, 4), **SAMPLE)
     assert rpn_cls.item() == 0.0 and rpn_box.item() == 0.0
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -16,6 +17,9 @@ from mrcnn.rpn_targets import compute_rpn_targets, dense_rpn_targets
 torch.set_num_threads(1)
 
 SIZE = 128
+
+# the labelling the batches were built with (the coco preset's rpn section)
+RPN_RULES = {"positive_iou": 0.7, "negative_iou": 0.3, "crowd_iou": 0.001, "bbox_std": (0.1, 0.1, 0.2, 0.2)}
 
 
 def two_shapes_image() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
@@ -63,7 +67,7 @@ def make_batch(config, anchors, images, masks_per_image, boxes_per_image, classe
             batch["gt_boxes"][i, :k] = boxes
             batch["gt_class_ids"][i, :k] = torch.tensor(classes)
             batch["gt_mini_masks"][i, :k] = mini.to(torch.uint8)
-        targets = compute_rpn_targets(anchors=anchors, gt_boxes=boxes, crowd_boxes=torch.zeros(0, 4))
+        targets = compute_rpn_targets(anchors=anchors, gt_boxes=boxes, crowd_boxes=torch.zeros(0, 4), **RPN_RULES)
         batch["rpn_match"][i], batch["rpn_deltas"][i] = dense_rpn_targets(num_anchors, *targets)
     return batch
 
@@ -146,7 +150,8 @@ def test_loss_weights_scale_each_term():
 def test_eval_output_format_and_constant_buffers():
     model, config = _model()
     model.eval()
-    model.detection_settings["min_confidence"] = 0.0  # an untrained model is never confident
+    # an untrained model is never confident
+    model.detection_settings = replace(model.detection_settings, min_confidence=0.0)
     batch = _shapes_batch(model, config, with_empty=True)
     batch["windows"][1] = torch.tensor([0, 0, 128, 64])
     detections = model(batch)

@@ -15,7 +15,8 @@ ANCHORS = torch.tensor(
         [50.0, 50.0, 50.5, 70.0],
     ]
 )
-SETTINGS = {"nms_threshold": 0.7, "bbox_std": (0.1, 0.1, 0.2, 0.2)}
+STD = (0.1, 0.1, 0.2, 0.2)
+SETTINGS = {"nms_threshold": 0.7, "bbox_std": STD, "min_size": 1.0}
 
 
 def _run(logits, windows, deltas=None, pre=5, post=10):
@@ -66,6 +67,8 @@ def test_without_nms_all_valid_boxes_come_back_in_score_order():
         pre_nms_topk=5,
         post_nms_topk=5,
         nms_threshold=1.0,
+        bbox_std=STD,
+        min_size=1.0,
     )
     torch.testing.assert_close(boxes[0], ANCHORS[[1, 3, 2, 0]])
     assert torch.all(scores[0][:-1] >= scores[0][1:])
@@ -97,8 +100,8 @@ LEVEL_ANCHORS = torch.tensor(
 def _levels(logits, pre, *, pre_per_level=False, nms_per_level=False, post=10):
     return generate_proposals(
         torch.tensor([logits]), torch.zeros(1, 5, 4), LEVEL_ANCHORS, torch.tensor([[0, 0, 100, 100]]), pre_nms_topk=pre,
-        post_nms_topk=post, nms_threshold=0.7, level_sizes=(3, 2), pre_nms_per_level=pre_per_level,
-        nms_per_level=nms_per_level,
+        post_nms_topk=post, nms_threshold=0.7, bbox_std=STD, min_size=1.0, level_sizes=(3, 2),
+        pre_nms_per_level=pre_per_level, nms_per_level=nms_per_level,
     )
 
 
@@ -120,13 +123,15 @@ def test_nms_per_level_suppresses_only_within_a_level():
     torch.testing.assert_close(boxes[0], LEVEL_ANCHORS[[0, 1]])
     with pytest.raises(ValueError, match="anchors per level"):
         generate_proposals(torch.zeros(1, 5), torch.zeros(1, 5, 4), LEVEL_ANCHORS, torch.tensor([[0, 0, 100, 100]]),
-                           pre_nms_topk=5, post_nms_topk=5, nms_threshold=0.7, level_sizes=(3, 1), nms_per_level=True)
+                           pre_nms_topk=5, post_nms_topk=5, nms_threshold=0.7, bbox_std=STD, min_size=1.0,
+                           level_sizes=(3, 1), nms_per_level=True)
 
 
 def test_min_size_is_a_setting():
     thin = torch.tensor([[50.0, 50.0, 50.5, 70.0]])
-    kwargs = dict(pre_nms_topk=1, post_nms_topk=1, nms_threshold=0.7)
+    kwargs = dict(pre_nms_topk=1, post_nms_topk=1, nms_threshold=0.7, bbox_std=STD)
     window = torch.tensor([[0, 0, 100, 100]])
-    assert len(generate_proposals(torch.zeros(1, 1), torch.zeros(1, 1, 4), thin, window, **kwargs)[0][0]) == 0
+    assert len(generate_proposals(torch.zeros(1, 1), torch.zeros(1, 1, 4), thin, window, min_size=1.0,
+                                  **kwargs)[0][0]) == 0
     kept = generate_proposals(torch.zeros(1, 1), torch.zeros(1, 1, 4), thin, window, min_size=1e-3, **kwargs)[0][0]
     torch.testing.assert_close(kept, thin)

@@ -7,6 +7,9 @@ from mrcnn.roi_heads import BoxHead, MaskHead, assign_levels, pool_rois
 
 torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
 
+# the coco preset's pooling: FPN eq. 1 with k0 = 4 at 224 px, 2 samples a bin side, pixel centres at +0.5
+ALIGN = {"canonical_level": 4, "canonical_size": 224, "sampling_ratio": 2, "aligned": True}
+
 
 def _square(size: float, x: float = 0.0) -> list[float]:
     return [x, 0.0, x + size, size]
@@ -16,7 +19,8 @@ def test_level_assignment_known_answers():
     boxes = torch.tensor([_square(s) for s in (224, 112, 448, 223, 10, 2000)] + [[0.0, 0.0, 448.0, 112.0]])
     # 224 -> k0 = 4, halving/doubling moves one level; 223 just below 224 -> 3; clamped to 2..5;
     # a 448x112 box has sqrt(area) = 224 -> 4
-    torch.testing.assert_close(assign_levels(boxes), torch.tensor([4, 3, 5, 3, 2, 5, 4]))
+    levels = assign_levels(boxes, canonical_level=4, canonical_size=224)
+    torch.testing.assert_close(levels, torch.tensor([4, 3, 5, 3, 2, 5, 4]))
     # canonical 112 px on P4: everything one level up (still clamped at 5)
     levels = assign_levels(boxes, canonical_level=4, canonical_size=112)
     torch.testing.assert_close(levels, torch.tensor([5, 4, 5, 4, 2, 5, 5]))
@@ -27,7 +31,7 @@ def test_pool_rois_uses_each_rois_own_level_and_keeps_roi_order():
     strides = (4, 8, 16, 32)
     features = [torch.randn(2, 3, 256 // s, 256 // s) for s in strides]
     rois = torch.tensor([[1] + _square(230, 10), [0] + _square(30, 5), [1] + _square(120, 40), [0] + _square(60, 3)])
-    pooled = pool_rois(features, rois, output_size=7, strides=strides)
+    pooled = pool_rois(features, rois, output_size=7, strides=strides, **ALIGN)
     assert pooled.shape == (4, 3, 7, 7)
     for r, level in enumerate([4, 2, 3, 2]):  # sqrt(area) 230, 30, 120, 60 with k0 = 4 at 224
         scale = 1 / strides[level - 2]
@@ -39,7 +43,8 @@ def test_pool_rois_uses_each_rois_own_level_and_keeps_roi_order():
 
 def test_pool_rois_with_no_rois():
     features = [torch.randn(1, 3, 64 // s, 64 // s) for s in (4, 8, 16, 32)]
-    assert pool_rois(features, torch.zeros(0, 5), output_size=14, strides=(4, 8, 16, 32)).shape == (0, 3, 14, 14)
+    pooled = pool_rois(features, torch.zeros(0, 5), output_size=14, strides=(4, 8, 16, 32), **ALIGN)
+    assert pooled.shape == (0, 3, 14, 14)
 
 
 def test_head_shapes():
@@ -65,6 +70,6 @@ def test_unaligned_pooling_is_torchvisions_multiscale_roi_align():
     rois = torch.cat([torch.cat([torch.full((2, 1), float(i)), b], dim=1) for i, b in enumerate(boxes)])
     pooler = MultiScaleRoIAlign(featmap_names=["0", "1", "2", "3"], output_size=7, sampling_ratio=2)
     theirs = pooler(OrderedDict((str(i), f) for i, f in enumerate(features)), boxes, [(256, 256), (256, 256)])
-    ours = pool_rois(features, rois, output_size=7, strides=strides, aligned=False)
+    ours = pool_rois(features, rois, output_size=7, strides=strides, **{**ALIGN, "aligned": False})
     torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
-    assert not torch.allclose(pool_rois(features, rois, output_size=7, strides=strides), theirs, atol=1e-3)
+    assert not torch.allclose(pool_rois(features, rois, output_size=7, strides=strides, **ALIGN), theirs, atol=1e-3)

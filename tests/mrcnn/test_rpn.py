@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrcnn.anchors import anchors_per_level
+from mrcnn.anchors import AnchorSettings, anchors_per_level
 from mrcnn.rpn import RPNHead
 
 torch.set_num_threads(1)  # shared 2-core machine: one thread avoids OpenMP contention
@@ -19,16 +19,17 @@ def _pyramid(size: int, channels: int = 6) -> list[torch.Tensor]:
 @pytest.mark.parametrize("anchor_stride", [1, 2])
 @pytest.mark.parametrize("size", [128, 100])
 def test_output_count_matches_the_anchors(anchor_stride, size):
-    head = RPNHead(6, len(RATIOS), anchor_stride=anchor_stride)
+    head = RPNHead(6, len(RATIOS), head_channels=0, anchor_stride=anchor_stride)
     logits, deltas = head(_pyramid(size))
-    counts = anchors_per_level(
-        image_size=size, scales=SCALES, feature_strides=STRIDES, ratios=RATIOS, anchor_stride=anchor_stride
-    )
+    counts = anchors_per_level(AnchorSettings(
+        image_size=size, scales=SCALES, feature_strides=STRIDES, ratios=RATIOS, anchor_stride=anchor_stride,
+        offset=0.5, round_sizes=False,
+    ))
     assert logits.shape == (2, sum(counts)) and deltas.shape == (2, sum(counts), 4)
 
 
 def test_flattened_in_level_row_column_ratio_order():
-    head = RPNHead(6, len(RATIOS), anchor_stride=2)
+    head = RPNHead(6, len(RATIOS), head_channels=0, anchor_stride=2)
     pyramid = _pyramid(128)
     logits, deltas = head(pyramid)
     raw = [head.forward_level(p) for p in pyramid]

@@ -10,6 +10,9 @@ from mrcnn.config import coco
 from mrcnn.rpn_targets import _pairwise_iou, compute_rpn_targets, dense_rpn_targets, sample_anchors
 
 NO_BOXES = torch.zeros(0, 4)
+STD = (0.1, 0.1, 0.2, 0.2)
+# the coco preset's labelling
+RULES = dict(positive_iou=0.7, negative_iou=0.3, crowd_iou=0.001, bbox_std=STD)
 
 
 def _targets(anchors, gt, crowd=NO_BOXES, **kwargs):
@@ -17,7 +20,7 @@ def _targets(anchors, gt, crowd=NO_BOXES, **kwargs):
         anchors=torch.tensor(anchors, dtype=torch.float32),
         gt_boxes=torch.tensor(gt, dtype=torch.float32).reshape(-1, 4),
         crowd_boxes=torch.as_tensor(crowd, dtype=torch.float32).reshape(-1, 4),
-        **kwargs,
+        **{**RULES, **kwargs},
     )
 
 
@@ -59,7 +62,7 @@ def test_best_anchor_rule_keeps_every_tie():
     assert t.pos_idx.tolist() == [0, 1]
     assert t.ignore_idx.tolist() == []
     gt_twice = torch.tensor(gt * 2, dtype=torch.float32)
-    torch.testing.assert_close(t.pos_deltas, encode(gt_twice, torch.tensor(anchors[:2], dtype=torch.float32)))
+    torch.testing.assert_close(t.pos_deltas, encode(gt_twice, torch.tensor(anchors[:2], dtype=torch.float32), std=STD))
 
 
 def test_gt_box_with_no_overlapping_anchor_makes_no_positive():
@@ -76,7 +79,7 @@ def test_positive_deltas_go_to_the_argmax_gt_box():
     t = _targets(anchors, [gt_a, gt_b])
     assert t.pos_idx.tolist() == [0, 1]
     refs = torch.tensor(anchors, dtype=torch.float32)
-    torch.testing.assert_close(t.pos_deltas, encode(torch.tensor([gt_b, gt_b], dtype=torch.float32), refs))
+    torch.testing.assert_close(t.pos_deltas, encode(torch.tensor([gt_b, gt_b], dtype=torch.float32), refs, std=STD))
 
 
 def test_crowd_overlap_is_ignored_but_never_overrides_a_positive():
@@ -121,7 +124,7 @@ def _reference(anchors, gt, crowd, pos_iou=0.7, neg_iou=0.3, crowd_iou=0.001):
     crowd_hit = (box_iou(anchors, crowd) >= crowd_iou).any(dim=1) if len(crowd) else torch.zeros_like(positive)
     ignored = ~positive & ((max_iou >= neg_iou) | crowd_hit)
     pos_idx = positive.nonzero().flatten()
-    return pos_idx, encode(gt[argmax[pos_idx]], anchors[pos_idx]), ignored.nonzero().flatten()
+    return pos_idx, encode(gt[argmax[pos_idx]], anchors[pos_idx], std=STD), ignored.nonzero().flatten()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -134,7 +137,7 @@ def test_matches_a_direct_box_iou_reference(seed):
     wh = torch.rand(30, 2, generator=g) * 150 + 2
     boxes = torch.cat([xy, xy + wh], dim=1)
     gt, crowd = boxes[:27], boxes[27:]
-    t = compute_rpn_targets(anchors=anchors, gt_boxes=gt, crowd_boxes=crowd)
+    t = compute_rpn_targets(anchors=anchors, gt_boxes=gt, crowd_boxes=crowd, **RULES)
     pos_idx, pos_deltas, ignore_idx = _reference(anchors, gt, crowd)
     assert torch.equal(t.pos_idx, pos_idx)
     assert torch.equal(t.ignore_idx, ignore_idx)
@@ -152,9 +155,9 @@ def test_65k_anchors_by_100_gt_boxes_is_fast():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        compute_rpn_targets(anchors=anchors, gt_boxes=boxes, crowd_boxes=boxes[:3])  # warm-up
+        compute_rpn_targets(anchors=anchors, gt_boxes=boxes, crowd_boxes=boxes[:3], **RULES)  # warm-up
         start = time.process_time()
-        compute_rpn_targets(anchors=anchors, gt_boxes=boxes, crowd_boxes=boxes[:3])
+        compute_rpn_targets(anchors=anchors, gt_boxes=boxes, crowd_boxes=boxes[:3], **RULES)
         elapsed = time.process_time() - start
     finally:
         torch.set_num_threads(threads)

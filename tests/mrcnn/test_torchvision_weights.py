@@ -28,7 +28,6 @@ from torchvision.models.detection.rpn import concat_box_prediction_layers
 
 from mrcnn.config import torchvision_maskrcnn
 from mrcnn.model import build_model
-from mrcnn.proposals import generate_proposals
 from mrcnn.torchvision_weights import (
     CLASS_SPECIFIC,
     TORCHVISION_NUM_CLASSES,
@@ -68,8 +67,9 @@ def outputs():
         tv_detections, _ = reference.roi_heads(features, tv_proposals, image_sizes)
 
         pyramid, objectness, rpn_deltas = ours.features(images)
-        proposals, proposal_scores = generate_proposals(objectness, rpn_deltas, ours.anchors, windows,
-                                                        post_nms_topk=ours.post_nms_test, **ours.proposal_settings)
+        settings = ours.proposal_settings
+        proposals, proposal_scores = settings.propose(objectness, rpn_deltas, ours.anchors, windows,
+                                                      post_nms_topk=settings.post_nms_test)
         detections = ours({"images": images, "windows": windows})
     return {
         "report": report,
@@ -165,8 +165,9 @@ def test_each_torchvision_setting_matters(outputs):
                 continue
             if override.startswith("rpn"):
                 _, objectness, deltas = model.features(images)
-                boxes, _ = generate_proposals(objectness, deltas, model.anchors, windows,
-                                              post_nms_topk=model.post_nms_test, **model.proposal_settings)
+                settings = model.proposal_settings
+                boxes, _ = settings.propose(objectness, deltas, model.anchors, windows,
+                                            post_nms_topk=settings.post_nms_test)
                 same = boxes[0].shape == baseline["proposals"][0].shape and torch.allclose(
                     boxes[0], baseline["proposals"][0], atol=1e-3)
                 assert not same, override

@@ -11,6 +11,9 @@ from mrcnn.mini_masks import mini_mask_boxes, minimize_masks
 from mrcnn.rpn_targets import compute_rpn_targets
 from pipelines.data.loader import rpn_labels
 
+# the labelling the batches were built with (the coco preset's rpn section)
+RPN_RULES = {"positive_iou": 0.7, "negative_iou": 0.3, "crowd_iou": 0.001, "bbox_std": (0.1, 0.1, 0.2, 0.2)}
+
 
 def random_instances(size: int, n: int, instances: int, num_classes: int, seed: int = 0,
                      empty: tuple[int, ...] = (), sides: tuple[int, int] | None = None):
@@ -65,7 +68,7 @@ def loader_batch(config: Config, anchors: torch.Tensor, images: np.ndarray, per_
             batch["gt_class_ids"][i, :count] = torch.from_numpy(labels)
             mini = minimize_masks(torch.from_numpy(masks), mini_mask_boxes(boxes_t), size=m)
             batch["gt_mini_masks"][i, :count] = mini.to(torch.uint8)
-        targets = compute_rpn_targets(anchors=anchors, gt_boxes=boxes_t, crowd_boxes=torch.zeros(0, 4))
+        targets = compute_rpn_targets(anchors=anchors, gt_boxes=boxes_t, crowd_boxes=torch.zeros(0, 4), **RPN_RULES)
         row = {"image_id": i, "rpn_pos_idx": targets.pos_idx.numpy(), "rpn_pos_deltas": targets.pos_deltas.numpy(),
                "rpn_ignore_idx": targets.ignore_idx.numpy()}
         match, pos, deltas = rpn_labels(row, num_anchors=a, max_positives=k)  # the loader's own labels

@@ -122,7 +122,8 @@ def _training_batch(config, anchors) -> dict[str, torch.Tensor]:
     batch["gt_boxes"][0, :2] = boxes
     batch["gt_mini_masks"][0, :2] = minimize_masks(masks, mini_mask_boxes(boxes), size=m).to(torch.uint8)
     targets = compute_rpn_targets(anchors=anchors, gt_boxes=boxes, crowd_boxes=torch.zeros(0, 4),
-                                  positive_iou=rpn.positive_iou, negative_iou=rpn.negative_iou, bbox_std=rpn.bbox_std)
+                                  positive_iou=rpn.positive_iou, negative_iou=rpn.negative_iou, crowd_iou=0.001,
+                                  bbox_std=rpn.bbox_std)
     match, deltas = dense_rpn_targets(anchors.shape[0], *targets)
     return {**batch, "rpn_match": match.unsqueeze(0), "rpn_deltas": deltas.unsqueeze(0)}
 
