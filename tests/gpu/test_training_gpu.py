@@ -15,8 +15,6 @@ from mrcnn.detection_targets import sample_detection_targets
 from mrcnn.detections import detect
 from mrcnn.flip import flip_batch
 from mrcnn.model import build_model
-from mrcnn.proposals import generate_proposals
-from mrcnn.roi_heads import pool_rois
 from pipelines.data.loader import densify_rpn_deltas, to_device
 from pipelines.training.checkpoints import load_checkpoint, load_model_state, save_checkpoint
 from pipelines.training.loop import StepRunner
@@ -78,10 +76,10 @@ def test_proposals_agree_on_cpu_and_cuda():
     a = model.anchors.shape[0]
     objectness = torch.randn(2, a, generator=gen) * 3  # distinct scores: no ties for top-k to order differently
     deltas = torch.randn(2, a, 4, generator=gen) * 0.5
-    kwargs = dict(model.proposal_settings, post_nms_topk=config.rpn.post_nms_train)
-    cpu, _ = generate_proposals(objectness, deltas, model.anchors, batch["windows"], **kwargs)
-    cuda, _ = generate_proposals(objectness.to(CUDA), deltas.to(CUDA), model.anchors.to(CUDA),
-                                 batch["windows"].to(CUDA), **kwargs)
+    settings, post = model.proposal_settings, config.rpn.post_nms_train
+    cpu, _ = settings.propose(objectness, deltas, model.anchors, batch["windows"], post_nms_topk=post)
+    cuda, _ = settings.propose(objectness.to(CUDA), deltas.to(CUDA), model.anchors.to(CUDA),
+                               batch["windows"].to(CUDA), post_nms_topk=post)
     for p, q in zip(cpu, cuda, strict=True):
         assert p.shape == q.shape
         torch.testing.assert_close(q.cpu(), p, rtol=0, atol=1e-3)
@@ -92,13 +90,13 @@ def test_roi_pooling_agrees_on_cpu_and_cuda():
     model, _ = _model_and_batch(config)
     gen = torch.Generator().manual_seed(1)
     size, c = config.image.max_dim, config.backbone.fpn_channels
-    strides = model.pool_settings["strides"]
+    strides = model.pool_settings.strides
     pyramid = [torch.randn(2, c, size // s, size // s, generator=gen) for s in strides]
     xy = torch.rand(200, 2, generator=gen) * (size - 300)
     wh = torch.rand(200, 2, generator=gen) * 290 + 4  # every FPN level gets RoIs
     rois = torch.cat([torch.randint(0, 2, (200, 1), generator=gen).float(), xy, xy + wh], dim=1)
-    cpu = pool_rois(pyramid, rois, output_size=7, **model.pool_settings)
-    cuda = pool_rois([p.to(CUDA) for p in pyramid], rois.to(CUDA), output_size=7, **model.pool_settings)
+    cpu = model.pool_settings.pool(pyramid, rois, output_size=7)
+    cuda = model.pool_settings.pool([p.to(CUDA) for p in pyramid], rois.to(CUDA), output_size=7)
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-4)
 
 
@@ -109,7 +107,8 @@ def test_mask_targets_agree_on_cpu_and_cuda():
     _, batch = _model_and_batch(config, instances=5)
     valid = batch["gt_class_ids"] > 0
     proposals = [batch["gt_boxes"][i][valid[i]] + 1.0 for i in range(2)]
-    kwargs = {"rois_per_image": 10, "positive_fraction": 1.0, "positive_iou": 0.5, "mask_size": 28}
+    kwargs = {"rois_per_image": 10, "positive_fraction": 1.0, "positive_iou": 0.5, "crowd_iou": 0.001,
+              "bbox_std": (0.1, 0.1, 0.2, 0.2), "mask_size": 28}
     keys = ("gt_class_ids", "gt_boxes", "gt_mini_masks", "crowd_boxes")
     on = []
     for device in (CPU, CUDA):
@@ -134,7 +133,8 @@ def test_detections_agree_on_cpu_and_cuda():
     rois = torch.cat([xy, xy + torch.rand(r, 2, generator=gen) * 200 + 8], dim=1)
     image_idx = torch.randint(0, 2, (r,), generator=gen)
     windows = torch.tensor([[0, 0, 1024, 1024], [0, 0, 1024, 700]])
-    settings = {"min_confidence": 0.05, "nms_threshold": 0.5, "max_detections": 100}
+    settings = {"bbox_std": (0.1, 0.1, 0.2, 0.2), "min_confidence": 0.05, "nms_threshold": 0.5, "max_detections": 100,
+                "min_size": 0.01}
     cpu = detect(class_logits, deltas, rois, image_idx, windows, **settings)
     cuda = detect(*(x.to(CUDA) for x in (class_logits, deltas, rois, image_idx, windows)), **settings)
     for p, q in zip(cpu, cuda, strict=True):

@@ -121,7 +121,7 @@ def test_rows_decode_to_a_direct_computation(synth_shards, synth_dataset):
         annotations, images = split_paths(str(synth_dataset), split)
         coco = _coco(annotations)
         for row in _rows(out, manifest, split):
-            got = decode_row(row, num_anchors=len(anchors))
+            got = decode_row(row, num_anchors=len(anchors), mini_mask_size=config.mask.mini_mask_size)
             info = coco.imgs[row["image_id"]]
             h, w = info["height"], info["width"]
             scale = 128 / max(h, w)  # min_dim = max_dim = 128: the long side decides

@@ -41,7 +41,7 @@ def _row(**changes):
 
 
 def test_decode_row_densifies_rpn_targets_and_refuses_another_anchor_set():
-    got = decode_row(_row(), num_anchors=10)
+    got = decode_row(_row(), num_anchors=10, mini_mask_size=56)
     assert got["rpn_match"].tolist() == [-1, 0, 0, 1, 0, 0, 0, 0, 0, -1]
     assert got["rpn_deltas"][3].tolist() == pytest.approx([0.1, 0.2, 0.3, 0.4])
     assert got["rpn_deltas"][[0, 1, 2, 4]].sum() == 0

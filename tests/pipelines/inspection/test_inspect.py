@@ -14,7 +14,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from mrcnn.anchors import anchors_from_config, anchors_per_level
+from mrcnn.anchors import AnchorSettings, anchors_from_config, anchors_per_level
 from mrcnn.config import coco, shapes
 from mrcnn.geometry import resize_image
 from mrcnn.mini_masks import expand_masks, mini_mask_boxes, unpack_masks
@@ -96,9 +96,7 @@ def test_anchors_picture_prints_the_generators_count(config, expected, tmp_path)
     info = anchors_picture(config, tmp_path / "anchors.png")
     printed = re.search(r"anchors: ([\d,]+) in total, per level ([\d, ]+)", info["title"])
     assert int(printed.group(1).replace(",", "")) == info["total"] == len(anchors_from_config(config)) == expected
-    rpn = config.rpn
-    per_level = anchors_per_level(image_size=config.image.max_dim, scales=rpn.anchor_scales, ratios=rpn.anchor_ratios,
-                                  feature_strides=rpn.feature_strides, anchor_stride=rpn.anchor_stride)
+    per_level = anchors_per_level(AnchorSettings.from_config(config))
     assert [int(v.replace(",", "")) for v in printed.group(2).split(", ")] == info["per_level"] == per_level
     assert _png(info["path"]).shape[1::-1] == picture_size(2, 3, panel_px(config.image.max_dim))
 
