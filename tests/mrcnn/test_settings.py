@@ -1,0 +1,114 @@
+"""Settings declared once: each field's range, choices and shard flag live on the field, and validation, the shard
+fields, the legacy values, the flat view and the fingerprint are derived from them; each sub-net reads its settings
+through the `from_config` beside its class."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from mrcnn import settings
+from mrcnn.config import LEGACY_SHARD_FIELDS, Config, ConfigError, coco, shapes, torchvision_maskrcnn
+from mrcnn.model import build_model
+
+# what shards and checkpoints already written carry: a refactor of the config must not move these
+PINNED_FINGERPRINTS = {"coco": "48616d31e993477e", "shapes": "74da3fdc819506b1", "torchvision": "f8acc28b37462c51"}
+PINNED_SHARD_FIELDS = [
+    "image.min_dim", "image.max_dim", "image.resize_mode", "image.encoding", "image.jpeg_quality",
+    "rpn.anchor_scales", "rpn.feature_strides", "rpn.anchor_ratios", "rpn.anchor_stride", "rpn.anchor_offset",
+    "rpn.round_anchors", "rpn.positive_iou", "rpn.negative_iou", "rpn.crowd_iou", "rpn.bbox_std",
+    "mask.mini_mask_size", "roi.max_gt_instances", "preprocess.drop_empty_train",
+]
+
+
+@pytest.mark.parametrize("preset", [coco, shapes, torchvision_maskrcnn])
+def test_fingerprints_of_the_presets_are_pinned(preset):
+    config = preset()
+    assert config.fingerprint() == PINNED_FINGERPRINTS[config.name]
+
+
+def test_shard_fields_are_the_fields_declared_shard():
+    config = coco()
+    assert sorted(config.shard_fields()) == sorted(PINNED_SHARD_FIELDS)
+    assert config.shard_fields()["rpn.anchor_scales"] == [32, 64, 128, 256, 512]  # lists, as in a manifest
+    assert LEGACY_SHARD_FIELDS == {"rpn.anchor_offset": 0.5, "rpn.round_anchors": False}
+
+
+def test_every_numeric_setting_declares_its_range():
+    """A number without a declared range would be accepted whatever its value: every int / float (and tuple of them)
+    field says what it allows, `ANY` when that is any number."""
+    undeclared = [key for key, f, hint in settings.declared(Config)
+                  if settings.is_numeric(hint) and f.metadata.get("range") is None]
+    assert undeclared == []
+    numeric = [key for key, _, hint in settings.declared(Config) if settings.is_numeric(hint)]
+    assert "train.lr" in numeric and "rpn.bbox_std" in numeric and "backbone.depth" not in numeric  # Literal: choices
+
+
+@dataclass(frozen=True)
+class _Ranged:
+    share: float = settings.setting(0.5, range=settings.OPEN_FRACTION)
+
+
+@dataclass(frozen=True)
+class _Unranged:
+    count: int = 3  # a plain field: no range declared
+
+
+@dataclass(frozen=True)
+class _Top:
+    ranged: _Ranged = field(default_factory=_Ranged)
+
+
+@dataclass(frozen=True)
+class _TopWithANewField:
+    ranged: _Ranged = field(default_factory=_Ranged)
+    added: _Unranged = field(default_factory=_Unranged)
+
+
+def test_a_numeric_field_added_without_a_range_is_refused():
+    settings.validate_fields(_Top())
+    with pytest.raises(TypeError, match=r"'added\.count' declares no range"):
+        settings.validate_fields(_TopWithANewField())
+
+
+def test_a_range_declared_on_the_field_is_what_validation_checks():
+    with pytest.raises(ConfigError, match=r"'ranged\.share': 0\.0 is out of range \(must be in \(0, 1\]\)"):
+        settings.validate_fields(_Top(_Ranged(share=0.0)))
+
+
+def test_a_legacy_value_belongs_to_a_shard_field():
+    with pytest.raises(TypeError, match="shard field"):
+        settings.setting(1, range=settings.ANY, legacy=1)
+
+
+def test_the_flat_view_is_every_section_field_under_its_mlflow_name():
+    """`Config.flat()` keeps the MLflow param names runs were logged with: `name` and `section.field`, values as in
+    YAML (tuples as lists)."""
+    config = shapes()
+    expected = {"name": "shapes"}
+    for section, values in config.to_dict().items():
+        if isinstance(values, dict):
+            expected.update({f"{section}.{key}": value for key, value in values.items()})
+    assert config.flat() == expected
+    assert list(config.flat())[:3] == ["name", "image.min_dim", "image.max_dim"]
+
+
+@pytest.mark.parametrize(
+    "override, read, expected",
+    [
+        ("rpn.nms_threshold=0.55", lambda m: m.proposal_settings.nms_threshold, 0.55),
+        ("rpn.post_nms_test=77", lambda m: m.proposal_settings.post_nms_test, 77),
+        ("rpn.anchors_per_image=96", lambda m: m.rpn_sample_settings.num_samples, 96),
+        ("rpn.head_channels=24", lambda m: m.rpn_head.conv.out_channels, 24),
+        ("roi.rois_per_image=40", lambda m: m.target_settings.rois_per_image, 40),
+        ("roi.sampling_ratio=3", lambda m: m.pool_settings.sampling_ratio, 3),
+        ("roi.fc_dim=48", lambda m: m.box_head.fc2.out_features, 48),
+        ("roi.mask_conv_dim=16", lambda m: m.mask_head.predictor.in_channels, 16),
+        ("detection.min_confidence=0.25", lambda m: m.detection_settings.min_confidence, 0.25),
+        ("backbone.trainable_layers=2", lambda m: any(p.requires_grad for p in m.backbone.layer2.parameters()), False),
+    ],
+)
+def test_a_setting_reaches_its_sub_net_through_from_config(override, read, expected):
+    base, changed = build_model(shapes(), 3), build_model(shapes().override([override]), 3)
+    assert read(changed) == expected and read(base) != expected
