@@ -174,6 +174,24 @@ def test_total_steps_for():
     assert total_steps_for(replace(c, train=replace(c.train, steps=7)), train_images=10, global_batch=4) == (7, 2)
 
 
+def test_the_worker_plan_is_one_picklable_object_with_the_run_planned():
+    """What the driver hands every worker: it survives pickling (Ray ships it), its lr is train.lr scaled to the
+    global batch, and stop_at cuts the run short, never past the schedule."""
+    import pickle
+
+    from pipelines.training.plan import WorkerPlan
+    from tests.support.fault_drill import FaultDrill
+
+    c = shapes()
+    c = replace(c, train=replace(c.train, lr=0.02, lr_reference_batch=16))
+    plan = WorkerPlan(config=c, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=10,
+                      steps_per_epoch=5, global_batch=4, stop_at=6, after_step=FaultDrill(3, "/nonexistent"))
+    back = pickle.loads(pickle.dumps(plan))
+    assert back.config == c and back.after_step.at_step == 3 and back.checkpoint_meta == plan.checkpoint_meta
+    assert plan.lr == pytest.approx(0.02 * 4 / 16) and plan.last_step == 6
+    assert replace(plan, stop_at=None).last_step == replace(plan, stop_at=50).last_step == 10
+
+
 def test_validation_due_after_every_nth_epoch_and_always_after_the_last_step():
     # every epoch (the default): after each completed epoch and after the last step
     assert [validation_due(e, done=False, epoch_ended=True, every=1) for e in range(3)] == [True, True, True]
