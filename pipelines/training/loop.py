@@ -8,7 +8,8 @@ Rank 0 alone writes checkpoints, logs to MLflow and prints progress (the hooks, 
 from __future__ import annotations
 
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -82,13 +83,10 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
     state = TrainerState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None or plan.resume_from:
-        if checkpoint is not None:
-            with checkpoint.as_directory() as d:
-                state.step, state.epoch, state.batch_in_epoch = restore(d, model, optimizer, scheduler,
-                                                                        scaler=scaler, rank=rank)
-        else:
-            state.step, state.epoch, state.batch_in_epoch = restore(plan.resume_from, model, optimizer, scheduler,
-                                                                    scaler=scaler, rank=rank)
+        # Ray Train's latest checkpoint of this run (after a worker failure) wins over --resume's
+        with checkpoint.as_directory() if checkpoint is not None else nullcontext(plan.resume_from) as d:
+            state.step, state.epoch, state.batch_in_epoch = restore(d, model, optimizer, scheduler, scaler=scaler,
+                                                                    rank=rank)
         if rank == 0:
             log.info("restored from checkpoint at step %d (epoch %d, batch %d)", state.step, state.epoch,
                      state.batch_in_epoch)
@@ -107,23 +105,34 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
         return epoch_batches(train_shard, batch_size=tc.batch_size, seed=tc.seed, epoch=epoch, skip=skip,
                              device=device, prefetch_batches=tc.prefetch_batches)
 
-    # the order they run in at each point: local SGD averages before the validation loss and the checkpoints
-    # read the weights; the validation loss before the progress line and the checkpoint that carry it; the
-    # tests' callback after the step's checkpoint
-    hooks: list[Hook] = [LocalSGDHook(local_sgd)]
+    val_batches = None
     if plan.has_val:
         val_shard = ray.train.get_dataset_shard("val")
-        hooks.append(ValidationHook(
-            lambda: val_shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=False, device=device,
-                                                 pin_memory=device.type == "cuda"),
-            device=device, every=tc.val_every))
+
+        def val_batches() -> Iterator[dict]:
+            return val_shard.iter_torch_batches(batch_size=tc.batch_size, drop_last=False, device=device,
+                                                pin_memory=device.type == "cuda")
+
+    hooks = worker_hooks(plan, local_sgd=local_sgd, val_batches=val_batches, device=device, rank=rank, world=world)
+    Trainer(runner, batches, last_step=plan.last_step, batch_size=tc.batch_size, hooks=hooks, state=state).train()
+
+
+def worker_hooks(plan: WorkerPlan, *, local_sgd: LocalSGD, val_batches: Callable[[], Iterable[dict]] | None,
+                 device: torch.device, rank: int, world: int) -> list[Hook]:
+    """The trainer's hooks on this worker, in the order they run at each point: local SGD averages before the
+    validation loss and the checkpoints read the weights; the validation loss before the progress line and the
+    checkpoint that carry it; the tests' callback after the step's checkpoint. A new hook is added here."""
+    tc = plan.config.train
+    hooks: list[Hook] = [LocalSGDHook(local_sgd)]
+    if val_batches is not None:
+        hooks.append(ValidationHook(val_batches, device=device, every=tc.val_every))
     if rank == 0:
         hooks.append(ProgressHook(tc.log_every, plan.total_steps, images_per_step=plan.global_batch,
                                   tracking_uri=plan.tracking_uri, run_id=plan.mlflow_run_id))
     hooks.append(CheckpointHook(tc.checkpoint_every, plan.checkpoint_meta, rank=rank, world=world))
     if plan.after_step is not None:
         hooks.append(StepCallbackHook(plan.after_step, rank=rank))
-    Trainer(runner, batches, last_step=plan.last_step, batch_size=tc.batch_size, hooks=hooks, state=state).train()
+    return hooks
 
 
 def epoch_batches(shard, *, batch_size: int, seed: int, epoch: int, skip: int = 0,
