@@ -25,6 +25,9 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class StepResult:
+    """One step's loss terms (host floats), their total (NaN for a skipped step), whether the loss was finite
+    (on every rank unless the step was local) and the learning rate it ran at."""
+
     losses: dict[str, float]
     total: float
     finite: bool

@@ -102,6 +102,7 @@ class Trainer:
         return self.state.step >= self.last_step
 
     def train(self) -> None:
+        """Steps from `state` to `last_step`; the hooks see `state` as each point is reached."""
         s = self.state
         while not self.done:
             skip, s.epoch_ended = s.batch_in_epoch, False
