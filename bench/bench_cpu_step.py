@@ -25,8 +25,9 @@ from tune_preset import load_rows, take  # noqa: E402
 from mrcnn.config import load_config  # noqa: E402
 from mrcnn.model import build_model  # noqa: E402
 from pipelines.data.loader import ShardBatchDecoder, decoder_for  # noqa: E402
-from pipelines.training.loop import StepRunner, prepare_device  # noqa: E402
+from pipelines.training.loop import prepare_device  # noqa: E402
 from pipelines.training.optim import build_optimizer, build_scheduler  # noqa: E402
+from pipelines.training.step import StepRunner  # noqa: E402
 
 VARIANTS = (("AdamW loop, contiguous", False, False), ("fused AdamW, contiguous", True, False),
             ("fused AdamW, channels_last", True, True))

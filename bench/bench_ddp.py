@@ -38,8 +38,9 @@ def worker(rank: int, mode: str, args: argparse.Namespace, port: int, queue) -> 
     from mrcnn.model import build_model
     from pipelines.data.loader import ShardBatchDecoder, decoder_for
     from pipelines.training.local_sgd import LocalSGD
-    from pipelines.training.loop import StepRunner, compress_gradients, prepare_device
+    from pipelines.training.loop import compress_gradients, prepare_device
     from pipelines.training.optim import build_optimizer, build_scheduler
+    from pipelines.training.step import StepRunner
 
     torch.set_num_threads(1)
     torch.manual_seed(0)

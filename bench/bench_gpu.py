@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, whe
 from mrcnn.config import coco  # noqa: E402
 from mrcnn.model import build_model  # noqa: E402
 from pipelines.data.loader import to_device  # noqa: E402
-from pipelines.training.loop import StepRunner  # noqa: E402
 from pipelines.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from pipelines.training.precision import resolve_precision  # noqa: E402
+from pipelines.training.step import StepRunner  # noqa: E402
 from tests.support.synthetic_batch import loader_batch, random_instances  # noqa: E402
 
 NUM_CLASSES, INSTANCES = 81, 6

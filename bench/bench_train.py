@@ -29,8 +29,8 @@ from pipelines.data.coco import split_paths
 from pipelines.data.loader import batches_dataset
 from pipelines.data.preprocess import preprocess
 from pipelines.data.synth import make_synthetic_dataset
-from pipelines.training.loop import StepRunner
 from pipelines.training.optim import build_optimizer, build_scheduler
+from pipelines.training.step import StepRunner
 
 
 def make_shards(root: Path, config, images: int) -> str:

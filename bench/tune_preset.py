@@ -28,8 +28,9 @@ from pipelines.data.loader import ShardBatchDecoder, decoder_for
 from pipelines.data.shards import check_fingerprint, read_manifest
 from pipelines.evaluation.coco_eval import evaluate_detections
 from pipelines.evaluation.evaluate import to_coco_results
-from pipelines.training.loop import StepRunner, prepare_device
+from pipelines.training.loop import prepare_device
 from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr
+from pipelines.training.step import StepRunner
 
 
 def load_rows(shards: str, split: str) -> dict[str, np.ndarray]:

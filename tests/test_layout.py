@@ -32,7 +32,11 @@ ALLOWED = {
 GPU_SIDE = ("mrcnn.model", "mrcnn.config", "pipelines.data.shards", "pipelines.data.images",
             "pipelines.data.loader",
             "pipelines.training.loop", "pipelines.training.optim", "pipelines.training.checkpoints",
-            "pipelines.training.precision", "pipelines.training.progress", "tests.support.synthetic_batch",
+            "pipelines.training.precision", "pipelines.training.plan", "pipelines.training.step",
+            "pipelines.training.trainer", "pipelines.training.hooks.averaging",
+            "pipelines.training.hooks.checkpointing", "pipelines.training.hooks.progress",
+            "pipelines.training.hooks.step_callback", "pipelines.training.hooks.validation",
+            "tests.support.synthetic_batch",
             "pipelines.evaluation.inference")
 GPU_FILES = tuple(str(p.relative_to(REPO)) for p in [*sorted((REPO / "tests" / "gpu").glob("*.py")),
                                                        *sorted((REPO / "bench").glob("*gpu*.py"))])

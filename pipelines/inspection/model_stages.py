@@ -43,7 +43,7 @@ from pipelines.inspection.panels import (
 from pipelines.inspection.samples import Sample, expanded_masks
 from pipelines.models import ModelMismatchError, load_model
 from pipelines.pictures import draw_instances
-from pipelines.training.loop import StepRunner
+from pipelines.training.step import StepRunner
 
 TOP_PROPOSALS = 20  # drawn with their scores
 

@@ -8,6 +8,9 @@ A checkpoint is a directory:
 Written by rank 0 into a temporary directory and handed to `ray.train.report(checkpoint=...)`, which
 persists it to `RunConfig.storage_path` (local or s3://).
 
+Resuming (`restore`) loads one into the live model, optimizer, scheduler, GradScaler and this rank's random
+state; `gather_rng_states` collects every rank's random state for the next one.
+
 Reading (`load_checkpoint`, `read_meta`, `find_latest_checkpoint`) takes a local path or a URI (`file://`,
 `s3://`, `gs://`, ...) through pyarrow filesystems: on a cluster a checkpoint lives where every node can read it.
 """
@@ -24,6 +27,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import torch
+import torch.distributed as dist
 from pyarrow import fs as pafs
 from torch import nn
 
@@ -78,6 +82,34 @@ def rank_rng_state(state: TrainingState, rank: int) -> dict[str, Any] | torch.Te
     if state.rng_by_rank:
         return state.rng_by_rank[rank if rank < len(state.rng_by_rank) else 0]
     return state.rng
+
+
+def gather_rng_states(rank: int, world: int) -> list[dict[str, Any]]:
+    """Every rank's `rng_state()` in rank order (a collective under torch.distributed: every rank calls it)."""
+    mine = rng_state()
+    if world <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def restore(state_dir: str, model: nn.Module, optimizer, scheduler, *, scaler: torch.amp.GradScaler | None = None,
+            rank: int = 0) -> tuple[int, int, int]:
+    """Load a training checkpoint into model/optimizer/scheduler/GradScaler and this rank's random state;
+    returns (step, epoch, batch_in_epoch)."""
+    state = load_checkpoint(state_dir)
+    load_model_state(unwrap(model), state.model)
+    if state.optimizer is not None:
+        optimizer.load_state_dict(state.optimizer)
+    if state.scheduler is not None:
+        scheduler.load_state_dict(state.scheduler)
+    if scaler is not None and state.scaler is not None:
+        scaler.load_state_dict(state.scaler)
+    rng = rank_rng_state(state, rank)
+    if rng is not None:
+        set_rng_state(rng)
+    return state.step, state.epoch, state.batch_in_epoch
 
 
 def unwrap(model: nn.Module) -> nn.Module:

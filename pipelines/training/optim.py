@@ -1,6 +1,6 @@
 """Optimisation: stage-wise trainable layers, SGD or AdamW, and the learning-rate schedule.
 
-Pure helpers used by the per-worker training loop (`pipelines.training.loop`) and tested on their own.
+Pure helpers used by the per-worker training loop (`pipelines.training.loop`, `step`) and tested on their own.
 """
 
 from __future__ import annotations

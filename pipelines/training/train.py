@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
 from pipelines.infra.storage import absolute
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
-from pipelines.training.loop import LoopConfig, total_steps_for, train_loop_per_worker
+from pipelines.training.loop import train_loop_per_worker
+from pipelines.training.plan import WorkerPlan, total_steps_for
 from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, load_torchvision_file
 
 log = get_logger("train")
@@ -110,7 +112,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
           ) -> TrainResult:
     """Train `config` as `request` says; returns the checkpoints and the MLflow run.
 
-    after_step: called by every worker after each step as `after_step(step, rank)` (`LoopConfig.after_step`);
+    after_step: called by every worker after each step as `after_step(step, rank)` (`WorkerPlan.after_step`);
     for tests (fault drills), None otherwise. It is pickled to the workers.
     """
     # Ray is imported when training starts: `mrcnn-cli --help` and the GPU tests import this module without it
@@ -193,13 +195,14 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         # 18 s (train workers holding the CPUs), decoding it here 6 s
         log.info("decoding %s into the object store (train.cache_data)", ", ".join(datasets))
         datasets = {name: ds.materialize() for name, ds in datasets.items()}
-    loop = LoopConfig(
+    plan = WorkerPlan(
         config=config,
         categories=categories,
         fingerprint=manifest["fingerprint"],
         num_classes=num_classes,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
+        global_batch=global_batch,
         model_path=absolute_model_path(request.model_path) if request.model_path else None,
         backbone_weights=absolute(request.backbone_weights) if request.backbone_weights else None,
         tracking_uri=tracking_uri,
@@ -210,8 +213,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         after_step=after_step,
     )
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"loop": loop},
+        partial(train_loop_per_worker, plan),
         scaling_config=ScalingConfig(
             num_workers=request.workers,
             use_gpu=use_gpu,

@@ -17,9 +17,9 @@ from mrcnn.flip import flip_batch
 from mrcnn.model import build_model
 from pipelines.data.loader import densify_rpn_deltas, to_device
 from pipelines.training.checkpoints import load_checkpoint, load_model_state, save_checkpoint
-from pipelines.training.loop import StepRunner
 from pipelines.training.optim import build_optimizer, build_scheduler
 from pipelines.training.precision import resolve_precision
+from pipelines.training.step import StepRunner
 from tests.support.synthetic_batch import loader_batch, random_instances
 
 pytestmark = pytest.mark.gpu

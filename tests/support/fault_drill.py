@@ -1,6 +1,6 @@
 """Fault drills for the training tests: hung on `train(..., after_step=FaultDrill(...))`, run in the workers.
 
-Production code carries no fault injection: `LoopConfig.after_step` is a plain per-step callback, and this
+Production code carries no fault injection: `WorkerPlan.after_step` is a plain per-step callback, and this
 module is pickled to the Ray workers by value (`register_pickle_by_value`), so a cluster's workers need not have
 the tests installed.
 """

@@ -13,8 +13,8 @@ from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
 from pipelines.data.shards import read_manifest
 from pipelines.training.checkpoints import save_checkpoint
-from pipelines.training.loop import StepRunner
 from pipelines.training.optim import build_optimizer, build_scheduler
+from pipelines.training.step import StepRunner
 
 
 def train_shapes_checkpoint(shards: str, out: str | Path, *, steps: int = 60, batch_size: int = 4,

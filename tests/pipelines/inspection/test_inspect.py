@@ -27,7 +27,7 @@ from pipelines.inspection.panels import TITLE_PX, panel_px, picture_size
 from pipelines.inspection.samples import load_sample
 from pipelines.pictures import overlay_color
 from pipelines.training.checkpoints import save_checkpoint
-from pipelines.training.loop import StepRunner
+from pipelines.training.step import StepRunner
 
 PANEL = 384  # panel_px(128) at the shapes preset: 3 PNG pixels an image pixel
 

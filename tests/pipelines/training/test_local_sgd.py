@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from pipelines.training.local_sgd import LocalSGD, average_weights, averaged_tensors, optimizer_tensors
-from pipelines.training.loop import StepRunner
+from pipelines.training.step import StepRunner
 from tests.support.one_weight import OneWeight
 
 

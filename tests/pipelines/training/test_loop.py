@@ -10,17 +10,12 @@ from torch import nn
 from mrcnn.config import shapes
 from mrcnn.model import LOSS_KEYS, build_model
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
-from pipelines.training.loop import (
-    NonFiniteLossError,
-    StepRunner,
-    compress_gradients,
-    prepare_device,
-    timed,
-    total_steps_for,
-    validation_due,
-    validation_losses,
-)
+from pipelines.training.hooks.validation import validation_due, validation_losses
+from pipelines.training.loop import compress_gradients, prepare_device
 from pipelines.training.optim import build_optimizer, build_scheduler
+from pipelines.training.plan import total_steps_for
+from pipelines.training.step import NonFiniteLossError, StepRunner
+from pipelines.training.trainer import timed
 from tests.support.one_weight import OneWeight
 
 
@@ -179,6 +174,24 @@ def test_total_steps_for():
     assert total_steps_for(replace(c, train=replace(c.train, steps=7)), train_images=10, global_batch=4) == (7, 2)
 
 
+def test_the_worker_plan_is_one_picklable_object_with_the_run_planned():
+    """What the driver hands every worker: it survives pickling (Ray ships it), its lr is train.lr scaled to the
+    global batch, and stop_at cuts the run short, never past the schedule."""
+    import pickle
+
+    from pipelines.training.plan import WorkerPlan
+    from tests.support.fault_drill import FaultDrill
+
+    c = shapes()
+    c = replace(c, train=replace(c.train, lr=0.02, lr_reference_batch=16))
+    plan = WorkerPlan(config=c, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=10,
+                      steps_per_epoch=5, global_batch=4, stop_at=6, after_step=FaultDrill(3, "/nonexistent"))
+    back = pickle.loads(pickle.dumps(plan))
+    assert back.config == c and back.after_step.at_step == 3 and back.checkpoint_meta == plan.checkpoint_meta
+    assert plan.lr == pytest.approx(0.02 * 4 / 16) and plan.last_step == 6
+    assert replace(plan, stop_at=None).last_step == replace(plan, stop_at=50).last_step == 10
+
+
 def test_validation_due_after_every_nth_epoch_and_always_after_the_last_step():
     # every epoch (the default): after each completed epoch and after the last step
     assert [validation_due(e, done=False, epoch_ended=True, every=1) for e in range(3)] == [True, True, True]
@@ -293,7 +306,8 @@ def test_fine_tuning_the_real_model_from_a_checkpoint_with_another_number_of_cla
     """`--model-path` into a model with fewer classes: every tensor that fits is the checkpoint's, the
     class-specific layers alone are fresh, and the loop says which."""
     from pipelines.training.checkpoints import save_checkpoint
-    from pipelines.training.loop import LoopConfig, initialise
+    from pipelines.training.loop import initialise
+    from pipelines.training.plan import WorkerPlan
 
     config = shapes()
     torch.manual_seed(0)
@@ -303,8 +317,8 @@ def test_fine_tuning_the_real_model_from_a_checkpoint_with_another_number_of_cla
     torch.manual_seed(1)
     target = build_model(config, num_classes=4)
     fresh = {k: v.clone() for k, v in target.state_dict().items()}
-    loop = LoopConfig(config=config, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=1,
-                      steps_per_epoch=1, model_path=str(tmp_path / "ckpt"))
+    loop = WorkerPlan(config=config, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=1,
+                      steps_per_epoch=1, global_batch=1, model_path=str(tmp_path / "ckpt"))
     messages = initialise(target, loop)
     assert messages[0] == f"initialised from {tmp_path / 'ckpt'} (step 7)"
     assert messages[1].startswith("different number of classes: re-initialised the class-specific layers")
@@ -332,7 +346,7 @@ def test_timed_says_how_long_the_loop_waited_for_each_batch():
 
 
 def test_the_logged_window_splits_wall_time_into_steps_and_data_wait():
-    from pipelines.training.progress import WindowTimes
+    from pipelines.training.hooks.progress import WindowTimes
 
     w = WindowTimes()
     w.add(data_wait_s=0.1, step_s=0.3, images=8)

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from mrcnn.config import ConfigError, shapes
-from pipelines.training.checkpoints import load_checkpoint
-from pipelines.training.loop import StepRunner, restore
+from pipelines.training.checkpoints import load_checkpoint, restore
 from pipelines.training.optim import build_scheduler
 from pipelines.training.precision import resolve_precision
+from pipelines.training.step import StepRunner
 
 CUDA, CPU = torch.device("cuda"), torch.device("cpu")
 

@@ -129,8 +129,8 @@ def _training_batch(config, anchors) -> dict[str, torch.Tensor]:
 
 
 def _steps(model, config, layers: str, steps: int = 1) -> None:
-    from pipelines.training.loop import StepRunner
     from pipelines.training.optim import build_optimizer, build_scheduler, set_trainable_layers
+    from pipelines.training.step import StepRunner
 
     set_trainable_layers(model, layers)
     optimizer = build_optimizer(model, lr=0.01, momentum=0.9, weight_decay=1e-4)
@@ -158,11 +158,12 @@ def test_stagewise_fine_tuning_from_torchvision_weights_at_another_class_count(t
     each stage changes exactly the layers it trains."""
     from mrcnn.torchvision_weights import CLASS_SPECIFIC, convert_state
     from pipelines.training.checkpoints import save_checkpoint
-    from pipelines.training.loop import LoopConfig, initialise
+    from pipelines.training.loop import initialise
+    from pipelines.training.plan import WorkerPlan
 
     config = SMALL.override(["rpn.post_nms_train=200", "roi.rois_per_image=64"])  # smaller steps, same conventions
-    loop = LoopConfig(config=config, categories=SHAPES.to_dict(), fingerprint="f", num_classes=4, total_steps=1,
-                      steps_per_epoch=1, model_path=f"torchvision:{torchvision_file}")
+    loop = WorkerPlan(config=config, categories=SHAPES.to_dict(), fingerprint="f", num_classes=4, total_steps=1,
+                      steps_per_epoch=1, global_batch=1, model_path=f"torchvision:{torchvision_file}")
     torch.manual_seed(1)
     model = build_model(config, num_classes=4)
     fresh = {k: v.clone() for k, v in model.state_dict().items()}
@@ -230,12 +231,13 @@ def test_a_config_off_torchvisions_conventions_still_loads_and_is_told_so(torchv
     """The weights fit any ResNet-50-FPN config with 256-channel heads (e.g. `coco`), as a starting point only: the
     loop says which of the preset's conventions differ."""
     from mrcnn.config import coco
-    from pipelines.training.loop import LoopConfig, initialise
+    from pipelines.training.loop import initialise
+    from pipelines.training.plan import WorkerPlan
 
     config = coco()
     model = build_model(config, num_classes=coco_categories().num_classes)
-    loop = LoopConfig(config=config, categories=coco_categories().to_dict(), fingerprint="f", num_classes=81,
-                      total_steps=1, steps_per_epoch=1, model_path=f"torchvision:{torchvision_file}")
+    loop = WorkerPlan(config=config, categories=coco_categories().to_dict(), fingerprint="f", num_classes=81,
+                      total_steps=1, steps_per_epoch=1, global_batch=1, model_path=f"torchvision:{torchvision_file}")
     messages = initialise(model, loop)
     assert "307 tensors loaded, 0 re-initialised" in messages[0]  # the class layers too: COCO's categories
     assert messages[1].startswith("classes: the shards' 80 COCO categories take torchvision's class rows")

@@ -1,6 +1,6 @@
 """End-to-end Ray Train runs (real local Ray, real MLflow store, tiny synthetic shards). Few and small:
-each `TorchTrainer.fit()` costs tens of seconds of fixed overhead on 2 cores. The loop's parts are tested
-without Ray Train in test_train_loop.py."""
+each `TorchTrainer.fit()` costs tens of seconds of fixed overhead on 2 cores. The trainer, its hooks and the loop's
+parts are tested without Ray Train in test_trainer.py and test_loop.py."""
 
 from dataclasses import replace
 from pathlib import Path

@@ -1,37 +1,46 @@
-"""Rank 0's console progress and MLflow metrics for the training loop (`pipelines.training.loop`)."""
+"""Rank 0's console progress and MLflow metrics for the trainer, as a hook."""
 
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger, progress
+from pipelines.training.trainer import Hook, Trainer
 
 log = get_logger("train")
 
 
-class RankZeroLogger:
-    """Console progress and MLflow metrics, from rank 0 only. Each logged step reports the window since the
-    last one: images/s over its whole wall time, the mean step time, the mean time waited for data, and the
-    fraction of the time that went to waiting (input_bound_fraction: near 0 when the input pipeline keeps up)."""
+class ProgressHook(Hook):
+    """Console progress and MLflow metrics, on rank 0 only (the worker gives it to rank 0 alone). Each logged step
+    reports the window since the last one: images/s over its whole wall time, the mean step time (the step and
+    the hooks before this one: local SGD's averaging), the mean time waited for data, and the fraction of the
+    time that went to waiting (input_bound_fraction: near 0 when the input pipeline keeps up). The validation
+    losses are logged after each epoch that computed them."""
 
-    def __init__(self, every: int, total_steps: int, *, tracking_uri: str | None = None, run_id: str | None = None):
+    def __init__(self, every: int, total_steps: int, *, images_per_step: int, tracking_uri: str | None = None,
+                 run_id: str | None = None):
         self.every = every
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.total = total_steps
+        self.images_per_step = images_per_step  # the global batch
         self.start = time.perf_counter()
         self.first_step: int | None = None
         self.window = WindowTimes()
+        self.step_started = self.start
 
-    def step(self, step: int, epoch: int, result: Any, runner: Any, *, data_wait_s: float,
-             step_s: float, images: int) -> None:
+    def before_step(self, trainer: Trainer) -> None:
+        self.step_started = time.perf_counter()
+
+    def after_step(self, trainer: Trainer) -> None:
+        step_s = time.perf_counter() - self.step_started
+        step, epoch, result = trainer.state.step, trainer.state.epoch, trainer.state.result
         if self.first_step is None:
             self.first_step = step - 1
-        self.window.add(data_wait_s=data_wait_s, step_s=step_s, images=images)
+        self.window.add(data_wait_s=trainer.state.data_wait_s, step_s=step_s, images=self.images_per_step)
         if step % self.every and step != self.total:
             return
         timing = self.window.summary()
@@ -45,19 +54,20 @@ class RankZeroLogger:
                  losses, result.lr, timing["step_s"], timing["data_wait_s"])
         if self.run_id:
             metrics = {**result.losses, "lr": result.lr, "epoch": epoch, **timing}
-            metrics["nonfinite_steps"] = runner.nonfinite_total
+            metrics["nonfinite_steps"] = trainer.run_step.nonfinite_total
             if math.isfinite(result.total):
                 metrics["loss"] = result.total
             tracking.log_metrics(self.tracking_uri, self.run_id, metrics, step=step)
 
-    def validation(self, step: int, epoch: int, val: dict[str, float]) -> None:
-        if not val:
+    def epoch_end(self, trainer: Trainer) -> None:
+        s = trainer.state
+        if s.val_step != s.step or not s.val:  # no validation at this epoch's end
             return
-        log.info("validation after epoch %d: val_loss=%.4f", epoch, val["val_loss"])
+        log.info("validation after epoch %d: val_loss=%.4f", s.epoch, s.val["val_loss"])
         if self.run_id:
-            tracking.log_metrics(self.tracking_uri, self.run_id, val, step=step)
+            tracking.log_metrics(self.tracking_uri, self.run_id, s.val, step=s.step)
 
-    def close(self) -> None:
+    def train_end(self, trainer: Trainer) -> None:
         log.info("done in %.0fs", time.perf_counter() - self.start)
 
 
