@@ -111,13 +111,19 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _load_json(annotations: str) -> tuple[dict[str, Any], str]:
+def _read(path: str, what: str, error: type[Exception]) -> bytes:
+    """The bytes of a local file or URI, or `error` naming it: `<what> file not found: PATH` (missing, a folder, or
+    under something that is not one), `cannot read <what> file PATH: <why>` (any other OSError)."""
     try:
-        raw = read_bytes(annotations)
+        return read_bytes(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise DatasetError(f"annotations file not found: {annotations}") from e
+        raise error(f"{what} file not found: {path}") from e
     except OSError as e:
-        raise DatasetError(f"cannot read annotations file {annotations}: {e}") from e
+        raise error(f"cannot read {what} file {path}: {e}") from e
+
+
+def _load_json(annotations: str) -> tuple[dict[str, Any], str]:
+    raw = _read(annotations, "annotations", DatasetError)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -418,12 +424,7 @@ def read_image(path: str | os.PathLike, *, pixels: bool = True) -> SourceImage:
     truncated or corrupt file fails just the same, and `pixels` is None. Other files are decoded in full.
     """
     path = os.fspath(path)
-    try:
-        raw = read_bytes(path)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise ImageError(f"image file not found: {path}") from e
-    except OSError as e:
-        raise ImageError(f"cannot read image file {path}: {e}") from e
+    raw = _read(path, "image", ImageError)
     if not raw:
         raise ImageError(f"empty image file (0 bytes): {path}")
     try:
