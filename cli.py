@@ -113,7 +113,7 @@ def preprocess(
     address: AddressOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Turn a COCO dataset into Parquet shards (resized images, mini-masks, RPN targets) with Ray Data.
+    """Turn a COCO dataset into Parquet shards (source image bytes, mini-masks, RPN targets) with Ray Data.
 
     Example: mrcnn-cli preprocess --dataset data/shapes --split train2017 --split val2017 --out shards --config shapes
     """

@@ -12,7 +12,6 @@ split (no Ray); prints seconds a step, images/s and the ratio to the first varia
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from tune_preset import load_rows, take  # noqa: E402
 
+from bench import options  # noqa: E402
 from mrcnn.config import load_config  # noqa: E402
 from mrcnn.model import build_model  # noqa: E402
 from pipelines.data.loader import ShardBatchDecoder, decoder_for  # noqa: E402
@@ -42,11 +42,9 @@ def _optimizer(model, fused: bool) -> torch.optim.Optimizer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shards", required=True)
-    parser.add_argument("--config", default="shapes")
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--threads", type=int, default=1)
+    parser = options.parser(__doc__)
+    options.add_config(parser)
+    options.add_threads(parser)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--load", default=None, help="start every variant from these weights")

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench import options
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 MODES = ("independent", "ddp", "ddp-fp16", "ddp-view", "ddp-view-fp16", "local-sgd")
 # DistributedDataParallel's keyword arguments by mode ("-view": gradients are views into the all-reduce buckets,
@@ -78,10 +80,8 @@ def worker(rank: int, mode: str, args: argparse.Namespace, port: int, queue) -> 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shards", required=True)
-    parser.add_argument("--config", default="shapes")
-    parser.add_argument("--set", action="append", default=[])
+    parser = options.parser(__doc__)
+    options.add_config(parser)
     parser.add_argument("--port", type=int, default=29533)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--local-every", type=int, default=8, help="local-sgd: steps between weight averages")

@@ -23,7 +23,6 @@ Runs against an older checkout too (PYTHONPATH=OLD): then only the wall time is 
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -36,6 +35,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.append(str(REPO))  # after PYTHONPATH: `stage` runs against an older checkout given there
+from bench import options  # noqa: E402  (this checkout's)
+
 COCO128 = REPO.parent / "shared" / "data" / "coco128"
 
 
@@ -156,12 +157,12 @@ def stage(args, shards: str, ckpt: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = options.parser(__doc__)
     parser.add_argument("mode", choices=("parts", "stage"))
     parser.add_argument("--work", default="/tmp/bench_evaluate")
     parser.add_argument("--limit", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (parts)")
+    options.add_threads(parser, help="torch threads (parts)")
     parser.add_argument("--workers", type=int, default=1, help="model actors (stage)")
     parser.add_argument("--cpus", type=int, default=4, help="logical CPUs of the local Ray (stage)")
     parser.add_argument("--min-confidence", type=float, default=0.0)

@@ -19,7 +19,6 @@ Runs where only torch, torchvision, numpy, pillow and pyarrow are (no Ray, MLflo
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project, when run as a script
 
+from bench import options  # noqa: E402
 from mrcnn.config import coco  # noqa: E402
 from mrcnn.model import build_model  # noqa: E402
 from pipelines.data.loader import to_device  # noqa: E402
@@ -183,7 +183,7 @@ def measure(variant: str, batch_size: int, steps: int, warmup: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = options.parser(__doc__)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", default=None)

@@ -11,14 +11,18 @@ whose rows hold the resized JPEG) on the same data and machine.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.append(str(REPO))  # after PYTHONPATH: the code measured is the checkout given there
+from bench import options  # noqa: E402  (this checkout's)
+
 COCO128 = REPO.parent / "shared" / "data" / "coco128"
 
 
@@ -96,12 +100,10 @@ def time_images(columns: dict[str, np.ndarray], repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="coco")
-    parser.add_argument("--images", type=int, default=128)
+    parser = options.parser(__doc__)
+    options.add_sample(parser)
     parser.add_argument("--batch", type=int, default=4, help="rows per map_batches call (the loader's default)")
     parser.add_argument("--repeats", type=int, default=3, help="passes; the best is kept (a shared, noisy box)")
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     from mrcnn.config import load_config

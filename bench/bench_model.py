@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.support, when run as a script
+from bench import options  # noqa: E402
 
 SIZE, BATCH, NUM_CLASSES, INSTANCES = 512, 2, 81, 3
 VARIANTS = ("ours", "torchvision-default", "torchvision-our-rois")
@@ -146,7 +147,7 @@ def measure(variant: str, mode: str, steps: int, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads in each measurement")
+    options.add_threads(parser, default=2, help="torch threads in each measurement")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -17,7 +17,6 @@ new ids). Prints a Markdown report (and --json FILE writes the numbers).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import json
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from bench import options
 
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = REPO.parent / "shared" / "data" / "coco128"
@@ -237,12 +238,10 @@ def bytes_by_column(shards: Path) -> tuple[int, dict[str, float]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="coco")
-    parser.add_argument("--images", type=int, default=128, help="images at 1x (4x for the memory run)")
+    parser = options.parser(__doc__)
+    options.add_sample(parser, images_help="images at 1x (4x for the memory run)")
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", default=None)
-    parser.add_argument("--json", default=None, help="also write the numbers here")
     args = parser.parse_args()
 
     from mrcnn.config import load_config

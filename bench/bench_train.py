@@ -12,7 +12,6 @@ Peak RSS of this process is printed too. Shards are made from a synthetic datase
 
 from __future__ import annotations
 
-import argparse
 import resource
 import statistics
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 import ray
 import torch
 
+from bench import options
 from mrcnn.config import load_config
 from mrcnn.model import build_model
 from pipelines.data.coco import split_paths
@@ -85,7 +85,7 @@ def workers_compare(shards: str, config, steps: int, root: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = options.parser(__doc__)
     parser.add_argument("--preset", default="shapes")
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--batches", type=int, default=10)

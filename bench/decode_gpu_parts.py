@@ -11,7 +11,6 @@ times the CPU path only.
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench import options
 from mrcnn.config import load_config
 from mrcnn.geometry import resize_geometry
 from pipelines.data.images import decode_canvas, decode_image, decode_resize
@@ -128,12 +128,10 @@ def format_decode(results: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="coco")
-    parser.add_argument("--images", type=int, default=64)
+    parser = options.parser(__doc__)
+    options.add_sample(parser, images=64)
     parser.add_argument("--batch", type=int, default=8, help="images per decode_canvas call")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--json", default=None)
     args = parser.parse_args()
     results = measure_decode(preset=args.preset, images=args.images, batch=args.batch, repeats=args.repeats)
     print(format_decode(results))

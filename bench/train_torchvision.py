@@ -15,7 +15,6 @@ compares with `tune_preset.py --min-confidence 0.05` run on shards of the same d
 
 from __future__ import annotations
 
-import argparse
 import ast
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from bench import options
 from mrcnn.config import load_config
 from pipelines.data.coco import load_image_rgb
 from pipelines.evaluation.coco_eval import evaluate_detections
@@ -105,13 +105,12 @@ def hflip(pixels: torch.Tensor, target: dict) -> tuple[torch.Tensor, dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = options.parser(__doc__)
     parser.add_argument("--dataset", required=True, help="COCO layout: annotations/instances_<split>.json, <split>/")
-    parser.add_argument("--config", default="shapes")
-    parser.add_argument("--set", action="append", default=[])
+    options.add_config(parser, shards=False)
     parser.add_argument("--tv", action="append", default=[], help="MaskRCNN keyword NAME=VALUE")
     parser.add_argument("--our-heads", action="store_true", help="head widths, RoI and proposal counts of --config")
-    parser.add_argument("--threads", type=int, default=1)
+    options.add_threads(parser)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

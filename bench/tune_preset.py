@@ -12,7 +12,6 @@ first 48 training images (under- or over-fitting) and on the validation split.
 
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
+from bench import options
 from mrcnn.config import load_config
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
@@ -59,11 +59,9 @@ def coco_metrics(model, batches, annotations: str, coco_ids: list[int]) -> dict[
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--shards", required=True)
-    parser.add_argument("--config", default="shapes")
-    parser.add_argument("--set", action="append", default=[])
-    parser.add_argument("--threads", type=int, default=1)
+    parser = options.parser(__doc__)
+    options.add_config(parser)
+    options.add_threads(parser)
     parser.add_argument("--min-confidence", type=float, default=None, help="detection threshold for the eval")
     parser.add_argument("--save", default=None, help="write the final weights here")
     parser.add_argument("--load", default=None, help="evaluate these weights, no training")

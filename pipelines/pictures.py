@@ -1,4 +1,4 @@
-"""Pictures for people: predictions drawn on images, loss curves; PNG files for MLflow artifacts.
+"""Pictures for people: predictions drawn on images; PNG files for MLflow artifacts.
 
 Everything draws on `matplotlib.figure.Figure` objects rendered by the Agg canvas, never through `pyplot`:
 no display is needed, no global figure state is kept (so nothing leaks between Ray tasks or threads), and
@@ -31,7 +31,6 @@ from pipelines.infra.storage import write_bytes
 
 __all__ = [
     "draw_instances",
-    "loss_curves_figure",
     "overlay_color",
     "predictions_grid",
     "save_figure",
@@ -193,80 +192,4 @@ def predictions_grid(
         )
         if item.get("title"):
             ax.set_title(str(item["title"]), fontsize=9)
-    return save_figure(fig, path)
-
-
-def _ema(values: np.ndarray, decay: float) -> np.ndarray:
-    """Exponential moving average with bias correction (the first points are not pulled towards 0)."""
-    out = np.empty_like(values, dtype=np.float64)
-    acc = 0.0
-    for i, v in enumerate(values):
-        acc = decay * acc + (1.0 - decay) * float(v)
-        out[i] = acc / (1.0 - decay ** (i + 1))
-    return out
-
-
-def loss_curves_figure(
-    history: dict[str, Sequence[tuple[float, float]]],
-    path: str | os.PathLike,
-    *,
-    cols: int = 3,
-    panel_size: tuple[float, float] = (4.0, 3.0),
-    dpi: int = 100,
-    smoothing: float = 0.9,
-) -> str:
-    """Training curves, one panel per series (each at its own scale), saved as PNG; returns the path.
-
-    history: name -> [(step, value), ...], e.g. {"loss_rpn_cls": [(0, 0.69), (20, 0.41)], "lr": [...]}.
-    Series whose name contains "loss" and whose values are all > 0 get a log y axis (losses fall by
-    orders of magnitude); with more than 20 points their raw curve is drawn faint and an exponential moving
-    average (`smoothing`) over it. Each panel's title gives the series' last value.
-    The PNG is (min(cols, K) * panel_size[0] * dpi) x (ceil(K / cols) * panel_size[1] * dpi) pixels for K series.
-    """
-    if not history:
-        raise ValueError("loss_curves_figure needs at least one series")
-    names = list(history)
-    ncols = min(cols, len(names))
-    nrows = math.ceil(len(names) / ncols)
-    fig = Figure(figsize=(ncols * panel_size[0], nrows * panel_size[1]), dpi=dpi)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
-    for index, ax in enumerate(axes.ravel()):
-        if index >= len(names):
-            ax.axis("off")
-            continue
-        name = names[index]
-        points = sorted((float(s), float(v)) for s, v in history[name])
-        is_loss = "loss" in name
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(True, alpha=0.3)
-        if not points:
-            ax.set_title(name, fontsize=10)
-            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
-            continue
-        steps = np.array([p[0] for p in points])
-        values = np.array([p[1] for p in points])
-        finite = np.isfinite(values)
-        if is_loss and finite.sum() > 20:
-            # noisy per-step losses: faint raw curve, smoothed trend on top (a schedule like lr is not smoothed)
-            ax.plot(steps, values, color="C0", alpha=0.3, linewidth=0.8)
-            ax.plot(steps[finite], _ema(values[finite], smoothing), color="C0", linewidth=1.5)
-        else:
-            ax.plot(steps, values, color="C0", marker="o" if len(points) < 3 else None, linewidth=1.5)
-        if is_loss and finite.any() and (values[finite] > 0).all():
-            ax.set_yscale("log")
-            ax.tick_params(which="both", labelsize=7)  # log axes label minor ticks too
-        last = values[finite][-1] if finite.any() else float("nan")
-        ax.set_title(f"{name}  (last {last:.4g})", fontsize=10)
-    # fixed margins in inches (room for tick labels, x label and title) instead of tight_layout, which
-    # measures every tick label and costs about a second per figure
-    fig_w, fig_h = fig.get_size_inches()
-    fig.subplots_adjust(
-        left=0.7 / fig_w,
-        right=1 - 0.15 / fig_w,
-        bottom=0.45 / fig_h,
-        top=1 - 0.3 / fig_h,
-        wspace=0.9 / panel_size[0],
-        hspace=0.95 / panel_size[1],
-    )
     return save_figure(fig, path)

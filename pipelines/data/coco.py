@@ -14,13 +14,9 @@ A reason is a stable slug, then a colon and detail: `duplicate_image_id`, `malfo
 `box_outside_image`, `bbox_clipped`, `area_recomputed`. `action` is "skipped" or "repaired" (`bbox_clipped`,
 `area_recomputed`, and `degenerate_polygon` when other polygon parts remain).
 
-What counts as well-formed: ids are JSON integers (not booleans) in int64 range; an image's height and width
-are positive integers, at most 2**20 each and under 2**29 pixels in all (what pycocotools' masks and run lengths
-hold); `iscrowd` is absent, 0 or 1 (or a JSON boolean); a polygon part has >= 3 finite (x, y) points, none
-farther outside the image than the image's own size; an RLE has `size` [height, width] as integers and
-`counts` that cover exactly height * width pixels (a list of non-negative integers, or a string in
-pycocotools' compressed format). The first record with an id claims it, even when that record is skipped:
-later records with the same id are duplicates, and annotations of a skipped image are `skipped_image`.
+What counts as well-formed is said in `pipelines.data.coco_checks`. The first record with an id claims it, even
+when that record is skipped: later records with the same id are duplicates, and annotations of a skipped image
+are `skipped_image`.
 
 Image files are not checked here (a listing of a bucket costs more than the checks are worth); the
 preprocess workers decode them with `load_image_rgb`, which names what is wrong with a bad file.
@@ -32,7 +28,6 @@ import contextlib
 import hashlib
 import io
 import json
-import math
 import os
 import posixpath
 import re
@@ -45,6 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
 from pipelines.data.categories import CategoryMap
+from pipelines.data.coco_checks import check_segmentation, image_problem, is_int, is_number, short
 from pipelines.data.errors import DatasetError, ImageError, UnsafePathError
 from pipelines.data.images import loader_reads
 from pipelines.infra.storage import is_uri, read_bytes
@@ -111,13 +107,19 @@ def _is_utf8(text: str) -> bool:
     return True
 
 
-def _load_json(annotations: str) -> tuple[dict[str, Any], str]:
+def _read(path: str, what: str, error: type[Exception]) -> bytes:
+    """The bytes of a local file or URI, or `error` naming it: `<what> file not found: PATH` (missing, a folder, or
+    under something that is not one), `cannot read <what> file PATH: <why>` (any other OSError)."""
     try:
-        raw = read_bytes(annotations)
+        return read_bytes(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise DatasetError(f"annotations file not found: {annotations}") from e
+        raise error(f"{what} file not found: {path}") from e
     except OSError as e:
-        raise DatasetError(f"cannot read annotations file {annotations}: {e}") from e
+        raise error(f"cannot read {what} file {path}: {e}") from e
+
+
+def _load_json(annotations: str) -> tuple[dict[str, Any], str]:
+    raw = _read(annotations, "annotations", DatasetError)
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -136,107 +138,6 @@ def _load_json(annotations: str) -> tuple[dict[str, Any], str]:
     if not isinstance(data.get("annotations", []), list):
         raise DatasetError(f"annotations file {annotations}: 'annotations' is not a list")
     return data, hashlib.sha256(raw).hexdigest()
-
-
-_MAX_SIDE = 2**20  # pixels per image side: polygon points (x 5, in C ints) stay far from overflowing
-_MAX_PIXELS = 2**29  # pixels per image: the longest run pycocotools' compressed RLE reader decodes exactly
-
-
-def _is_int(v: Any) -> bool:
-    """A JSON integer, not a boolean, in int64 range (what the shards' Arrow columns hold)."""
-    return type(v) is int and -(2**63) <= v < 2**63
-
-
-def _is_number(v: Any) -> bool:
-    """A finite int or float, not a boolean (ints too large for a float are not numbers here)."""
-    if type(v) not in (int, float):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
-def _short(v: Any, n: int = 60) -> str:
-    text = repr(v)
-    return text if len(text) <= n else text[: n - 3] + "..."
-
-
-def _rle_string_counts(s: str) -> list[int] | None:
-    """Run lengths of a compressed COCO RLE string (pycocotools' `rleFrString`), None when it is not one.
-
-    pycocotools' C reader trusts its input: characters outside '0'..'o', a string ending inside a number or a
-    number of more than 6 characters read past the string or overflow. Checked here instead, in Python.
-    """
-    counts: list[int] = []
-    p, n = 0, len(s)
-    while p < n:
-        x, k, more = 0, 0, True
-        while more:
-            if p >= n or k >= 6:
-                return None
-            c = ord(s[p]) - 48
-            if not 0 <= c < 64:
-                return None
-            x |= (c & 0x1F) << (5 * k)
-            more = bool(c & 0x20)
-            p, k = p + 1, k + 1
-            if not more and c & 0x10:
-                x |= -1 << (5 * k)
-        if len(counts) > 2:
-            x += counts[-2]
-        counts.append(x)
-    return counts
-
-
-def _check_segmentation(seg: Any, height: int, width: int) -> tuple[Any, str | None, str | None]:
-    """(segmentation to keep or None, skip reason, repair reason)."""
-    if isinstance(seg, list):
-        parts = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
-                 and all(_is_number(v) for v in p)]
-        if not parts:
-            return None, f"degenerate_polygon: no polygon with >= 3 points among {len(seg)} part(s)", None
-        # pycocotools rasterises a polygon along its whole outline: far-off points cost memory without bound
-        if not all(-width <= x <= 2 * width for p in parts for x in p[0::2]) or \
-                not all(-height <= y <= 2 * height for p in parts for y in p[1::2]):
-            return None, (f"malformed_segmentation: polygon points farther outside the {width}x{height} image "
-                          "than its size"), None
-        if len(parts) < len(seg):
-            return parts, None, f"degenerate_polygon: dropped {len(seg) - len(parts)} of {len(seg)} part(s)"
-        return seg, None, None
-    if isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        size = seg["size"]
-        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)
-                and size == [height, width]):
-            return None, f"malformed_segmentation: RLE size {_short(size)} is not the image's [{height}, {width}]", \
-                None
-        counts = seg["counts"]
-        if isinstance(counts, list):
-            if not all(_is_int(c) and c >= 0 for c in counts) or sum(counts) != height * width:
-                return None, "malformed_segmentation: uncompressed RLE counts do not cover the image", None
-        elif isinstance(counts, str):
-            runs = _rle_string_counts(counts)
-            if runs is None:
-                return None, "malformed_segmentation: RLE counts string is not compressed RLE", None
-            if any(r < 0 for r in runs) or sum(runs) != height * width:
-                return None, "malformed_segmentation: compressed RLE counts do not cover the image", None
-        else:
-            return None, "malformed_segmentation: RLE counts neither str nor list", None
-        return seg, None, None
-    return None, f"malformed_segmentation: {type(seg).__name__} is neither polygons nor RLE", None
-
-
-def _image_problem(img: Any) -> str | None:
-    """Why an image record is malformed, or None."""
-    if not isinstance(img, dict):
-        return f"record is a {type(img).__name__}, not an object"
-    height, width = img.get("height"), img.get("width")
-    if not (_is_int(img.get("id")) and isinstance(img.get("file_name"), str) and _is_int(height)
-            and _is_int(width) and height > 0 and width > 0):
-        return "needs int id, str file_name, positive int height/width"
-    if max(height, width) > _MAX_SIDE or height * width >= _MAX_PIXELS:
-        return f"{width}x{height} is beyond 2**20 pixels a side or 2**29 in all"
-    return None
 
 
 def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -> SplitSource:
@@ -268,8 +169,8 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
     for img in data["images"]:
         image_id = img.get("id") if isinstance(img, dict) else None
         file_name = img.get("file_name") if isinstance(img, dict) else None
-        problem = _image_problem(img)
-        first = _is_int(image_id) and image_id not in claimed
+        problem = image_problem(img)
+        first = is_int(image_id) and image_id not in claimed
         if first:
             claimed[image_id] = file_name
         if problem is not None:
@@ -279,7 +180,7 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
             continue
         if not first:
             report(image_id, file_name, None,
-                   f"duplicate_image_id: id {image_id} already used by {_short(claimed[image_id])}")
+                   f"duplicate_image_id: id {image_id} already used by {short(claimed[image_id])}")
             continue
         try:
             path = safe_image_path(images_root, file_name)
@@ -295,19 +196,19 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
     for ann in data.get("annotations", []):
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
-        img = images.get(image_id) if _is_int(image_id) else None
+        img = images.get(image_id) if is_int(image_id) else None
         file = img["file_name"] if img else None
         bbox = ann.get("bbox") if isinstance(ann, dict) else None
-        duplicate = _is_int(ann_id) and ann_id in ann_ids
-        if _is_int(ann_id):
+        duplicate = is_int(ann_id) and ann_id in ann_ids
+        if is_int(ann_id):
             ann_ids.add(ann_id)
-        if not (isinstance(ann, dict) and _is_int(ann_id) and _is_int(image_id)
-                and isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)
+        if not (isinstance(ann, dict) and is_int(ann_id) and is_int(image_id)
+                and isinstance(bbox, list) and len(bbox) == 4 and all(is_number(v) for v in bbox)
                 and "category_id" in ann):
             report(image_id, file, ann_id, "malformed_annotation: needs int id/image_id, category_id, 4-number bbox")
             continue
         if ann.get("iscrowd", 0) not in (0, 1):  # 0, 1, 0.0, 1.0 and JSON booleans
-            report(image_id, file, ann_id, f"malformed_annotation: iscrowd {_short(ann['iscrowd'])} is not 0 or 1")
+            report(image_id, file, ann_id, f"malformed_annotation: iscrowd {short(ann['iscrowd'])} is not 0 or 1")
             continue
         if duplicate:
             report(image_id, file, ann_id, f"duplicate_annotation_id: id {ann_id} already used by an annotation")
@@ -318,11 +219,11 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
             else:
                 report(image_id, None, ann_id, f"missing_image_record: no image with id {image_id}")
             continue
-        if not _is_int(ann["category_id"]) or ann["category_id"] not in categories:
-            report(image_id, file, ann_id, f"unknown_category: category id {_short(ann['category_id'])}")
+        if not is_int(ann["category_id"]) or ann["category_id"] not in categories:
+            report(image_id, file, ann_id, f"unknown_category: category id {short(ann['category_id'])}")
             continue
         height, width = img["height"], img["width"]
-        segmentation, skip, repair = _check_segmentation(ann.get("segmentation"), height, width)
+        segmentation, skip, repair = check_segmentation(ann.get("segmentation"), height, width)
         if skip:
             report(image_id, file, ann_id, skip)
             continue
@@ -342,10 +243,10 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
                    action="repaired")
         iscrowd = 1 if ann.get("iscrowd") in (1, True) else 0
         area = ann.get("area")
-        if not (_is_number(area) and area >= 0):  # absent or null: computed; anything else: computed, reported
+        if not (is_number(area) and area >= 0):  # absent or null: computed; anything else: computed, reported
             computed = float(mask_utils.area(_to_rle(segmentation, height, width)))
             if area is not None:
-                report(image_id, file, ann_id, f"area_recomputed: area {_short(area)} -> {computed}",
+                report(image_id, file, ann_id, f"area_recomputed: area {short(area)} -> {computed}",
                        action="repaired")
             area = computed
         kept_anns.append({**ann, "bbox": bbox, "segmentation": segmentation, "iscrowd": iscrowd, "area": area})
@@ -418,12 +319,7 @@ def read_image(path: str | os.PathLike, *, pixels: bool = True) -> SourceImage:
     truncated or corrupt file fails just the same, and `pixels` is None. Other files are decoded in full.
     """
     path = os.fspath(path)
-    try:
-        raw = read_bytes(path)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
-        raise ImageError(f"image file not found: {path}") from e
-    except OSError as e:
-        raise ImageError(f"cannot read image file {path}: {e}") from e
+    raw = _read(path, "image", ImageError)
     if not raw:
         raise ImageError(f"empty image file (0 bytes): {path}")
     try:

@@ -5,9 +5,9 @@
 The annotations are read and checked once on the driver (`pipelines.data.coco.read_split`, pycocotools).
 Their image records become ONE Ray Data dataset over all splits; an autoscaling pool of `RowMaker` actors
 (one CPU each, up to every CPU of the cluster) turns each record into one shard row (docs/design.md, "What a
-shard row holds", schema v1): the decoded image resized and re-encoded, contiguous class ids, gt boxes from
-the annotation's `bbox`, bit-packed mini-masks, crowd boxes and sparse RPN targets from the model's own
-`compute_rpn_targets`. A `ShardDatasink` streams the rows into `<split>/part-*.parquet` files in the write
+shard row holds", schema v2): the source file's bytes (not resized: the reader resizes), contiguous class ids,
+and in the resized frame gt boxes, bit-packed mini-masks, crowd boxes and sparse RPN targets from the model's
+own `compute_rpn_targets`. A `ShardDatasink` streams the rows into `<split>/part-*.parquet` files in the write
 tasks and hands back only counts and skip reports, so the driver never holds image rows and memory stays
 flat whatever the dataset size.
 

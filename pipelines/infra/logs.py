@@ -8,7 +8,9 @@ library does to the root logger, and libraries' records never take the project's
 
 The console is the project's: `setup_logging(log_file=PATH)` sends the libraries' records (Ray, Ray Data, MLflow,
 ...) and Python warnings to PATH instead of the terminal, unless `verbose=True`; the project's lines go to both.
-What Ray forwards from its workers is sorted the same way by `pipelines.infra.ray_env` (`is_project_line`).
+What Ray forwards from its workers is sorted the same way by `pipelines.infra.ray_env` (`is_project_line`), and
+Ray's progress bars too (`sort_progress_bars`): one live bar per dataset on a terminal; elsewhere (a Ray job's
+log, CI, `| tee`) lines in the log file, so that the console keeps the project's own progress lines.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from pipelines.infra import logs
 
 # Ray's workers' output as the driver receives it, when the console is the project's: to the log file
 WORKER_OUTPUT_LOGGER = "ray.worker_output"
+# Ray's progress bars as lines, where the console is not a terminal and is the project's: to the log file
+PROGRESS_BARS_LOGGER = "ray.progress_bars"
 
 
 def worker_env_vars() -> dict[str, str]:
@@ -51,6 +53,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, quiet: 
 
     if ray.is_initialized():
         return "existing"
+    # importing Ray gave its loggers a console handler: Ray's start-up lines ("Started a local Ray instance", the
+    # token authentication warning) go to the log file like its other records (unless verbose)
+    logs.route_library_logs()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         sort_worker_output()
@@ -111,40 +116,57 @@ class PlainBars:
         return f"{name}: {done} {unit} ({rate:.1f} {unit}/s)"
 
 
-def plain_progress_bars(plain: bool | None = None) -> bool:
-    """Where stderr (tqdm's stream) is not a terminal, or `plain` says so: the driver's tqdm_ray manager, which
-    draws the bars of the driver's own datasets and those the workers send, gives `PlainBars` lines through the
-    project's `data` logger instead. Returns whether it does. (`tqdm_ray.instance().process_state_update` is
-    Ray's, not a public switch; without it Ray draws its bars as it does.)"""
+def sort_progress_bars(terminal: bool | None = None) -> str:
+    """How the driver shows Ray's progress bars: the tqdm_ray manager that draws the bars of the driver's own
+    datasets and those Ray's workers send (a Ray Data dataset gives one bar and one per operator) is wrapped.
+
+    - "live": on a terminal (stderr a tty, or `terminal=True`), one live bar per dataset, the operators' bars
+      left out, so a stage shows one bar;
+    - "file": elsewhere (a Ray job's log, CI, `| tee`), where tqdm's redraws would be lines of escape codes, the
+      bars as `PlainBars` lines to the log file (PROGRESS_BARS_LOGGER): the console keeps the project's lines;
+    - "console": the same lines as the project's `[data]` lines, when the libraries may write to the console
+      (`logs.verbose()`: no log file or `--verbose`);
+    - "ray": Ray draws its bars as it does (verbose on a terminal, or a Ray whose manager this does not know).
+
+    Returns which. (`tqdm_ray.instance().process_state_update` is Ray's, not a public switch.)"""
     from ray.experimental import tqdm_ray
 
     manager = tqdm_ray.instance()
     current = getattr(manager, "process_state_update", None)
     if not callable(current):
-        return False
+        return "ray"
     original = getattr(current, "__wrapped__", current)
-    if plain is None:
-        plain = not sys.stderr.isatty()
-    if not plain:
+    if terminal is None:
+        terminal = sys.stderr.isatty()
+    if terminal and logs.verbose():
         manager.process_state_update = original
-        return False
-    bars, log = PlainBars(), logs.get_logger("data")
+        return "ray"
+    if terminal:
+        def update(state: dict[str, Any]) -> None:
+            if not _OPERATOR_NAME.match(str(state.get("desc") or "")):
+                original(state)
 
-    def update(state: dict[str, Any]) -> None:
-        text = bars(state)
-        if text:
-            log.info("%s", text)
+        mode = "live"
+    else:
+        bars = PlainBars()
+        mode = "console" if logs.verbose() else "file"
+        log = logs.get_logger("data") if mode == "console" else logging.getLogger(PROGRESS_BARS_LOGGER)
+
+        def update(state: dict[str, Any]) -> None:
+            text = bars(state)
+            if text:
+                log.info("%s", text)
 
     update.__wrapped__ = original  # type: ignore[attr-defined]
     manager.process_state_update = update
-    return True
+    return mode
 
 
 def worker_output_router(original: Callable[..., None]) -> Callable[..., None]:
     """Ray's `print_to_stdstream(data, ignore_prefix)` (what the driver does with each batch of a worker's
     output lines and the raylet's messages) keeping the console for the project's lines (`[stage] message`,
     shown without Ray's `(pid=...)` prefix) and Ray's progress bars (tqdm_ray's state lines, drawn by Ray's
-    tqdm_ray manager: `plain_progress_bars`); every other line goes to the log file through the
+    tqdm_ray manager: `sort_progress_bars`); every other line goes to the log file through the
     WORKER_OUTPUT_LOGGER logger, with the worker it came from."""
     from ray.experimental.tqdm_ray import RAY_TQDM_MAGIC
 
@@ -170,7 +192,7 @@ def worker_output_router(original: Callable[..., None]) -> Callable[..., None]:
 def sort_worker_output() -> bool:
     """Put `worker_output_router` between Ray's workers and the driver's console when the project's logging has
     a log file and is not verbose (`logs.verbose()`); before `ray.init`, which hands Ray's printing function to
-    its log thread; and Ray's bars as the project's lines where stderr is not a terminal (`plain_progress_bars`).
+    its log thread; and Ray's bars as `sort_progress_bars` says.
     Returns whether the router is in place. (A private Ray function: Ray's public switch,
     `log_to_driver=False`, would silence the project's lines from the workers as well.)"""
     from ray._private import worker
@@ -179,7 +201,7 @@ def sort_worker_output() -> bool:
         logging.getLogger(WORKER_OUTPUT_LOGGER).warning(
             "this Ray has no ray._private.worker.print_to_stdstream: its workers' output is not sorted")
         return False
-    plain_progress_bars()
+    sort_progress_bars()
     current = worker.print_to_stdstream
     original = getattr(current, "__wrapped__", current)
     if logs.verbose():

@@ -289,9 +289,10 @@ def checkpoint_uri(checkpoint: Any, storage: str) -> str:
 def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, config: Config, num_classes: int) -> None:
     """The final weights as an MLflow PyTorch model, loadable with `mlflow.pytorch.load_model`; the model
     carries its config and category map (`model.mrcnn_meta`) so it predicts without the shards."""
+    from importlib.metadata import version
+
     import mlflow
     import mlflow.pytorch
-
 
     state = load_checkpoint(checkpoint_dir)
     model = build_model(config, num_classes=num_classes)
@@ -307,9 +308,9 @@ def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, conf
             serialization_format="pickle",
             code_paths=[str(Path(mrcnn.__file__).parent), str(Path(pipelines.__file__).parent)],
             # given, not inferred: inference imports the model in a subprocess, slow and pointless here
-            pip_requirements=[
-                "torch==2.14.1", "torchvision==0.29.1", "pycocotools>=2.0.11", "numpy>=2.4", "pyyaml>=6",
-            ],
+            # torch and torchvision as this process runs them, without a local tag (`2.11.0+cu130` -> 2.11.0)
+            pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision")]
+            + ["pycocotools>=2.0.11", "numpy>=2.4", "pyyaml>=6"],
         )
 
 

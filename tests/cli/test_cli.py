@@ -35,6 +35,13 @@ def test_every_command_help_shows_an_example(command):
     assert "Example" in result.output and "mrcnn-cli" in result.output
 
 
+
+def test_help_says_preprocess_keeps_the_source_image_bytes():
+    """Shard schema v2 stores each image file's bytes; the reader resizes (docs/design.md, "What a shard row holds")."""
+    result = runner.invoke(app, ["--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "source image bytes" in result.output and "resized images" not in result.output
+
 def test_inspect_gt_from_a_dataset(synth_dataset, tmp_path):
     out = tmp_path / "gt.png"
     result = runner.invoke(app, ["inspect", "gt", "--dataset", str(synth_dataset), "--split", "val2017",

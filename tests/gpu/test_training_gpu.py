@@ -1,8 +1,10 @@
-"""Training on a CUDA GPU: the `coco` geometry under the chosen AMP, CPU/CUDA agreement of the sub-nets, empty
-cases, checkpoints across devices. Marker `gpu`: skipped without CUDA (tests/conftest.py). Imports only torch,
-torchvision, numpy and the project (the GPU machine has no Ray, MLflow or pycocotools).
+"""Training on a device: the `coco` geometry under the chosen AMP, the sub-nets on the device agreeing with the CPU,
+empty cases, checkpoints across devices. Each check runs on the CPU always and on CUDA where present
+(tests/support/devices.py: the cuda cases carry the `gpu` marker, skipped without CUDA by tests/conftest.py), so
+CI runs the GPU path's code on the CPU. Imports only torch, torchvision, numpy and the project (the GPU machine
+has no Ray, MLflow or pycocotools).
 
-    python -m pytest tests/gpu -m gpu -q
+    python -m pytest tests/gpu -m gpu -q     # the cuda cases only
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pipelines.training.checkpoints import load_checkpoint, load_model_state, sa
 from pipelines.training.optim import build_optimizer, build_scheduler
 from pipelines.training.precision import resolve_precision
 from pipelines.training.step import StepRunner
+from tests.support.devices import DEVICES
 from tests.support.synthetic_batch import loader_batch, random_instances
 
-pytestmark = pytest.mark.gpu
-CUDA, CPU = torch.device("cuda"), torch.device("cpu")
+CPU = torch.device("cpu")
+on_each_device = pytest.mark.parametrize("device", DEVICES)
 
 
 def _runner(model, device, precision):
@@ -41,12 +44,15 @@ def _model_and_batch(config, n=2, instances=3, empty=(), num_classes=81, seed=0)
     return model, loader_batch(config, model.anchors, images, per_image)
 
 
-def test_coco_geometry_at_batch_2_gives_finite_losses_and_one_step_changes_the_weights():
+@pytest.mark.slow  # on the CPU: 40 s or more
+@on_each_device
+def test_coco_geometry_at_batch_2_gives_finite_losses_and_one_step_changes_the_weights(device, one_thread):
     model, batch = _model_and_batch(coco())
-    model = model.to(CUDA)
-    precision = resolve_precision("auto", CUDA)
-    assert precision.dtype is not None  # autocast on every GPU: bf16 where it exists, else fp16 with a scaler
-    runner = _runner(model, CUDA, precision)
+    model = model.to(device)
+    precision = resolve_precision("auto", device)
+    # autocast on every GPU (bf16 where it exists, else fp16 with a scaler); none on the CPU
+    assert (precision.dtype is not None) == (device.type == "cuda")
+    runner = _runner(model, device, precision)
     before = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
     result = runner(batch, step=0)
     assert result.finite and all(torch.isfinite(torch.tensor(list(result.losses.values()))))
@@ -54,22 +60,26 @@ def test_coco_geometry_at_batch_2_gives_finite_losses_and_one_step_changes_the_w
     assert len(changed) > 0.9 * len(before), f"only {len(changed)} of {len(before)} parameters moved"
 
 
+@on_each_device
 @pytest.mark.parametrize("amp", ["bf16", "fp16", "off"])
-def test_every_amp_choice_trains_a_step_on_cuda(amp):
+def test_every_amp_choice_trains_a_step(amp, device, one_thread):
     model, batch = _model_and_batch(shapes(), num_classes=4)
-    runner = _runner(model.to(CUDA), CUDA, resolve_precision(amp, CUDA))
+    runner = _runner(model.to(device), device, resolve_precision(amp, device))
     assert runner(batch, step=0).finite
     assert (runner.scaler is not None) == (amp == "fp16")
 
 
-def test_sparse_rpn_deltas_densify_on_cuda_as_on_cpu():
+@on_each_device
+def test_sparse_rpn_deltas_densify_on_the_device_as_on_cpu(device):
     model, batch = _model_and_batch(coco())
     on_cpu = densify_rpn_deltas(batch)
-    on_cuda = densify_rpn_deltas(to_device(batch, CUDA))
-    assert on_cuda["rpn_deltas"].is_cuda and torch.equal(on_cuda["rpn_deltas"].cpu(), on_cpu["rpn_deltas"])
+    on_device = densify_rpn_deltas(to_device(batch, device))
+    assert on_device["rpn_deltas"].device.type == device.type
+    assert torch.equal(on_device["rpn_deltas"].cpu(), on_cpu["rpn_deltas"])
 
 
-def test_proposals_agree_on_cpu_and_cuda():
+@on_each_device
+def test_proposals_agree_on_cpu_and_the_device(device):
     config = coco()
     model, batch = _model_and_batch(config)
     gen = torch.Generator().manual_seed(0)
@@ -78,14 +88,15 @@ def test_proposals_agree_on_cpu_and_cuda():
     deltas = torch.randn(2, a, 4, generator=gen) * 0.5
     settings, post = model.proposal_settings, config.rpn.post_nms_train
     cpu, _ = settings.propose(objectness, deltas, model.anchors, batch["windows"], post_nms_topk=post)
-    cuda, _ = settings.propose(objectness.to(CUDA), deltas.to(CUDA), model.anchors.to(CUDA),
-                               batch["windows"].to(CUDA), post_nms_topk=post)
-    for p, q in zip(cpu, cuda, strict=True):
+    out, _ = settings.propose(objectness.to(device), deltas.to(device), model.anchors.to(device),
+                              batch["windows"].to(device), post_nms_topk=post)
+    for p, q in zip(cpu, out, strict=True):
         assert p.shape == q.shape
         torch.testing.assert_close(q.cpu(), p, rtol=0, atol=1e-3)
 
 
-def test_roi_pooling_agrees_on_cpu_and_cuda():
+@on_each_device
+def test_roi_pooling_agrees_on_cpu_and_the_device(device):
     config = coco()
     model, _ = _model_and_batch(config)
     gen = torch.Generator().manual_seed(1)
@@ -96,11 +107,13 @@ def test_roi_pooling_agrees_on_cpu_and_cuda():
     wh = torch.rand(200, 2, generator=gen) * 290 + 4  # every FPN level gets RoIs
     rois = torch.cat([torch.randint(0, 2, (200, 1), generator=gen).float(), xy, xy + wh], dim=1)
     cpu = model.pool_settings.pool(pyramid, rois, output_size=7)
-    cuda = model.pool_settings.pool([p.to(CUDA) for p in pyramid], rois.to(CUDA), output_size=7)
-    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-4, atol=1e-4)
+    out = model.pool_settings.pool([p.to(device) for p in pyramid], rois.to(device), output_size=7)
+    assert out.device.type == device.type
+    torch.testing.assert_close(out.cpu(), cpu, rtol=1e-4, atol=1e-4)
 
 
-def test_mask_targets_agree_on_cpu_and_cuda():
+@on_each_device
+def test_mask_targets_agree_on_cpu_and_the_device(device):
     """Proposals = the gt boxes shifted by a pixel, all of them positive and all sampled: the same RoIs on both
     devices (in their own random order), so each RoI's class, deltas and mask target must agree."""
     config = coco()
@@ -111,20 +124,21 @@ def test_mask_targets_agree_on_cpu_and_cuda():
               "bbox_std": (0.1, 0.1, 0.2, 0.2), "mask_size": 28}
     keys = ("gt_class_ids", "gt_boxes", "gt_mini_masks", "crowd_boxes")
     on = []
-    for device in (CPU, CUDA):
-        t = sample_detection_targets([p.to(device) for p in proposals],
-                                     **{k: batch[k].to(device) for k in keys}, **kwargs)
+    for where in (CPU, device):
+        t = sample_detection_targets([p.to(where) for p in proposals],
+                                     **{k: batch[k].to(where) for k in keys}, **kwargs)
         rois = t.rois_with_index().cpu()
         order = sorted(range(len(rois)), key=lambda r: tuple(rois[r].tolist()))
         on.append((rois[order], t.class_ids.cpu()[order], t.deltas.cpu()[order],
                    t.masks.cpu()[[i for i in order if t.class_ids[i] > 0]]))  # positives come first, as masks
-    on_cpu, on_cuda = on
+    on_cpu, on_device = on
     assert len(on_cpu[0]) == 20 and (on_cpu[1] > 0).all()
-    for got, want in zip(on_cuda, on_cpu, strict=True):
+    for got, want in zip(on_device, on_cpu, strict=True):
         torch.testing.assert_close(got.float(), want.float(), rtol=1e-4, atol=1e-4)
 
 
-def test_detections_agree_on_cpu_and_cuda():
+@on_each_device
+def test_detections_agree_on_cpu_and_the_device(device):
     gen = torch.Generator().manual_seed(2)
     r, k = 500, 81
     class_logits = torch.randn(r, k, generator=gen) * 4
@@ -136,25 +150,27 @@ def test_detections_agree_on_cpu_and_cuda():
     settings = {"bbox_std": (0.1, 0.1, 0.2, 0.2), "min_confidence": 0.05, "nms_threshold": 0.5, "max_detections": 100,
                 "min_size": 0.01}
     cpu = detect(class_logits, deltas, rois, image_idx, windows, **settings)
-    cuda = detect(*(x.to(CUDA) for x in (class_logits, deltas, rois, image_idx, windows)), **settings)
-    for p, q in zip(cpu, cuda, strict=True):
+    out = detect(*(x.to(device) for x in (class_logits, deltas, rois, image_idx, windows)), **settings)
+    for p, q in zip(cpu, out, strict=True):
         assert torch.equal(q["class_ids"].cpu(), p["class_ids"])
         torch.testing.assert_close(q["boxes"].cpu(), p["boxes"], rtol=0, atol=1e-3)
         torch.testing.assert_close(q["scores"].cpu(), p["scores"], rtol=0, atol=1e-5)
 
 
-def test_the_flip_agrees_on_cpu_and_cuda():
+@on_each_device
+def test_the_flip_agrees_on_cpu_and_the_device(device):
     model, batch = _model_and_batch(coco())
     dense = densify_rpn_deltas(batch)
     which = torch.tensor([True, False])
     cpu = flip_batch(dense, flip_perm=model.flip_perm, which=which)
-    cuda = flip_batch(to_device(dense, CUDA), flip_perm=model.flip_perm.to(CUDA), which=which)
+    out = flip_batch(to_device(dense, device), flip_perm=model.flip_perm.to(device), which=which)
     for key, value in cpu.items():
-        assert torch.equal(cuda[key].cpu(), value), key
+        assert torch.equal(out[key].cpu(), value), key
 
 
+@on_each_device
 @pytest.mark.parametrize("case", ["image without ground truth", "batch without positives", "level without rois"])
-def test_empty_cases_run_forward_and_backward_on_cuda(case):
+def test_empty_cases_run_forward_and_backward(case, device, one_thread):
     config = shapes()
     if case == "image without ground truth":
         model, batch = _model_and_batch(config, empty=(1,), num_classes=4)
@@ -163,20 +179,23 @@ def test_empty_cases_run_forward_and_backward_on_cuda(case):
     else:  # one tiny object: its RoIs all fall on P2, the other levels pool none
         model, batch = _model_and_batch(config, instances=1, num_classes=4)
         batch["gt_boxes"][:, 0] = torch.tensor([10.0, 10.0, 18.0, 18.0])
-    runner = _runner(model.to(CUDA), CUDA, resolve_precision("auto", CUDA))
+    runner = _runner(model.to(device), device, resolve_precision("auto", device))
     assert runner(batch, step=0).finite
 
 
-def test_a_checkpoint_saved_on_cuda_loads_on_cpu(tmp_path):
+@pytest.mark.slow  # on the CPU: fp16 autocast is slow there
+@on_each_device
+def test_a_checkpoint_saved_on_the_device_loads_on_cpu(tmp_path, device, one_thread):
     model, batch = _model_and_batch(shapes(), num_classes=4)
-    runner = _runner(model.to(CUDA), CUDA, resolve_precision("fp16", CUDA))
+    runner = _runner(model.to(device), device, resolve_precision("fp16", device))
     runner(batch, step=0)
-    torch.randn(3, device=CUDA)  # the CUDA generator has been used
+    torch.randn(3, device=device)  # the device's generator has been used
     save_checkpoint(tmp_path / "ck", model=model, optimizer=runner.optimizer, scheduler=runner.scheduler, step=1,
                     epoch=0, batch_in_epoch=1, meta={}, scaler=runner.scaler)
     state = load_checkpoint(tmp_path / "ck", map_location="cpu")
     assert all(v.device.type == "cpu" for v in state.model.values())
-    assert len(state.rng_by_rank[0]["cuda"]) == torch.cuda.device_count()
+    if device.type == "cuda":
+        assert len(state.rng_by_rank[0]["cuda"]) == torch.cuda.device_count()
     assert state.scaler["scale"] == runner.scaler.get_scale()
     fresh = build_model(shapes(), 4)
     load_model_state(fresh, state.model)

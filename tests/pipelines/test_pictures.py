@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from pipelines.infra.storage import write_bytes
-from pipelines.pictures import draw_instances, loss_curves_figure, overlay_color, predictions_grid, save_figure
+from pipelines.pictures import draw_instances, overlay_color, predictions_grid, save_figure
 
 H, W, DPI = 60, 80, 100
 GRAY = 100
@@ -120,31 +120,6 @@ def test_predictions_grid_size(tmp_path):
     assert _read_png(path).shape == (50, 100, 3)
     with pytest.raises(ValueError):
         predictions_grid([], tmp_path / "none.png")
-
-
-def test_loss_curves_figure(tmp_path):
-    history = {
-        "loss_rpn_cls": [(s, 0.7 * np.exp(-s / 50)) for s in range(0, 200, 2)],
-        "loss_mask": [(0, 0.69), (10, 0.5)],
-        "lr": [(s, 0.02 * min(1.0, s / 20)) for s in range(0, 200, 10)],
-        "images_per_s": [],
-    }
-    # 4 series, 3 columns -> 2 rows x 3 columns of (2 x 1.5)-inch panels at 50 dpi
-    path = loss_curves_figure(history, tmp_path / "sub" / "loss.png", panel_size=(2.0, 1.5), dpi=50)
-    png = _read_png(path)
-    assert png.shape == (150, 300, 3)
-    # the curves are drawn in matplotlib's first colour (C0 = #1f77b4, anti-aliased at this size: "bluish");
-    # with no data in any series nothing is
-    assert _bluish(png).sum() > 50
-    no_data = _read_png(loss_curves_figure({"images_per_s": []}, tmp_path / "empty.png", dpi=50))
-    assert _bluish(no_data).sum() == 0
-    with pytest.raises(ValueError):
-        loss_curves_figure({}, tmp_path / "none.png")
-
-
-def _bluish(png: np.ndarray) -> np.ndarray:
-    rgb = png.astype(int)
-    return (rgb[..., 2] - rgb[..., 0] > 60) & (rgb[..., 2] > 120)
 
 
 def test_write_bytes_makes_folders(tmp_path):

@@ -37,7 +37,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mrcnn.config import shapes
-from pipelines.data import coco
+from pipelines.data import coco, coco_checks
 from pipelines.data.coco import annotation_mask, read_split
 from pipelines.data.errors import DatasetError
 from pipelines.data.rows import RowMaker
@@ -564,11 +564,11 @@ def test_compressed_rle_check_agrees_with_pycocotools(hw, data):
     mask = data.draw(st.lists(st.booleans(), min_size=h * w, max_size=h * w).map(
         lambda v: np.asarray(v, np.uint8).reshape((h, w), order="F")))
     text = _rle_string(mask)
-    assert coco._rle_string_counts(text) == _runs(mask)
+    assert coco_checks.rle_string_counts(text) == _runs(mask)
     k = data.draw(st.integers(0, len(text)))
     spoiled = text[:k] + data.draw(st.text(_RLE_CHARS + "~ \u00e9", max_size=2)) + text[k + data.draw(
         st.integers(0, 2)):]
-    runs = coco._rle_string_counts(spoiled)
+    runs = coco_checks.rle_string_counts(spoiled)
     if runs is not None and min(runs, default=0) >= 0 and sum(runs) == h * w:
         flat = np.repeat(np.arange(len(runs)) % 2, runs).astype(np.uint8)
         np.testing.assert_array_equal(mask_utils.decode({"size": [h, w], "counts": spoiled}),

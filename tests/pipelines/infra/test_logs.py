@@ -10,7 +10,13 @@ import warnings
 import pytest
 
 from pipelines.infra import logs
-from pipelines.infra.ray_env import WORKER_OUTPUT_LOGGER, PlainBars, plain_progress_bars, worker_output_router
+from pipelines.infra.ray_env import (
+    PROGRESS_BARS_LOGGER,
+    WORKER_OUTPUT_LOGGER,
+    PlainBars,
+    sort_progress_bars,
+    worker_output_router,
+)
 
 
 @pytest.fixture
@@ -153,18 +159,99 @@ def test_plain_bars_give_a_line_every_so_often_and_one_at_the_end():
     assert bars(_bar(5, 10, closed=True)) == "dataset_12_0: 5 row"
 
 
-def test_plain_progress_bars_take_over_and_give_back_rays_bar_manager(routing, tmp_path):
+@pytest.fixture
+def bar_manager():
+    """Ray's tqdm_ray manager with a recorder as its own `process_state_update` (what Ray would draw), restored
+    afterwards."""
     from ray.experimental import tqdm_ray
 
-    project_console = routing[2]
     manager = tqdm_ray.instance()
     original = manager.process_state_update
-    try:
-        logs.setup_logging(log_file=tmp_path / "run.log")
-        assert plain_progress_bars(True)
-        manager.process_state_update(_bar(944, 944, closed=True))  # what the driver does with a worker's bar
-        assert project_console.getvalue().startswith("[data] dataset_12_0: 944 row\n")
-        assert not plain_progress_bars(False)
-        assert manager.process_state_update == original
-    finally:
-        manager.process_state_update = original
+    drawn = []
+    manager.process_state_update = drawn.append
+    yield manager, drawn
+    manager.process_state_update = original
+
+
+_OPERATOR = "- MapBatches(RowMaker): Tasks: 8; Actors: 4; Queued blocks: 67 (0.0B)"
+
+
+def test_off_a_terminal_rays_bars_go_to_the_log_file_not_the_console(routing, bar_manager, tmp_path):
+    project_console = routing[2]
+    manager, drawn = bar_manager
+    path = tmp_path / "run.log"
+    logs.setup_logging(log_file=path)
+    assert sort_progress_bars(terminal=False) == "file"
+    manager.process_state_update(_bar(400, 944, desc=_OPERATOR, uuid="op"))  # what the driver does with a bar
+    manager.process_state_update(_bar(944, 944, closed=True))
+    for h in logging.getLogger().handlers:
+        h.flush()
+    assert project_console.getvalue() == "" and drawn == []
+    assert f"INFO {PROGRESS_BARS_LOGGER}: dataset_12_0: 944 row" in path.read_text()
+
+
+def test_without_a_log_file_rays_bars_are_the_projects_data_lines(routing, bar_manager):
+    project_console = routing[2]
+    manager, drawn = bar_manager
+    assert sort_progress_bars(terminal=False) == "console"
+    manager.process_state_update(_bar(944, 944, closed=True))
+    assert project_console.getvalue().startswith("[data] dataset_12_0: 944 row\n") and drawn == []
+
+
+def test_on_a_terminal_one_live_bar_per_dataset_and_verbose_gives_rays_manager_back(routing, bar_manager, tmp_path):
+    manager, drawn = bar_manager
+    logs.setup_logging(log_file=tmp_path / "run.log")
+    assert sort_progress_bars(terminal=True) == "live"
+    dataset, operator = _bar(1, 944), _bar(400, 944, desc=_OPERATOR, uuid="op")
+    manager.process_state_update(dataset)
+    manager.process_state_update(operator)
+    assert drawn == [dataset]  # the operators' bars are left out; the dataset's is Ray's live bar
+    assert routing[2].getvalue() == ""
+    logs.setup_logging(verbose=True)
+    assert sort_progress_bars(terminal=True) == "ray"
+    assert manager.process_state_update == drawn.append
+
+
+# a driver that starts its own local Ray (the test session's is up already) with the project's console, as
+# `mrcnn-cli train` does (Ray first imported by `init_ray`, after the log file is set), and a Ray task that runs a
+# Ray Data job and says one project line, as the stages of `mrcnn-cli run` do
+_DRIVER = """
+import sys, time
+from pipelines.infra import logs
+from pipelines.infra.ray_env import init_ray
+
+logs.setup_logging(log_file=sys.argv[1])
+init_ray(num_cpus=2)
+import ray
+
+@ray.remote(num_cpus=0)
+def stage():
+    from pipelines.infra.logs import get_logger, setup_logging
+    setup_logging()
+    get_logger("evaluate").info("inference: 24/24 images")
+    return ray.data.range(24, override_num_blocks=3).map_batches(lambda b: b).materialize().count()
+
+assert ray.get(stage.remote()) == 24
+time.sleep(3)  # the workers' last bar states reach the driver
+ray.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_off_a_terminal_a_local_rays_start_up_and_bars_go_to_the_log_file(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    path = tmp_path / "run.log"
+    done = subprocess.run([sys.executable, "-c", _DRIVER, str(path)], cwd=repo, env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=300)  # stderr a pipe: not a terminal
+    assert done.returncode == 0, done.stderr
+    console = done.stderr.splitlines()
+    assert console == ["[evaluate] inference: 24/24 images"], done.stderr  # our line only
+    text = path.read_text()
+    assert "Started a local Ray instance" in text
+    assert f"INFO {PROGRESS_BARS_LOGGER}: dataset_" in text  # Ray Data's bars, as lines
