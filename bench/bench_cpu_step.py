@@ -21,13 +21,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from tune_preset import load_rows, take  # noqa: E402
 
-from bench import options  # noqa: E402
 from mrcnn.config import load_config  # noqa: E402
 from mrcnn.model import build_model  # noqa: E402
 from pipelines.data.loader import ShardBatchDecoder, decoder_for  # noqa: E402
 from pipelines.training.loop import prepare_device  # noqa: E402
 from pipelines.training.optim import build_optimizer, build_scheduler  # noqa: E402
 from pipelines.training.step import StepRunner  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+from bench import options  # noqa: E402
 
 VARIANTS = (("AdamW loop, contiguous", False, False), ("fused AdamW, contiguous", True, False),
             ("fused AdamW, channels_last", True, True))

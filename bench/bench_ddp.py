@@ -22,9 +22,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bench import options
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+from bench import options  # noqa: E402
+
 MODES = ("independent", "ddp", "ddp-fp16", "ddp-view", "ddp-view-fp16", "local-sgd")
 # DistributedDataParallel's keyword arguments by mode ("-view": gradients are views into the all-reduce buckets,
 # no copy in and out of them each step)

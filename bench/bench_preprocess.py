@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import options
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+from bench import options  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = REPO.parent / "shared" / "data" / "coco128"

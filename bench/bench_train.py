@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import replace
@@ -22,7 +23,6 @@ from pathlib import Path
 import ray
 import torch
 
-from bench import options
 from mrcnn.config import load_config
 from mrcnn.model import build_model
 from pipelines.data.coco import split_paths
@@ -31,6 +31,9 @@ from pipelines.data.preprocess import preprocess
 from pipelines.data.synth import make_synthetic_dataset
 from pipelines.training.optim import build_optimizer, build_scheduler
 from pipelines.training.step import StepRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+from bench import options  # noqa: E402
 
 
 def make_shards(root: Path, config, images: int) -> str:

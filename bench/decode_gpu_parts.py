@@ -13,16 +13,19 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench import options
 from mrcnn.config import load_config
 from mrcnn.geometry import resize_geometry
 from pipelines.data.images import decode_canvas, decode_image, decode_resize
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+from bench import options  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 COCO128 = REPO.parent / "shared" / "data" / "coco128" / "train2017"

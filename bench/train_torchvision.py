@@ -16,6 +16,7 @@ compares with `tune_preset.py --min-confidence 0.05` run on shards of the same d
 from __future__ import annotations
 
 import ast
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +34,13 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredic
 from torchvision.ops import MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from bench import options
 from mrcnn.config import load_config
 from pipelines.data.coco import load_image_rgb
 from pipelines.evaluation.coco_eval import evaluate_detections
 from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+from bench import options  # noqa: E402
 
 
 def our_head_settings(config, num_classes: int) -> dict:

@@ -12,6 +12,7 @@ first 48 training images (under- or over-fitting) and on the validation split.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from bench import options
 from mrcnn.config import load_config
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
@@ -31,6 +31,9 @@ from pipelines.evaluation.evaluate import to_coco_results
 from pipelines.training.loop import prepare_device
 from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr
 from pipelines.training.step import StepRunner
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script
+from bench import options  # noqa: E402
 
 
 def load_rows(shards: str, split: str) -> dict[str, np.ndarray]:
