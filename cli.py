@@ -15,6 +15,7 @@ import typer
 
 from mrcnn.config import Layers
 from pipelines.infra.logs import get_logger, setup_logging
+from pipelines.infra.storage import is_uri
 
 # choices of options whose modules are too heavy to import for `--help`; tests/cli checks they match the code's
 Backend = Literal["pycocotools", "faster-coco-eval"]  # pipelines.evaluation.coco_eval.BACKENDS
@@ -46,7 +47,7 @@ def _console(command: str, verbose: bool, folder: str | Path | None = None) -> P
     import tempfile
     import time
 
-    local = folder is not None and "://" not in str(folder)
+    local = folder is not None and not is_uri(str(folder))
     where = Path(folder) / "logs" if local else Path(tempfile.gettempdir()) / "mrcnn-cli"
     path = (where / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
     setup_logging(log_file=path, verbose=verbose)

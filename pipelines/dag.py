@@ -32,7 +32,7 @@ from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.infra import tracking
 from pipelines.infra.logs import format_seconds, get_logger, setup_logging
 from pipelines.infra.ray_env import cluster_nodes, init_ray
-from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_bytes
+from pipelines.infra.storage import absolute, exists, filesystem_for, is_uri, join_uri, read_bytes, replace_file
 from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, torchvision_file
 from pipelines.training.train import TrainRequest, train
 
@@ -162,11 +162,8 @@ def _write_marker(filesystem: pafs.FileSystem, out_path: str, stage: Stage, outp
     """Written last, under a temporary name then moved: its presence means the stage is complete. (A rename on
     a local or POSIX filesystem; on object stores a move is copy + delete, and the marker object only appears
     once whole, so a reader never sees half a marker either way.)"""
-    tmp, marker = f"{out_path}/{MARKER}.tmp", f"{out_path}/{MARKER}"
     blob = json.dumps({"stage": stage.name, "key": stage.key, "outputs": outputs}, indent=1, default=str)
-    with filesystem.open_output_stream(tmp) as f:
-        f.write(blob.encode())
-    filesystem.move(tmp, marker)
+    replace_file(filesystem, f"{out_path}/{MARKER}", blob.encode())
 
 
 # ------------------------------------------------------------------------------------------ the pipeline
@@ -302,7 +299,7 @@ def stage_config_fields(config: Config) -> dict[str, dict[str, Any]]:
 
 def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
     init_ray(request.address)
-    if "://" not in request.work_dir and cluster_nodes() > 1:
+    if not is_uri(request.work_dir) and cluster_nodes() > 1:
         log.warning("work dir %s is a local path on a multi-node cluster; the stages run on any node, so it must be "
                     "a shared filesystem (else use s3:// or gs://)", request.work_dir)
     return run_dag(
@@ -320,7 +317,7 @@ def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
 def _local_dir(out_dir: str) -> Iterator[str]:
     """`out_dir` itself when local, else a temporary local folder copied to the URI afterwards (for stages whose
     report files are written with local file APIs)."""
-    if "://" not in out_dir:
+    if not is_uri(out_dir):
         yield out_dir
         return
     filesystem, inner = filesystem_for(out_dir)

@@ -20,7 +20,7 @@ from mrcnn.config import Config, ConfigError, check_flip, fingerprint_diff
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import batches_dataset
-from pipelines.data.shards import check_fingerprint, read_manifest
+from pipelines.data.shardset import ShardSet
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
@@ -121,14 +121,14 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     if request.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
     check_flip(config)  # flips need centred anchors (the torchvision preset's are not: it sets train.flip=false)
-    manifest = read_manifest(request.shards)
-    check_fingerprint(manifest, config)  # before any work: shards made with another config are refused
+    shards = ShardSet.open(request.shards)
+    shards.check_fingerprint(config)  # before any work: shards made with another config are refused
+    manifest = shards.manifest
     config = apply_request(config, request)
-    splits = manifest["splits"]
-    if request.split not in splits:
-        raise ValueError(f"split {request.split!r} is not in {request.shards} (has {', '.join(splits)})")
+    splits = shards.splits
+    shards.split(request.split)  # refused here when absent, naming the splits there are
     val_split = request.val_split if request.val_split in splits else None
-    categories = manifest["categories"]
+    categories = shards.categories
     num_classes = CategoryMap.from_dict(categories).num_classes
     if is_torchvision_path(request.model_path):  # a file that does not fit is refused here, not in each worker
         load_torchvision_file(build_model(config, num_classes=num_classes), request.model_path,
@@ -185,9 +185,9 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         },
     )
 
-    datasets = {"train": batches_dataset(request.shards, request.split, config, _num_anchors(config))}
+    datasets = {"train": batches_dataset(shards, request.split, config, _num_anchors(config))}
     if val_split:
-        datasets["val"] = batches_dataset(request.shards, val_split, config, _num_anchors(config))
+        datasets["val"] = batches_dataset(shards, val_split, config, _num_anchors(config))
     if config.train.cache_data:
         # the val split too, even when validated once: streaming it fresh at the end of training cost the demo
         # 18 s (train workers holding the CPUs), decoding it here 6 s

@@ -80,10 +80,11 @@ def s3_training(s3, s3_shards, tmp_path_factory):
 
 
 def test_preprocess_writes_the_shards_to_the_bucket(s3, s3_shards, workdir):
-    from pipelines.data.shards import read_manifest, read_rows, shard_uris
+    from pipelines.data.shardset import ShardSet
 
     keys = s3.keys("shards/")
-    manifest = read_manifest(s3_shards)
+    shards = ShardSet.open(s3_shards)
+    manifest = shards.manifest
     expected = {f"shards/{f}" for split in manifest["splits"].values() for f in split["files"]}
     assert expected and expected <= set(keys)
     assert "shards/manifest.json" in keys
@@ -92,11 +93,11 @@ def test_preprocess_writes_the_shards_to_the_bucket(s3, s3_shards, workdir):
 
     for name, split in manifest["splits"].items():
         rows = 0
-        for uri in shard_uris(s3_shards, manifest, name):
+        for uri in shards.uris(name):
             filesystem, path = filesystem_for(uri)
             rows += pq.read_table(path, filesystem=filesystem).num_rows
         assert rows == split["num_images"] > 0, name
-    rows, _ = read_rows(s3_shards, "val2017", count=2)
+    rows = shards.read_rows("val2017", count=2)
     assert len(rows) == 2 and rows[0]["image"]
     assert os.listdir(workdir) == []  # nothing written locally
 
