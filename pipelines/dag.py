@@ -33,7 +33,7 @@ from pipelines.infra import tracking
 from pipelines.infra.logs import format_seconds, get_logger, setup_logging
 from pipelines.infra.ray_env import cluster_nodes, init_ray
 from pipelines.infra.storage import absolute, exists, filesystem_for, is_uri, join_uri, read_bytes, replace_file
-from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, torchvision_file
+from pipelines.training.model_source import ModelSource
 from pipelines.training.train import TrainRequest, train
 
 log = get_logger("run")
@@ -189,7 +189,8 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     """The three stages of `mrcnn-cli run` with what each one's output depends on."""
 
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
-    init = absolute_model_path(request.init) if request.init else None  # the stages run where the cwd is not this
+    init = str(ModelSource.parse(request.init)) if request.init else None  # local paths made absolute: the stages
+    # run where the cwd is not this
     annotations_hash = {name: _file_sha256(ann) for name, ann, _ in splits}
     uri = tracking.resolve_tracking_uri(request.tracking_uri)
 
@@ -332,8 +333,9 @@ def _init_inputs(init: str | None) -> dict[str, str]:
     if not init:
         return {}
     inputs = {"init": init}
-    if is_torchvision_path(init):
-        inputs["init_sha256"] = _file_sha256(torchvision_file(init))
+    source = ModelSource.parse(init)
+    if source.kind == "torchvision":
+        inputs["init_sha256"] = _file_sha256(source.location)
     return inputs
 
 

@@ -166,7 +166,7 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     spec = model_spec(request.model_path, categories=manifest["categories"],  # (a torchvision file's: the shards')
                       tracking_uri=request.tracking_uri)
     check_model_fits(spec, manifest)
-    if spec.torchvision:  # a file that does not fit is refused here, naming its keys, not in each inference actor
+    if spec.source.kind == "torchvision":  # a file that does not fit is refused here, not in each inference actor
         load_model(spec)
     if request.detection or request.settings:  # the caller's detection / evaluation settings over the model's
         spec = replace(spec, config=replace(spec.config, detection=request.detection or spec.config.detection,

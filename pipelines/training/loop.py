@@ -20,7 +20,6 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from mrcnn.backbone import load_backbone_weights
 from mrcnn.config import Config, GradCompression
 from mrcnn.flip import flip_batch
 from mrcnn.model import LOSS_KEYS, build_model
@@ -38,6 +37,7 @@ from pipelines.training.checkpoints import (
     unwrap,
 )
 from pipelines.training.local_sgd import LocalSGD, gradient_sync
+from pipelines.training.model_source import ModelSource, load_source
 from pipelines.training.optim import (
     build_optimizer,
     build_scheduler,
@@ -46,7 +46,7 @@ from pipelines.training.optim import (
     set_trainable_layers,
 )
 from pipelines.training.precision import Precision, resolve_precision
-from pipelines.training.pretrained import initialise_from_torchvision, is_torchvision_path
+from pipelines.training.pretrained import load_backbone_file
 from pipelines.training.progress import RankZeroLogger
 
 log = get_logger("train")
@@ -506,21 +506,15 @@ def record_placement(loop_config: LoopConfig, rank: int, world: int) -> list[str
 
 
 def initialise(model: nn.Module, loop_config: LoopConfig) -> list[str]:
-    """`--init` (our checkpoint, or `torchvision:FILE`; fine-tuning) and `--backbone-weights` (torchvision ResNet
-    state dict). Returns the lines that say what was loaded (rank 0 prints them)."""
+    """`--init` (any model source: our checkpoint, an MLflow model, `torchvision:FILE`; fine-tuning) and
+    `--backbone-weights` (torchvision ResNet state dict), each a local path or a URI. Returns the lines that say
+    what was loaded (rank 0 prints them)."""
     messages = []
-    if is_torchvision_path(loop_config.model_path):
-        messages += initialise_from_torchvision(model, loop_config.model_path,
-                                                CategoryMap.from_dict(loop_config.categories), loop_config.config)
-    elif loop_config.model_path:
-        state = load_checkpoint(loop_config.model_path)
-        reinit = load_model_state(model, state.model, reinit_class_layers=True)
-        messages.append(f"initialised from {loop_config.model_path} (step {state.step})")
-        if reinit:
-            messages.append(
-                f"different number of classes: re-initialised the class-specific layers {', '.join(reinit)}"
-            )
+    if loop_config.model_path:
+        messages += load_source(model, ModelSource.parse(loop_config.model_path),
+                                categories=CategoryMap.from_dict(loop_config.categories), config=loop_config.config,
+                                fine_tune=True, tracking_uri=loop_config.tracking_uri)
     if loop_config.backbone_weights:
-        load_backbone_weights(model, loop_config.backbone_weights)
+        load_backbone_file(model, loop_config.backbone_weights)
         messages.append(f"backbone weights from {loop_config.backbone_weights}")
     return messages

@@ -27,7 +27,7 @@ from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
 from pipelines.infra.storage import absolute
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
 from pipelines.training.loop import LoopConfig, total_steps_for, train_loop_per_worker
-from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, load_torchvision_file
+from pipelines.training.model_source import ModelSource, check_init
 
 log = get_logger("train")
 
@@ -130,9 +130,9 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     val_split = request.val_split if request.val_split in splits else None
     categories = shards.categories
     num_classes = CategoryMap.from_dict(categories).num_classes
-    if is_torchvision_path(request.model_path):  # a file that does not fit is refused here, not in each worker
-        load_torchvision_file(build_model(config, num_classes=num_classes), request.model_path,
-                              CategoryMap.from_dict(categories))
+    init = ModelSource.parse(request.model_path) if request.model_path else None
+    if init is not None:  # a source that is not a model, or does not fit, is refused here, not in each worker
+        check_init(init, config=config, categories=CategoryMap.from_dict(categories), num_classes=num_classes)
 
     init_ray(request.address)
     use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu
@@ -200,7 +200,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         num_classes=num_classes,
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
-        model_path=absolute_model_path(request.model_path) if request.model_path else None,
+        model_path=str(init) if init is not None else None,
         backbone_weights=absolute(request.backbone_weights) if request.backbone_weights else None,
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
