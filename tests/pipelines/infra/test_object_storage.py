@@ -139,3 +139,45 @@ def test_evaluate_reads_shards_and_checkpoint_from_the_bucket(s3_shards, s3_trai
     assert metrics == result.metrics
     for key in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AR100"):
         assert math.isfinite(metrics[key]) and -1.0 <= metrics[key] <= 1.0, key
+
+
+def test_backbone_weights_and_an_init_checkpoint_load_from_the_bucket(s3, tmp_path):
+    """`train --backbone-weights s3://...` and `--init s3://...`: training's `initialise` (what each worker calls)
+    reads both from the bucket, and every tensor is the saved one: the backbone's from the weights file (read
+    after the checkpoint), every other from the checkpoint."""
+    import io
+
+    import torch
+
+    from mrcnn.model import build_model
+    from pipelines.infra.storage import write_bytes
+    from pipelines.training.checkpoints import save_checkpoint
+    from pipelines.training.loop import LoopConfig, initialise
+
+    config = shapes()
+    torch.manual_seed(0)
+    source = build_model(config, num_classes=4)
+    local = save_checkpoint(tmp_path / "checkpoint_000003", model=source, optimizer=None, scheduler=None, step=3,
+                            epoch=0, batch_in_epoch=3,
+                            meta={"config": config.to_dict(), "categories": {"categories": []}, "num_classes": 4})
+    for name in ("state.pt", "meta.json"):
+        write_bytes(s3.uri(f"init/checkpoint_000003/{name}"), (local / name).read_bytes())
+    torch.manual_seed(1)
+    backbone = {k: v.clone() for k, v in build_model(config, num_classes=4).backbone.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(backbone, buffer)
+    write_bytes(s3.uri("weights/resnet.pth"), buffer.getvalue())
+
+    torch.manual_seed(2)
+    target = build_model(config, num_classes=4)
+    loop = LoopConfig(config=config, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=1,
+                      steps_per_epoch=1, model_path=s3.uri("init/checkpoint_000003"),
+                      backbone_weights=s3.uri("weights/resnet.pth"))
+    messages = initialise(target, loop)
+    assert messages == [f"initialised from {s3.uri('init/checkpoint_000003')} (step 3)",
+                        f"backbone weights from {s3.uri('weights/resnet.pth')}"]
+    saved = source.state_dict()
+    for key, value in target.state_dict().items():
+        expected = backbone[key.removeprefix("backbone.")] if key.startswith("backbone.") else saved[key]
+        assert torch.equal(value, expected), key
+    assert any(not torch.equal(backbone[k], saved[f"backbone.{k}"]) for k in backbone)  # two different sources
