@@ -151,10 +151,11 @@ def train(
     layers: Annotated[Layers | None, typer.Option(help="The ResNet stages trained (matterport's names).")] = None,
     init: Annotated[str | None, typer.Option(
         "--init", "--model-path",
-        help="Weights to start from: our checkpoint to fine-tune, or torchvision:FILE (torchvision's Mask R-CNN v1 or "
-             "ImageNet ResNet state dict; use --config torchvision). Class layers of another class count are "
-             "re-initialised.")] = None,
-    backbone_weights: Annotated[str | None, typer.Option(help="torchvision ResNet state dict file.")] = None,
+        help="Weights to start from (a path or URI): our checkpoint to fine-tune, an MLflow model (runs:/, models:/) "
+             "or torchvision:FILE (torchvision's Mask R-CNN v1 or ImageNet ResNet state dict; use --config "
+             "torchvision). Class layers of another class count are re-initialised.")] = None,
+    backbone_weights: Annotated[str | None, typer.Option(
+        help="torchvision ResNet state dict file (a path or URI).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint under --storage.")] = False,
     storage: Annotated[str | None, typer.Option(help="Checkpoint storage path or URI (required on clusters).")] = None,
     run_name: Annotated[str | None, typer.Option(help="Ray Train / MLflow run name.")] = None,

@@ -25,7 +25,12 @@ from pipelines.data.categories import CategoryMap
 from pipelines.data.errors import InputError
 from pipelines.infra.storage import absolute
 from pipelines.training.checkpoints import CheckpointError, load_checkpoint, load_model_state, read_meta
-from pipelines.training.pretrained import TORCHVISION_PREFIX, initialise_from_torchvision, load_torchvision_file
+from pipelines.training.pretrained import (
+    TORCHVISION_PREFIX,
+    initialise_from_torchvision,
+    load_backbone_file,
+    load_torchvision_file,
+)
 
 MLFLOW_MODEL_SCHEMES = ("runs", "models", "mlflow-artifacts")
 FORMS = ("a model is a checkpoint folder (meta.json and state.pt; a path or a URI), runs:/RUN_ID/PATH, "
@@ -114,13 +119,18 @@ def load_mlflow_model(uri: str, tracking_uri: str | None):
     return mlflow.pytorch.load_model(uri, map_location="cpu")
 
 
-def check_init(source: ModelSource, *, config: Config, categories: CategoryMap, num_classes: int) -> None:
-    """`train --init`, checked on the driver before any worker starts (else each worker would fail alone, in a
-    Ray traceback): a torchvision file is loaded into a model of `config` (WeightsFormatError naming the file and its
-    keys when it fits neither torchvision format), a checkpoint's meta.json read (ModelSourceError naming the
-    location when it is not a checkpoint)."""
+def check_init(source: ModelSource | None, *, config: Config, categories: CategoryMap, num_classes: int,
+               backbone_weights: str | None = None) -> None:
+    """`train --init` and `--backbone-weights`, checked on the driver before any worker starts (else each worker
+    would fail alone, in a Ray traceback): a torchvision file and the backbone weights are loaded into a model of
+    `config` (WeightsFormatError / BackboneWeightsError naming the file when it is not weights that fit), a
+    checkpoint's meta.json read (ModelSourceError naming the location when it is not a checkpoint)."""
     from mrcnn.model import build_model
 
+    if backbone_weights:
+        load_backbone_file(build_model(config, num_classes=num_classes), backbone_weights)
+    if source is None:
+        return
     if source.kind == "torchvision":
         load_torchvision_file(build_model(config, num_classes=num_classes), source.location, categories)
     elif source.kind == "checkpoint":

@@ -131,8 +131,9 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     categories = shards.categories
     num_classes = CategoryMap.from_dict(categories).num_classes
     init = ModelSource.parse(request.model_path) if request.model_path else None
-    if init is not None:  # a source that is not a model, or does not fit, is refused here, not in each worker
-        check_init(init, config=config, categories=CategoryMap.from_dict(categories), num_classes=num_classes)
+    # a source that is not a model, or weights that do not fit, are refused here, not in each worker
+    check_init(init, config=config, categories=CategoryMap.from_dict(categories), num_classes=num_classes,
+               backbone_weights=request.backbone_weights)
 
     init_ray(request.address)
     use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu

@@ -63,3 +63,14 @@ def test_a_torchvision_source_that_is_not_weights_names_the_file(tmp_path):
         check_init(ModelSource.parse(f"torchvision:{tmp_path / 'tiny.pth'}"), config=shapes(), categories=SHAPES,
                    num_classes=4)
     assert not os.path.exists(tmp_path / "ckpt")
+
+
+def test_backbone_weights_that_are_missing_or_not_weights_are_refused_before_training(tmp_path):
+    from mrcnn.backbone import BackboneWeightsError
+
+    missing, text = tmp_path / "absent.pth", tmp_path / "notes.txt"
+    text.write_text("not weights")
+    with pytest.raises(BackboneWeightsError, match=f"backbone weights file not found: {missing}"):
+        check_init(None, config=shapes(), categories=SHAPES, num_classes=4, backbone_weights=str(missing))
+    with pytest.raises(BackboneWeightsError, match=f"cannot read backbone weights from {text}: not a state dict"):
+        check_init(None, config=shapes(), categories=SHAPES, num_classes=4, backbone_weights=str(text))
