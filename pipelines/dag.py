@@ -32,7 +32,16 @@ from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.infra import tracking
 from pipelines.infra.logs import format_seconds, get_logger, setup_logging
 from pipelines.infra.ray_env import cluster_nodes, init_ray
-from pipelines.infra.storage import absolute, exists, filesystem_for, is_uri, join_uri, read_bytes, replace_file
+from pipelines.infra.storage import (
+    absolute,
+    exists,
+    filesystem_for,
+    is_uri,
+    join_uri,
+    read_bytes,
+    read_file,
+    replace_file,
+)
 from pipelines.training.model_source import ModelSource
 from pipelines.training.train import TrainRequest, train
 
@@ -77,8 +86,7 @@ def completed_outputs(out_dir: str) -> dict[str, Any] | None:
     marker = f"{path}/{MARKER}"
     if filesystem.get_file_info(marker).type != pafs.FileType.File:
         return None
-    with filesystem.open_input_stream(marker) as f:
-        return json.loads(f.read())["outputs"]
+    return json.loads(read_file(filesystem, marker))["outputs"]
 
 
 def run_dag(

@@ -36,7 +36,7 @@ from pipelines.infra.ray_env import (
     one_node_task_concurrency,
     usable_cpus,
 )
-from pipelines.infra.storage import read_bytes, write_atomic
+from pipelines.infra.storage import read_bytes, write_atomic, write_bytes
 from pipelines.models import ModelSpec, check_model_fits, load_model, model_spec
 from pipelines.pictures import predictions_grid
 
@@ -196,7 +196,7 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     _write_json(out / "metrics.json", result.metrics)
     _write_json(out / "detections.json", detections)
     table = "\n".join(f"{iou_type}:\n{text}" for iou_type, text in result.tables.items())
-    (out / "stats.txt").write_text(table)
+    write_bytes(out / "stats.txt", table.encode())
     for iou_type in result.tables:
         pr_curve_figure(result, iou_type, out / f"pr_curve_{iou_type}.png")
     _prediction_pictures(request, spec, manifest, detections, out / "predictions.png")
