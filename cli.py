@@ -15,6 +15,7 @@ import typer
 
 from mrcnn.config import Layers
 from pipelines.infra.logs import get_logger, setup_logging
+from pipelines.infra.storage import is_uri
 
 # choices of options whose modules are too heavy to import for `--help`; tests/cli checks they match the code's
 Backend = Literal["pycocotools", "faster-coco-eval"]  # pipelines.evaluation.coco_eval.BACKENDS
@@ -46,7 +47,7 @@ def _console(command: str, verbose: bool, folder: str | Path | None = None) -> P
     import tempfile
     import time
 
-    local = folder is not None and "://" not in str(folder)
+    local = folder is not None and not is_uri(str(folder))
     where = Path(folder) / "logs" if local else Path(tempfile.gettempdir()) / "mrcnn-cli"
     path = (where / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
     setup_logging(log_file=path, verbose=verbose)
@@ -150,10 +151,11 @@ def train(
     layers: Annotated[Layers | None, typer.Option(help="The ResNet stages trained (matterport's names).")] = None,
     init: Annotated[str | None, typer.Option(
         "--init", "--model-path",
-        help="Weights to start from: our checkpoint to fine-tune, or torchvision:FILE (torchvision's Mask R-CNN v1 or "
-             "ImageNet ResNet state dict; use --config torchvision). Class layers of another class count are "
-             "re-initialised.")] = None,
-    backbone_weights: Annotated[str | None, typer.Option(help="torchvision ResNet state dict file.")] = None,
+        help="Weights to start from (a path or URI): our checkpoint to fine-tune, an MLflow model (runs:/, models:/) "
+             "or torchvision:FILE (torchvision's Mask R-CNN v1 or ImageNet ResNet state dict; use --config "
+             "torchvision). Class layers of another class count are re-initialised.")] = None,
+    backbone_weights: Annotated[str | None, typer.Option(
+        help="torchvision ResNet state dict file (a path or URI).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint under --storage.")] = False,
     storage: Annotated[str | None, typer.Option(help="Checkpoint storage path or URI (required on clusters).")] = None,
     run_name: Annotated[str | None, typer.Option(help="Ray Train / MLflow run name.")] = None,

@@ -45,7 +45,7 @@ def shards_and_model(work: Path) -> tuple[str, str]:
     from mrcnn.config import coco
     from mrcnn.model import build_model
     from pipelines.data.categories import CategoryMap
-    from pipelines.data.shards import read_manifest
+    from pipelines.data.shardset import read_manifest
     from pipelines.training.checkpoints import save_checkpoint
 
     shards, model = work / "shards", work / "model"
@@ -70,7 +70,7 @@ def parts(args, shards: str, ckpt: str) -> dict:
 
     from pipelines.data.categories import CategoryMap
     from pipelines.data.loader import ShardBatchDecoder, decoder_for
-    from pipelines.data.shards import read_manifest
+    from pipelines.data.shardset import read_manifest
     from pipelines.evaluation.coco_eval import evaluate_detections
     from pipelines.evaluation.inference import decode_inputs, run_model, to_coco_results, way_back
     from pipelines.models import load_model, model_spec

@@ -180,7 +180,7 @@ def ray_run(preset: str, annotations: str, images_root: str, out: Path, cpus: in
 import json, sys, time, ray
 from mrcnn.config import load_config
 from pipelines.data.preprocess import preprocess
-from pipelines.data.shards import read_manifest
+from pipelines.data.shardset import read_manifest
 ray.init(num_cpus={cpus}, include_dashboard=False, log_to_driver=False)
 t = time.perf_counter()
 preprocess(load_config({preset!r}), splits=[("train2017", {annotations!r}, {images_root!r})], out={str(out)!r},

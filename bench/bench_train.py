@@ -28,6 +28,7 @@ from mrcnn.model import build_model
 from pipelines.data.coco import split_paths
 from pipelines.data.loader import batches_dataset
 from pipelines.data.preprocess import preprocess
+from pipelines.data.shardset import ShardSet
 from pipelines.data.synth import make_synthetic_dataset
 from pipelines.training.optim import build_optimizer, build_scheduler
 from pipelines.training.step import StepRunner
@@ -46,7 +47,7 @@ def make_shards(root: Path, config, images: int) -> str:
 def loader_vs_step(shards: str, config, batches: int) -> None:
     model = build_model(config, num_classes=4)
     num_anchors = model.anchors.shape[0]
-    ds = batches_dataset(shards, "train2017", config, num_anchors)
+    ds = batches_dataset(ShardSet.open(shards), "train2017", config, num_anchors)
     bs = config.train.batch_size
     cached = []
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ from mrcnn.config import load_config
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
-from pipelines.data.shards import check_fingerprint, read_manifest
+from pipelines.data.shardset import check_fingerprint, read_manifest
 from pipelines.evaluation.coco_eval import evaluate_detections
 from pipelines.evaluation.evaluate import to_coco_results
 from pipelines.training.loop import prepare_device

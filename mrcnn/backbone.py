@@ -1,18 +1,17 @@
 """ResNet backbone: torchvision's ResNet-18/34/50/101 trunk returning the C2..C5 feature maps.
 
-Built with `weights=None` (nothing is ever downloaded); pretrained weights come from a local file through
-`load_backbone_weights`, in torchvision's own state-dict format (`conv1.weight`, `layer1.0.bn1.running_mean`,
-...), so a file saved from `torchvision.models.resnet50(weights=...)` loads as is.
+Built with `weights=None` (nothing is ever downloaded); pretrained weights are a state dict given to
+`load_backbone_weights` (the pipelines read the file), in torchvision's own format (`conv1.weight`,
+`layer1.0.bn1.running_mean`, ...), so the state dict of `torchvision.models.resnet50(weights=...)` loads as is.
 
 Glossary: N images, C2..C5 the outputs of ResNet stages layer1..layer4 (strides 4, 8, 16, 32).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
-from pathlib import Path
 
-import torch
 import torchvision
 from torch import Tensor, nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -110,30 +109,24 @@ def _find_backbone(model: nn.Module) -> ResNetBackbone:
     raise BackboneWeightsError(f"{type(model).__name__} holds no ResNetBackbone")
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> ResNetBackbone:
-    """Load a torchvision-format ResNet state dict from a local file into `model`'s ResNetBackbone.
+def load_backbone_weights(model: nn.Module, state: Mapping[str, Tensor], *, source: str = "the state dict"
+                          ) -> ResNetBackbone:
+    """Load a torchvision-format ResNet state dict into `model`'s ResNetBackbone.
 
-    `model` is a ResNetBackbone or a module containing one. The classifier (`fc.*`) and BatchNorm
-    `num_batches_tracked` entries are ignored; any other missing or unexpected key, or a shape mismatch,
-    raises BackboneWeightsError naming them. Returns the backbone.
+    `model` is a ResNetBackbone or a module containing one; `source` names where the state dict came from (the
+    file) in messages. The classifier (`fc.*`) and BatchNorm `num_batches_tracked` entries are ignored; any other
+    missing or unexpected key, or a shape mismatch, raises BackboneWeightsError naming them. Returns the backbone.
     """
     backbone = _find_backbone(model)
-    path = Path(path)
-    if not path.is_file():
-        raise BackboneWeightsError(f"backbone weights file not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or non-PyTorch file: say which file
-        raise BackboneWeightsError(f"cannot read backbone weights from {path}: {err}") from err
-    if not isinstance(state, dict):
-        raise BackboneWeightsError(f"{path}: expected a state dict, got {type(state).__name__}")
+    if not isinstance(state, Mapping):
+        raise BackboneWeightsError(f"{source}: expected a state dict, got {type(state).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.endswith("num_batches_tracked")}
     own = backbone.state_dict()
     own = {k for k in own if not k.endswith("num_batches_tracked")}
     missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
     if missing or unexpected:
         raise BackboneWeightsError(
-            f"{path} does not fit a ResNet-{backbone.depth} backbone: "
+            f"{source} does not fit a ResNet-{backbone.depth} backbone: "
             f"missing keys {_listing(missing)}; unexpected keys {_listing(unexpected)}"
         )
     own_tensors = backbone.state_dict()
@@ -144,7 +137,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> ResNetBackbone:
     ]
     if mismatched:
         raise BackboneWeightsError(
-            f"{path} does not fit a ResNet-{backbone.depth} backbone: shape mismatch {_listing(mismatched)}"
+            f"{source} does not fit a ResNet-{backbone.depth} backbone: shape mismatch {_listing(mismatched)}"
         )
     # strict=False only because BatchNorm2d backbones also own num_batches_tracked, which we do not require.
     backbone.load_state_dict(state, strict=False)

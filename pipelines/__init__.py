@@ -1,9 +1,11 @@
 """The stages of mrcnn-pipeline around the `mrcnn` model: data in, training, evaluation, inspection, the DAG.
 
     infra/        storage (local paths and URIs), MLflow tracking, the Ray connection, logging
-    data/         COCO splits, the synthetic dataset, shard rows, the shard format, the loader, `preprocess`
-    training/     `train` (the Ray Train driver), the per-worker loop, optimisation, checkpoints
-    models.py     a trained model from a checkpoint or an MLflow model URI (evaluation, predict, inspect)
+    data/         COCO splits, the synthetic dataset, shard rows, the shard format, the shard set, the loader,
+                  `preprocess`, the input errors
+    training/     `train` (the Ray Train driver), the per-worker loop, optimisation, checkpoints, model sources
+    models.py     a trained model from any model source: what it is and the model loaded (evaluation, predict,
+                  inspect)
     pictures.py   drawing instances, figures and PNGs (evaluation, inspection)
     evaluation/   `evaluate` (batch inference + COCO metrics), the COCO-eval wrapper, `predict`
     inspection/   `inspect`: one picture per sub-net

@@ -32,8 +32,17 @@ from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.infra import tracking
 from pipelines.infra.logs import format_seconds, get_logger, setup_logging
 from pipelines.infra.ray_env import cluster_nodes, init_ray
-from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_bytes
-from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, torchvision_file
+from pipelines.infra.storage import (
+    absolute,
+    exists,
+    filesystem_for,
+    is_uri,
+    join_uri,
+    read_bytes,
+    read_file,
+    replace_file,
+)
+from pipelines.training.model_source import ModelSource
 from pipelines.training.train import TrainRequest, train
 
 log = get_logger("run")
@@ -77,8 +86,7 @@ def completed_outputs(out_dir: str) -> dict[str, Any] | None:
     marker = f"{path}/{MARKER}"
     if filesystem.get_file_info(marker).type != pafs.FileType.File:
         return None
-    with filesystem.open_input_stream(marker) as f:
-        return json.loads(f.read())["outputs"]
+    return json.loads(read_file(filesystem, marker))["outputs"]
 
 
 def run_dag(
@@ -162,11 +170,8 @@ def _write_marker(filesystem: pafs.FileSystem, out_path: str, stage: Stage, outp
     """Written last, under a temporary name then moved: its presence means the stage is complete. (A rename on
     a local or POSIX filesystem; on object stores a move is copy + delete, and the marker object only appears
     once whole, so a reader never sees half a marker either way.)"""
-    tmp, marker = f"{out_path}/{MARKER}.tmp", f"{out_path}/{MARKER}"
     blob = json.dumps({"stage": stage.name, "key": stage.key, "outputs": outputs}, indent=1, default=str)
-    with filesystem.open_output_stream(tmp) as f:
-        f.write(blob.encode())
-    filesystem.move(tmp, marker)
+    replace_file(filesystem, f"{out_path}/{MARKER}", blob.encode())
 
 
 # ------------------------------------------------------------------------------------------ the pipeline
@@ -192,7 +197,8 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     """The three stages of `mrcnn-cli run` with what each one's output depends on."""
 
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
-    init = absolute_model_path(request.init) if request.init else None  # the stages run where the cwd is not this
+    init = str(ModelSource.parse(request.init)) if request.init else None  # local paths made absolute: the stages
+    # run where the cwd is not this
     annotations_hash = {name: _file_sha256(ann) for name, ann, _ in splits}
     uri = tracking.resolve_tracking_uri(request.tracking_uri)
 
@@ -302,7 +308,7 @@ def stage_config_fields(config: Config) -> dict[str, dict[str, Any]]:
 
 def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
     init_ray(request.address)
-    if "://" not in request.work_dir and cluster_nodes() > 1:
+    if not is_uri(request.work_dir) and cluster_nodes() > 1:
         log.warning("work dir %s is a local path on a multi-node cluster; the stages run on any node, so it must be "
                     "a shared filesystem (else use s3:// or gs://)", request.work_dir)
     return run_dag(
@@ -320,7 +326,7 @@ def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
 def _local_dir(out_dir: str) -> Iterator[str]:
     """`out_dir` itself when local, else a temporary local folder copied to the URI afterwards (for stages whose
     report files are written with local file APIs)."""
-    if "://" not in out_dir:
+    if not is_uri(out_dir):
         yield out_dir
         return
     filesystem, inner = filesystem_for(out_dir)
@@ -335,8 +341,9 @@ def _init_inputs(init: str | None) -> dict[str, str]:
     if not init:
         return {}
     inputs = {"init": init}
-    if is_torchvision_path(init):
-        inputs["init_sha256"] = _file_sha256(torchvision_file(init))
+    source = ModelSource.parse(init)
+    if source.kind == "torchvision":
+        inputs["init_sha256"] = _file_sha256(source.location)
     return inputs
 
 

@@ -36,7 +36,7 @@ import torch
 
 from mrcnn.rpn_targets import scatter_positive_deltas
 from pipelines.data.shards import MAX_CROWD, check_anchor_indices, decode_row, row_image
-from pipelines.infra.storage import filesystem_for, join_uri
+from pipelines.data.shardset import ShardSet
 
 
 class ShardBatchDecoder:
@@ -131,21 +131,11 @@ def decoder_for(config: Any, num_anchors: int) -> dict[str, Any]:
     }
 
 
-def read_split(shards: str, split: str, *, override_num_blocks: int | None = None):
-    """The split's Parquet shards as a Ray Data dataset (lazy, streamed)."""
-    import ray.data
-
-    # the filesystem resolved here and handed over: Ray Data would keep a URI's query (s3 options such as
-    # endpoint_override) in the object key
-    filesystem, path = filesystem_for(join_uri(shards, split))
-    return ray.data.read_parquet(path, filesystem=filesystem, override_num_blocks=override_num_blocks)
-
-
-def batches_dataset(shards: str, split: str, config: Any, num_anchors: int, *, decode_batch_size: int = 4):
-    """Shards -> a dataset of decoded, fixed-shape rows (what `iter_torch_batches` then stacks)."""
+def batches_dataset(shards: ShardSet, split: str, config: Any, num_anchors: int, *, decode_batch_size: int = 4):
+    """A split of the shard set -> a dataset of decoded, fixed-shape rows (what `iter_torch_batches` then stacks)."""
     from pipelines.infra.ray_env import one_node_task_concurrency
 
-    ds = read_split(shards, split)
+    ds = shards.dataset(split)
     # stateless tasks, not an actor pool: the decoder has nothing to set up, and tasks run in Ray's reused
     # worker processes, so each epoch's new stream does not pay an actor start (a torch import) again
     return ds.map_batches(

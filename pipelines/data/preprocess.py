@@ -53,7 +53,7 @@ from pipelines.data.shards import (
 )
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import init_ray, usable_cpus
-from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_file
+from pipelines.infra.storage import absolute, exists, filesystem_for, is_uri, join_uri, read_file, replace_file
 
 log = get_logger("preprocess")
 
@@ -286,7 +286,7 @@ def preprocess(
     _ensure_ray(address)
 
     started = time.time()
-    if "://" not in out and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
+    if not is_uri(out) and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
         log.warning("%s is a local path on a multi-node cluster; every node writes its own disk unless it is a "
                     "shared filesystem (use s3:// or gs://)", out)
     if overwrite and exists(filesystem, manifest_path):
@@ -315,10 +315,7 @@ def preprocess(
         else:
             filesystem.create_dir(f"{root}/{s.name}", recursive=True)
     manifest = _manifest(config, plan, sources, written, dropped_empty, categories, time.time() - started)
-    tmp_manifest = f"{root}/{tmp_name}/{MANIFEST}"
-    with filesystem.open_output_stream(tmp_manifest) as f:
-        f.write(json.dumps(manifest, indent=1, sort_keys=False).encode())
-    filesystem.move(tmp_manifest, manifest_path)
+    replace_file(filesystem, manifest_path, json.dumps(manifest, indent=1, sort_keys=False).encode())
     _delete(filesystem, f"{root}/{tmp_name}")
     for s in plan:
         m = manifest["splits"][s.name]

@@ -3,28 +3,23 @@
     SHARDS/manifest.json                 written last by `pipelines.data.preprocess`: its presence marks a complete run
     SHARDS/<split>/part-*.parquet        one row per image, the columns of SHARD_SCHEMA
 
-The reading side lives here, shared by the stages that consume shards: `read_manifest`, `check_fingerprint`
-(shards made with another shard config are refused, naming the fields that differ), `shard_uris` and
-`decode_row` (one row -> numpy arrays, the image decoded and resized by `pipelines.data.images`). Paths are
-local paths or URIs (`s3://`, `gs://`) through pyarrow.fs.
+The row format lives here: `SHARD_SCHEMA`, `decode_row` (one row -> numpy arrays) and `row_image` (the image
+decoded and resized by `pipelines.data.images`). Where a shard set lives, its manifest and its files:
+`pipelines.data.shardset.ShardSet`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from mrcnn.config import LEGACY_SHARD_FIELDS, Config, fingerprint_diff
 from mrcnn.mini_masks import unpack_masks
 from mrcnn.rpn_targets import dense_rpn_targets
 from pipelines.data.images import ImageDecodeError, decode_resize, window_size
-from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_file
 
 # 2: `image` holds the source file's bytes (v1: the image resized and re-encoded); the loader resizes
 SCHEMA_VERSION = 2
@@ -61,48 +56,6 @@ SHARD_SCHEMA = pa.schema(
     ],
     metadata={"mrcnn.schema_version": str(SCHEMA_VERSION)},
 )
-
-
-class FingerprintMismatch(ValueError):
-    """Shards made with a different shard config; `fields` lists 'key: shards != config' strings."""
-
-    def __init__(self, fields: list[str]):
-        self.fields = fields
-        super().__init__("shards were preprocessed with a different config; differing fields: " + "; ".join(fields))
-
-
-def read_manifest(shards_uri: str) -> dict[str, Any]:
-    """The manifest of a complete preprocess output; FileNotFoundError naming the folder when there is none."""
-    filesystem, root = filesystem_for(absolute(shards_uri))
-    path = f"{root}/{MANIFEST}"
-    if not exists(filesystem, path):
-        raise FileNotFoundError(f"no {MANIFEST} in {shards_uri}: not preprocessed, or the run did not finish "
-                                "(rerun `mrcnn-cli preprocess`)")
-    manifest = json.loads(read_file(filesystem, path))
-    version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        why = (" (v1 shards hold resized, re-encoded images; v2 keeps the source images and resizes when loading)"
-               if version == 1 else "")
-        raise ValueError(f"{shards_uri}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}{why}; "
-                         "rerun `mrcnn-cli preprocess` (with --overwrite) to make them again")
-    return manifest
-
-
-def check_fingerprint(manifest: dict[str, Any], config: Config) -> None:
-    """Refuse shards made with another shard config, naming each differing field (FingerprintMismatch)."""
-    if manifest.get("fingerprint") == config.fingerprint():
-        return
-    theirs = manifest.get("shard_fields", {})
-    diff = fingerprint_diff(theirs, config.shard_fields())
-    if not diff and set(theirs) < set(config.shard_fields()) and set(config.shard_fields()) - set(theirs) <= set(
-            LEGACY_SHARD_FIELDS):
-        return  # shards written before some shard fields existed, with the values those fields have now
-    raise FingerprintMismatch(diff or [f"fingerprint: {manifest.get('fingerprint')!r} != {config.fingerprint()!r}"])
-
-
-def shard_uris(shards_uri: str, manifest: dict[str, Any], split: str) -> list[str]:
-    """Full paths / URIs of a split's Parquet files, as listed in the manifest."""
-    return [join_uri(absolute(shards_uri), f) for f in manifest["splits"][split]["files"]]
 
 
 def row_image(row: dict[str, Any], device: str | torch.device = "cpu") -> torch.Tensor:
@@ -165,42 +118,3 @@ def decode_row(row: dict[str, Any], *, num_anchors: int | None = None, mini_mask
                                           out["rpn_ignore_idx"])
         out["rpn_match"], out["rpn_deltas"] = match.numpy(), deltas.numpy()
     return out
-
-
-def read_rows(shards: str, split: str, *, start: int = 0, count: int = 1, image_id: int | None = None):
-    """(rows, manifest): `count` consecutive rows of a split from position `start`, or the row of `image_id`.
-
-    Read with pyarrow row group by row group, no Ray: a picture needs a few rows, not the split.
-    """
-
-
-    manifest = read_manifest(shards)
-    if split not in manifest["splits"]:
-        raise ValueError(f"split {split!r} is not in {shards} (has {', '.join(manifest['splits'])})")
-    files = []
-    for uri in shard_uris(shards, manifest, split):
-        filesystem, path = filesystem_for(uri)
-        files.append(pq.ParquetFile(filesystem.open_input_file(path)))
-    if image_id is not None:
-        offset = 0
-        for pf in files:
-            ids = pf.read(columns=["image_id"]).column(0).to_pylist()
-            if image_id in ids:
-                start, count = offset + ids.index(image_id), 1
-                break
-            offset += len(ids)
-        else:
-            raise ValueError(f"image {image_id} is not in split {split!r} of {shards}")
-    rows: list[dict[str, Any]] = []
-    offset = 0
-    for pf in files:
-        for group in range(pf.metadata.num_row_groups):
-            n = pf.metadata.row_group(group).num_rows
-            if offset + n > start and len(rows) < count:
-                table = pf.read_row_group(group)
-                first = max(start - offset, 0)
-                rows.extend(table.slice(first, count - len(rows)).to_pylist())
-            offset += n
-    if not rows:
-        raise ValueError(f"split {split!r} of {shards} has {offset} rows: no row {start}")
-    return rows, manifest

@@ -12,7 +12,6 @@ pictures to MLflow.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,8 +23,7 @@ from mrcnn.config import DetectionConfig, EvalConfig
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb, safe_image_path
 from pipelines.data.errors import DatasetError
-from pipelines.data.loader import read_split
-from pipelines.data.shards import read_manifest
+from pipelines.data.shardset import ShardSet
 from pipelines.evaluation.coco_eval import evaluate_detections, pr_curve_figure
 from pipelines.evaluation.inference import TIMINGS, ModelStage, decode_inputs, way_back
 from pipelines.evaluation.inference import to_coco_results as to_coco_results  # re-exported: callers import it here
@@ -38,7 +36,7 @@ from pipelines.infra.ray_env import (
     one_node_task_concurrency,
     usable_cpus,
 )
-from pipelines.infra.storage import read_bytes
+from pipelines.infra.storage import read_bytes, write_atomic, write_bytes
 from pipelines.models import ModelSpec, check_model_fits, load_model, model_spec
 from pipelines.pictures import predictions_grid
 
@@ -79,7 +77,7 @@ class EvaluateResult:
 
 
 def predict_split(
-    shards: str, split: str, spec: ModelSpec, *, workers: int, use_gpu: bool, limit: int | None,
+    shards: ShardSet, split: str, spec: ModelSpec, *, workers: int, use_gpu: bool, limit: int | None,
     total: int | None = None,
 ) -> tuple[list[dict[str, Any]], list[int], dict[str, float]]:
     """Detections (COCO results, original pixels) of a split's images, the image ids, and the seconds the
@@ -93,7 +91,7 @@ def predict_split(
 
     settings = spec.config.evaluate
     batch_size = settings.batch_size
-    ds = read_split(shards, split)
+    ds = shards.dataset(split)
     if limit:
         ds = ds.limit(limit)
     # blocks of one batch (a streaming split, no barrier): a map task emits its output block when its input block
@@ -163,18 +161,17 @@ class Progress:
 
 
 def evaluate(request: EvaluateRequest) -> EvaluateResult:
-    manifest = read_manifest(request.shards)
+    shards = ShardSet.open(request.shards)
+    manifest = shards.manifest
     spec = model_spec(request.model_path, categories=manifest["categories"],  # (a torchvision file's: the shards')
                       tracking_uri=request.tracking_uri)
     check_model_fits(spec, manifest)
-    if spec.torchvision:  # a file that does not fit is refused here, naming its keys, not in each inference actor
+    if spec.source.kind == "torchvision":  # a file that does not fit is refused here, not in each inference actor
         load_model(spec)
     if request.detection or request.settings:  # the caller's detection / evaluation settings over the model's
         spec = replace(spec, config=replace(spec.config, detection=request.detection or spec.config.detection,
                                             evaluate=request.settings or spec.config.evaluate))
-    split_info = manifest["splits"].get(request.split)
-    if split_info is None:
-        raise ValueError(f"split {request.split!r} is not in {request.shards}")
+    split_info = shards.split(request.split)
     annotations = request.annotations or split_info["annotations"]
 
     init_ray(request.address)
@@ -182,7 +179,7 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     total = split_info.get("num_images")
     total = min(total, request.limit) if total and request.limit else (total or request.limit)
     detections, image_ids, seconds = predict_split(
-        request.shards, request.split, spec, workers=request.workers, use_gpu=use_gpu, limit=request.limit,
+        shards, request.split, spec, workers=request.workers, use_gpu=use_gpu, limit=request.limit,
         total=total,
     )
     start = time.perf_counter()
@@ -199,7 +196,7 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     _write_json(out / "metrics.json", result.metrics)
     _write_json(out / "detections.json", detections)
     table = "\n".join(f"{iou_type}:\n{text}" for iou_type, text in result.tables.items())
-    (out / "stats.txt").write_text(table)
+    write_bytes(out / "stats.txt", table.encode())
     for iou_type in result.tables:
         pr_curve_figure(result, iou_type, out / f"pr_curve_{iou_type}.png")
     _prediction_pictures(request, spec, manifest, detections, out / "predictions.png")
@@ -272,6 +269,4 @@ def _image_files(annotations: str | None) -> dict[int, str]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(value, indent=1).encode())

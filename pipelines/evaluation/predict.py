@@ -32,6 +32,7 @@ from mrcnn.geometry import resize_geometry, resize_image
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb
 from pipelines.evaluation.inference import coco_results_of_batch, run_model
+from pipelines.infra.storage import write_bytes
 from pipelines.models import load_model, model_spec
 from pipelines.pictures import draw_instances, save_figure
 
@@ -140,8 +141,8 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
             pictures.append(detections_picture(image, found, names, out / f"{name}.png", title=title))
 
     predictions = out / "predictions.json"
-    predictions.write_text(json.dumps(results))
-    (out / "images.json").write_text(json.dumps(images, indent=1))
+    write_bytes(predictions, json.dumps(results).encode())
+    write_bytes(out / "images.json", json.dumps(images, indent=1).encode())
     return PredictResult(str(out), str(predictions), pictures, images, len(results))
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mrcnn.config import Config
-from pipelines.data.shards import read_manifest
+from pipelines.data.shardset import ShardSet
 from pipelines.infra import tracking
 from pipelines.inspection import model_stages as inspect_model
 from pipelines.inspection.data_stages import (
@@ -77,9 +77,9 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
     stages = STAGES if request.stage == "all" else (request.stage,)
     uses_model = any(s in MODEL_STAGES for s in stages)
     spec = None
+    shards = ShardSet.open(request.shards) if request.shards else None
+    manifest = shards.manifest if shards else None
     if request.model_path and uses_model:
-
-        manifest = read_manifest(request.shards) if request.shards else None
         # a torchvision file's classes are the shards' (COCO's 80 without shards)
         spec = model_spec(request.model_path, categories=manifest["categories"] if manifest else None,
                           tracking_uri=request.tracking_uri)
@@ -89,7 +89,7 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
     config = spec.config if spec else (None if request.shards else request.config)
     sample = None
     if request.shards or request.dataset or any(s not in ("anchors", "batch") for s in stages):
-        sample = load_sample(shards=request.shards, dataset=request.dataset, split=request.split,
+        sample = load_sample(shards=shards, dataset=request.dataset, split=request.split,
                              image_id=request.image_id, index=request.index, config=config)
         config = sample.config
     run = inspect_model.model_run(sample, spec=spec, threshold=request.threshold, seed=request.seed) \
@@ -103,7 +103,7 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
         "deltas": lambda p: deltas_picture(sample, p),
         "proposals": lambda p: inspect_model.proposals_picture(run, p),
         "detection-targets": lambda p: inspect_model.detection_targets_picture(run, p, seed=seed),
-        "batch": lambda p: inspect_model.batch_picture(request.shards, request.split, p, index=request.index,
+        "batch": lambda p: inspect_model.batch_picture(shards, request.split, p, index=request.index,
                                                        step=request.step, config=config),
         "predictions": lambda p: inspect_model.predictions_picture(run, p),
     }

@@ -27,7 +27,7 @@ from mrcnn.flip import flip_batch
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import ShardBatchDecoder, decoder_for, densify_rpn_deltas
-from pipelines.data.shards import read_manifest, read_rows
+from pipelines.data.shardset import ShardSet
 from pipelines.inspection.panels import (
     GT,
     NEGATIVE,
@@ -235,14 +235,14 @@ def predictions_picture(run: ModelRun, path: str | os.PathLike) -> dict[str, Any
                            "scores": [round(float(s), 4) for s in det["scores"]]})
 
 
-def batch_picture(shards: str, split: str, path: str | os.PathLike, *, index: int = 0, step: int = 0,
+def batch_picture(shards: ShardSet, split: str, path: str | os.PathLike, *, index: int = 0, step: int = 0,
                   config: Config | None = None) -> dict[str, Any]:
     """`train.batch_size` consecutive rows from `index`, decoded by the loader's ShardBatchDecoder and flipped as
     the trainer flips step `step` (StepRunner.flip_choice with train.seed, rank 0, then flip_batch)."""
 
-    config = config or Config.from_dict(read_manifest(shards)["config"])
-    rows, manifest = read_rows(shards, split, start=index, count=config.train.batch_size)
-    categories = CategoryMap.from_dict(manifest["categories"])
+    config = config or Config.from_dict(shards.manifest["config"])
+    rows = shards.read_rows(split, start=index, count=config.train.batch_size)
+    categories = CategoryMap.from_dict(shards.categories)
     decoder = ShardBatchDecoder(**decoder_for(config, len(anchors_from_config(config))))
     decoded = decoder({k: [r[k] for r in rows] for k in rows[0]})
     batch = densify_rpn_deltas({k: torch.as_tensor(v) for k, v in decoded.items()})
@@ -258,7 +258,7 @@ def batch_picture(shards: str, split: str, path: str | os.PathLike, *, index: in
         batch = flip_batch(batch, flip_perm=flip_perm, which=which)
     shapes = {k: tuple(v.shape) for k, v in batch.items()}
     size = config.image.max_dim
-    title = (f"batch: {n} images of {shards} [{split}] rows {index}..{index + n - 1} as the trainer receives them\n"
+    title = (f"batch: {n} images of {shards.uri} [{split}] rows {index}..{index + n - 1} as the trainer receives them\n"
              f"flipped at train step {step} (seed {config.train.seed}): {which.int().tolist()}\n"
              f"images {list(shapes['images'])} uint8, gt_boxes {list(shapes['gt_boxes'])}, "
              f"gt_mini_masks {list(shapes['gt_mini_masks'])}, rpn_match {list(shapes['rpn_match'])}")

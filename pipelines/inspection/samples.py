@@ -19,7 +19,8 @@ from pipelines.data.coco import load_image_rgb, read_split, split_paths
 from pipelines.data.errors import DatasetError
 from pipelines.data.loader import ShardBatchDecoder, decoder_for, densify_rpn_deltas
 from pipelines.data.rows import RowMaker
-from pipelines.data.shards import decode_row, read_rows
+from pipelines.data.shards import decode_row
+from pipelines.data.shardset import ShardSet
 
 
 @dataclass
@@ -109,15 +110,15 @@ def expanded_masks(mini: np.ndarray, gt_boxes: np.ndarray, size: int) -> np.ndar
     return expand_masks(torch.as_tensor(np.asarray(mini)), boxes, size, size).numpy()
 
 
-def load_sample(*, shards: str | None = None, dataset: str | None = None, split: str = "val2017",
+def load_sample(*, shards: ShardSet | None = None, dataset: str | None = None, split: str = "val2017",
                 image_id: int | None = None, index: int = 0, config: Config | None = None) -> Sample:
     """The image to inspect: from the shards (their config, unless `config` is given: a model's, checked to
     share the shards' geometry by the caller) or from a COCO split processed by RowMaker with `config`."""
     if shards:
-        rows, manifest = read_rows(shards, split, start=index, image_id=image_id)
-        info = manifest["splits"][split]
-        return Sample(config or Config.from_dict(manifest["config"]), CategoryMap.from_dict(manifest["categories"]),
-                      rows[0], f"shards {shards} [{split}]", info.get("annotations"), info.get("images_root"))
+        rows = shards.read_rows(split, start=index, image_id=image_id)
+        info = shards.split(split)
+        return Sample(config or Config.from_dict(shards.manifest["config"]), CategoryMap.from_dict(shards.categories),
+                      rows[0], f"shards {shards.uri} [{split}]", info.get("annotations"), info.get("images_root"))
     if not dataset:
         raise ValueError("give --shards SHARDS or --dataset DATASET (with --split)")
 

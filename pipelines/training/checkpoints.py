@@ -31,7 +31,8 @@ import torch.distributed as dist
 from pyarrow import fs as pafs
 from torch import nn
 
-from pipelines.infra.storage import filesystem_for, join_uri, read_file
+from pipelines.data.errors import InputError
+from pipelines.infra.storage import filesystem_for, is_uri, join_uri, read_file, write_atomic
 
 STATE_FILE = "state.pt"
 
@@ -39,7 +40,7 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, unreadable or does not fit what it is loaded into."""
 
 
@@ -146,13 +147,11 @@ def save_checkpoint(
         "batch_in_epoch": int(batch_in_epoch),
     }
     # temp name then rename: a reader never sees a half-written state file
-    tmp = directory / (STATE_FILE + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, directory / STATE_FILE)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(directory / STATE_FILE, buffer.getbuffer())
     full_meta = {**meta, "step": int(step), "epoch": int(epoch), "batch_in_epoch": int(batch_in_epoch)}
-    tmp_meta = directory / (META_FILE + ".tmp")
-    tmp_meta.write_text(json.dumps(full_meta, indent=1, sort_keys=True))
-    os.replace(tmp_meta, directory / META_FILE)
+    write_atomic(directory / META_FILE, json.dumps(full_meta, indent=1, sort_keys=True).encode())
     return directory
 
 
@@ -240,7 +239,7 @@ def uri_for(location: str | Path, path: str) -> str:
     a URI keeps its scheme, its host where the filesystem's paths leave it out (file://, hdfs://) and its query
     (s3 options such as endpoint_override)."""
     location = os.fspath(location)
-    if "://" not in location:
+    if not is_uri(location):
         return path
     parts = urlsplit(location)
     # object stores put the bucket in the path (bucket/key); filesystems with a host give an absolute path

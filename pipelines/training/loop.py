@@ -17,23 +17,23 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from mrcnn.backbone import load_backbone_weights
 from mrcnn.config import GradCompression
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger, setup_logging
-from pipelines.training.checkpoints import load_checkpoint, load_model_state, restore
+from pipelines.training.checkpoints import restore
 from pipelines.training.hooks.averaging import LocalSGDHook
 from pipelines.training.hooks.checkpointing import CheckpointHook
 from pipelines.training.hooks.progress import ProgressHook
 from pipelines.training.hooks.step_callback import StepCallbackHook
 from pipelines.training.hooks.validation import ValidationHook
 from pipelines.training.local_sgd import LocalSGD
+from pipelines.training.model_source import ModelSource, load_source
 from pipelines.training.optim import build_optimizer, build_scheduler, set_trainable_layers
 from pipelines.training.plan import WorkerPlan
 from pipelines.training.precision import resolve_precision
-from pipelines.training.pretrained import initialise_from_torchvision, is_torchvision_path
+from pipelines.training.pretrained import load_backbone_file
 from pipelines.training.step import StepRunner
 from pipelines.training.trainer import Hook, Trainer, TrainerState
 
@@ -206,21 +206,15 @@ def record_placement(loop_config: WorkerPlan, rank: int, world: int) -> list[str
 
 
 def initialise(model: nn.Module, loop_config: WorkerPlan) -> list[str]:
-    """`--init` (our checkpoint, or `torchvision:FILE`; fine-tuning) and `--backbone-weights` (torchvision ResNet
-    state dict). Returns the lines that say what was loaded (rank 0 prints them)."""
+    """`--init` (any model source: our checkpoint, an MLflow model, `torchvision:FILE`; fine-tuning) and
+    `--backbone-weights` (torchvision ResNet state dict), each a local path or a URI. Returns the lines that say
+    what was loaded (rank 0 prints them)."""
     messages = []
-    if is_torchvision_path(loop_config.model_path):
-        messages += initialise_from_torchvision(model, loop_config.model_path,
-                                                CategoryMap.from_dict(loop_config.categories), loop_config.config)
-    elif loop_config.model_path:
-        state = load_checkpoint(loop_config.model_path)
-        reinit = load_model_state(model, state.model, reinit_class_layers=True)
-        messages.append(f"initialised from {loop_config.model_path} (step {state.step})")
-        if reinit:
-            messages.append(
-                f"different number of classes: re-initialised the class-specific layers {', '.join(reinit)}"
-            )
+    if loop_config.model_path:
+        messages += load_source(model, ModelSource.parse(loop_config.model_path),
+                                categories=CategoryMap.from_dict(loop_config.categories), config=loop_config.config,
+                                fine_tune=True, tracking_uri=loop_config.tracking_uri)
     if loop_config.backbone_weights:
-        load_backbone_weights(model, loop_config.backbone_weights)
+        load_backbone_file(model, loop_config.backbone_weights)
         messages.append(f"backbone weights from {loop_config.backbone_weights}")
     return messages

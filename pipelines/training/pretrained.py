@@ -8,16 +8,21 @@ converted by `mrcnn.torchvision_weights`. The class layers, 91 rows indexed by C
 classes through the category map: categories that are COCO's (ids and names, `coco_class_rows`) take torchvision's
 rows for their ids; any other set re-initialises the class-specific layers. A torchvision file carries no config: its
 model is the `torchvision` preset's (`mrcnn.config.torchvision_maskrcnn`), whose conventions give torchvision's outputs.
+
+`train --backbone-weights FILE` (a local path or a URI) takes a torchvision ResNet state dict too
+(`load_backbone_file`). Every weights file is read by `read_state_file`: whole, through `pipelines.infra.storage`,
+unpickled as data only. `mrcnn/` takes the state dicts.
 """
 
 from __future__ import annotations
 
 import io
-import os
+from typing import Any
 
 import torch
 from torch import nn
 
+from mrcnn.backbone import BackboneWeightsError, load_backbone_weights
 from mrcnn.config import Config, torchvision_maskrcnn
 from mrcnn.torchvision_weights import (
     LoadReport,
@@ -28,7 +33,7 @@ from mrcnn.torchvision_weights import (
     unwrap_state,
 )
 from pipelines.data.categories import CategoryMap
-from pipelines.infra.storage import absolute, read_bytes
+from pipelines.infra.storage import read_bytes
 
 TORCHVISION_PREFIX = "torchvision:"
 
@@ -40,22 +45,6 @@ CONVENTIONS = (
     "rpn.pre_nms_per_level", "rpn.nms_per_level", "roi.aligned", "roi.pool_size", "roi.mask_pool_size", "roi.fc_dim",
     "roi.mask_conv_dim", "roi.mask_conv_layers", "roi.bbox_std", "image.pixel_mean", "image.pixel_std",
 )
-
-
-def is_torchvision_path(path: str | os.PathLike | None) -> bool:
-    return path is not None and os.fspath(path).startswith(TORCHVISION_PREFIX)
-
-
-def torchvision_file(path: str) -> str:
-    """`torchvision:FILE` -> FILE."""
-    return os.fspath(path)[len(TORCHVISION_PREFIX):]
-
-
-def absolute_model_path(path: str) -> str:
-    """A checkpoint path or URI, or `torchvision:FILE`, with a local path made absolute (for Ray workers)."""
-    if is_torchvision_path(path):
-        return TORCHVISION_PREFIX + absolute(torchvision_file(path))
-    return absolute(path)
 
 
 def torchvision_config() -> Config:
@@ -75,38 +64,56 @@ def class_rows(categories: CategoryMap) -> list[int] | None:
     return coco_class_rows(categories.coco_ids, categories.names)
 
 
-def read_torchvision_state(path: str) -> dict[str, torch.Tensor]:
-    """The tensors of `torchvision:FILE` (or FILE), read whole through pyarrow and unpickled as data only."""
-    file = torchvision_file(path) if is_torchvision_path(path) else os.fspath(path)
+def read_state_file(location: str, *, what: str, error: type[Exception]) -> Any:
+    """The tensors saved in the file `location` (a local path or a URI), read whole through storage (one request on
+    an object store) and unpickled as data only (`weights_only`): a weights file is data, never code.
+    `error(message naming the file)` when it is missing, unreadable or not a state dict that loads safely; `what`
+    says what the file was to hold."""
     try:
-        data = read_bytes(file)
-    except (FileNotFoundError, OSError) as exc:
-        raise WeightsFormatError(f"{file}: cannot read torchvision weights: {exc}") from exc
+        data = read_bytes(location)
+    except FileNotFoundError as exc:
+        raise error(f"{what} file not found: {location}") from exc
+    except (OSError, ValueError) as exc:  # a folder, no such bucket, no credentials, a bad URI
+        raise error(f"cannot read {what} from {location}: {exc}") from exc
     try:
-        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure: not a (safe) weights file
-        raise WeightsFormatError(f"{file}: not a state dict that loads safely (weights_only): {exc}") from exc
+        raise error(f"cannot read {what} from {location}: not a state dict that loads safely (weights_only): "
+                    f"{exc}") from exc
+
+
+def load_backbone_file(model: nn.Module, location: str) -> None:
+    """`--backbone-weights`: a torchvision ResNet state dict (a local path or a URI) into the model's backbone;
+    BackboneWeightsError naming the file when it cannot be read or does not fit."""
+    state = read_state_file(location, what="backbone weights", error=BackboneWeightsError)
+    load_backbone_weights(model, state, source=location)
+
+
+def read_torchvision_state(file: str) -> dict[str, torch.Tensor]:
+    """The tensors of a torchvision weights file (a local path or a URI), unwrapped from a checkpoint-like dict."""
+    state = read_state_file(file, what="torchvision weights", error=WeightsFormatError)
     try:
         return unwrap_state(state)
     except WeightsFormatError as exc:
         raise WeightsFormatError(f"{file}: {exc}") from exc
 
 
-def load_torchvision_file(model: nn.Module, path: str, categories: CategoryMap) -> LoadReport:
-    """Load `torchvision:FILE` into our MaskRCNN, its class layers through `categories` (see the module docstring).
-    WeightsFormatError naming the file and the keys when it fits neither torchvision format nor this model."""
-    state = read_torchvision_state(path)
+def load_torchvision_file(model: nn.Module, file: str, categories: CategoryMap) -> LoadReport:
+    """Load a torchvision weights file into our MaskRCNN, its class layers through `categories` (see the module
+    docstring). WeightsFormatError naming the file and the keys when it fits neither torchvision format nor this
+    model."""
+    state = read_torchvision_state(file)
     try:
         return load_torchvision_state(model, state, class_rows=class_rows(categories))
     except WeightsFormatError as exc:
-        raise WeightsFormatError(f"{torchvision_file(path)}: {exc}") from exc
+        raise WeightsFormatError(f"{file}: {exc}") from exc
 
 
-def initialise_from_torchvision(model: nn.Module, path: str, categories: CategoryMap, config: Config) -> list[str]:
+def initialise_from_torchvision(model: nn.Module, file: str, categories: CategoryMap, config: Config) -> list[str]:
     """`train --init torchvision:FILE`: load it, and the lines that say what was loaded, re-initialised and skipped."""
-    report = load_torchvision_file(model, path, categories)
+    report = load_torchvision_file(model, file, categories)
     kind = "Mask R-CNN" if report.format == "maskrcnn" else "ImageNet ResNet (backbone only)"
-    messages = [f"initialised from {path} (torchvision's {kind}): {report.summary()}"]
+    messages = [f"initialised from {TORCHVISION_PREFIX}{file} (torchvision's {kind}): {report.summary()}"]
     if report.format == "maskrcnn":
         if class_rows(categories) is not None:
             messages.append(f"classes: the shards' {len(categories.coco_ids)} COCO categories take torchvision's "

@@ -21,15 +21,15 @@ from mrcnn.config import Config, ConfigError, check_flip, fingerprint_diff
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import batches_dataset
-from pipelines.data.shards import check_fingerprint, read_manifest
+from pipelines.data.shardset import ShardSet
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
 from pipelines.infra.storage import absolute
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
 from pipelines.training.loop import train_loop_per_worker
+from pipelines.training.model_source import ModelSource, check_init
 from pipelines.training.plan import WorkerPlan, total_steps_for
-from pipelines.training.pretrained import absolute_model_path, is_torchvision_path, load_torchvision_file
 
 log = get_logger("train")
 
@@ -123,18 +123,19 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     if request.placement_strategy not in PLACEMENT_STRATEGIES:
         raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
     check_flip(config)  # flips need centred anchors (the torchvision preset's are not: it sets train.flip=false)
-    manifest = read_manifest(request.shards)
-    check_fingerprint(manifest, config)  # before any work: shards made with another config are refused
+    shards = ShardSet.open(request.shards)
+    shards.check_fingerprint(config)  # before any work: shards made with another config are refused
+    manifest = shards.manifest
     config = apply_request(config, request)
-    splits = manifest["splits"]
-    if request.split not in splits:
-        raise ValueError(f"split {request.split!r} is not in {request.shards} (has {', '.join(splits)})")
+    splits = shards.splits
+    shards.split(request.split)  # refused here when absent, naming the splits there are
     val_split = request.val_split if request.val_split in splits else None
-    categories = manifest["categories"]
+    categories = shards.categories
     num_classes = CategoryMap.from_dict(categories).num_classes
-    if is_torchvision_path(request.model_path):  # a file that does not fit is refused here, not in each worker
-        load_torchvision_file(build_model(config, num_classes=num_classes), request.model_path,
-                              CategoryMap.from_dict(categories))
+    init = ModelSource.parse(request.model_path) if request.model_path else None
+    # a source that is not a model, or weights that do not fit, are refused here, not in each worker
+    check_init(init, config=config, categories=CategoryMap.from_dict(categories), num_classes=num_classes,
+               backbone_weights=request.backbone_weights)
 
     init_ray(request.address)
     use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu
@@ -187,9 +188,9 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         },
     )
 
-    datasets = {"train": batches_dataset(request.shards, request.split, config, _num_anchors(config))}
+    datasets = {"train": batches_dataset(shards, request.split, config, _num_anchors(config))}
     if val_split:
-        datasets["val"] = batches_dataset(request.shards, val_split, config, _num_anchors(config))
+        datasets["val"] = batches_dataset(shards, val_split, config, _num_anchors(config))
     if config.train.cache_data:
         # the val split too, even when validated once: streaming it fresh at the end of training cost the demo
         # 18 s (train workers holding the CPUs), decoding it here 6 s
@@ -203,7 +204,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         total_steps=total_steps,
         steps_per_epoch=steps_per_epoch,
         global_batch=global_batch,
-        model_path=absolute_model_path(request.model_path) if request.model_path else None,
+        model_path=str(init) if init is not None else None,
         backbone_weights=absolute(request.backbone_weights) if request.backbone_weights else None,
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,

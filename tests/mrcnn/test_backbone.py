@@ -17,13 +17,10 @@ def _resnet(depth: int, **settings) -> ResNetBackbone:
     return ResNetBackbone(depth, **{"frozen_bn": True, "trainable_layers": 5, "frozen_bn_eps": 1e-5, **settings})
 
 
-def test_weights_round_trip_matches_torchvision_features(tmp_path):
+def test_weights_round_trip_matches_torchvision_features():
     reference = randomised_resnet18()
-    path = tmp_path / "r18.pth"
-    torch.save(reference.state_dict(), path)  # includes fc.* and num_batches_tracked
-
     backbone = _resnet(18)  # FrozenBatchNorm2d, as the coco preset
-    load_backbone_weights(backbone, path)
+    load_backbone_weights(backbone, reference.state_dict())  # includes fc.* and num_batches_tracked
     for name, value in backbone.state_dict().items():
         assert torch.equal(value, reference.state_dict()[name]), name
 
@@ -39,36 +36,32 @@ def test_weights_round_trip_matches_torchvision_features(tmp_path):
     assert [c.shape[-1] for c in (c2, c3, c4, c5)] == [16, 8, 4, 2]
 
 
-def test_load_into_a_model_holding_the_backbone(tmp_path):
+def test_load_into_a_model_holding_the_backbone():
     reference = randomised_resnet18()
-    path = tmp_path / "r18.pth"
-    torch.save(reference.state_dict(), path)
     holder = nn.Module()
     holder.backbone = _resnet(18, frozen_bn=False)
-    loaded = load_backbone_weights(holder, path)
+    loaded = load_backbone_weights(holder, reference.state_dict())
     assert loaded is holder.backbone
     assert torch.equal(holder.backbone.layer3[1].bn2.running_var, reference.layer3[1].bn2.running_var)
 
 
-def test_incompatible_weights_error_lists_missing_and_unexpected_keys(tmp_path):
-    path = tmp_path / "r18.pth"
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+def test_incompatible_weights_error_lists_missing_and_unexpected_keys():
     with pytest.raises(BackboneWeightsError) as err:
-        load_backbone_weights(_resnet(50), path)
+        load_backbone_weights(_resnet(50), torchvision.models.resnet18(weights=None).state_dict(),
+                              source="r18.pth")
     message = str(err.value)
+    assert message.startswith("r18.pth does not fit a ResNet-50 backbone")
     assert "missing keys [" in message and "layer1.0.conv3.weight" in message  # bottleneck-only conv
     assert "unexpected keys [" in message and "fc." not in message  # the classifier is ignored
 
 
-def test_shape_mismatch_and_missing_file_are_clear_errors(tmp_path):
+def test_shape_mismatch_and_a_state_that_is_no_dict_are_clear_errors():
     state = torchvision.models.resnet18(weights=None).state_dict()
     state["conv1.weight"] = torch.zeros(64, 3, 3, 3)
-    path = tmp_path / "bad.pth"
-    torch.save(state, path)
     with pytest.raises(BackboneWeightsError, match=r"conv1\.weight: file \(64, 3, 3, 3\) != model \(64, 3, 7, 7\)"):
-        load_backbone_weights(_resnet(18), path)
-    with pytest.raises(BackboneWeightsError, match="not found"):
-        load_backbone_weights(_resnet(18), tmp_path / "absent.pth")
+        load_backbone_weights(_resnet(18), state)
+    with pytest.raises(BackboneWeightsError, match="bad.pth: expected a state dict, got list"):
+        load_backbone_weights(_resnet(18), [torch.zeros(1)], source="bad.pth")
 
 
 def test_frozen_bn_by_default_and_trainable_layers_freeze_from_the_bottom():

@@ -11,11 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrcnn.backbone import BackboneWeightsError, load_backbone_weights
+from mrcnn.backbone import BackboneWeightsError
 from mrcnn.config import shapes
 from mrcnn.model import build_model
 from pipelines.models import load_model, model_spec
 from pipelines.training.checkpoints import CheckpointError, load_checkpoint, read_meta, save_checkpoint
+from pipelines.training.pretrained import load_backbone_file
 
 
 class Planted:
@@ -82,5 +83,5 @@ def test_backbone_weights_refuse_it(tmp_path, model):
     state["evil"] = Planted(marker)
     torch.save(state, path)
     with pytest.raises(BackboneWeightsError, match="cannot read backbone weights"):
-        load_backbone_weights(model, path)
+        load_backbone_file(model, str(path))  # what `train --backbone-weights` calls
     assert not marker.exists()

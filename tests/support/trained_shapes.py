@@ -11,7 +11,7 @@ import torch
 from mrcnn.config import shapes
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
-from pipelines.data.shards import read_manifest
+from pipelines.data.shardset import read_manifest
 from pipelines.training.checkpoints import save_checkpoint
 from pipelines.training.optim import build_optimizer, build_scheduler
 from pipelines.training.step import StepRunner

@@ -9,6 +9,7 @@ from mrcnn.anchors import anchors_from_config
 from mrcnn.config import shapes
 from pipelines.data.loader import ShardBatchDecoder, batches_dataset, decoder_for, densify_rpn_deltas
 from pipelines.data.shards import MAX_CROWD, decode_row
+from pipelines.data.shardset import ShardSet
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +95,7 @@ def test_ray_data_stream_gives_the_same_batches(synth_shards, rows):
     direct = ShardBatchDecoder(**decoder_for(config, a))(rows)
     order = {int(i): k for k, i in enumerate(direct["image_ids"])}
     seen = 0
-    ds = batches_dataset(synth_shards, "train2017", config, a)
+    ds = batches_dataset(ShardSet.open(synth_shards), "train2017", config, a)
     for batch in ds.iter_torch_batches(batch_size=3, device="cpu"):
         for j, image_id in enumerate(batch["image_ids"].tolist()):
             k = order[image_id]

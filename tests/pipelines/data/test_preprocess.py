@@ -32,7 +32,8 @@ from pipelines.data.coco import split_paths
 from pipelines.data.errors import DatasetError
 from pipelines.data.preprocess import OutputExistsError, preprocess
 from pipelines.data.rows import RowMaker
-from pipelines.data.shards import SHARD_SCHEMA, FingerprintMismatch, check_fingerprint, decode_row, read_manifest
+from pipelines.data.shards import SHARD_SCHEMA, decode_row
+from pipelines.data.shardset import FingerprintMismatch, check_fingerprint, read_manifest
 from pipelines.data.synth import make_synthetic_dataset
 
 CONTIGUOUS = {1: 1, 3: 2, 7: 3}  # synth's COCO ids 1, 3, 7 -> 1..3

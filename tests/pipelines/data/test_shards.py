@@ -14,15 +14,8 @@ from PIL import Image
 from mrcnn.config import fingerprint_diff, shapes
 from mrcnn.geometry import resize_image
 from mrcnn.mini_masks import pack_masks
-from pipelines.data.shards import (
-    SCHEMA_VERSION,
-    SHARD_SCHEMA,
-    FingerprintMismatch,
-    check_fingerprint,
-    decode_row,
-    read_manifest,
-    shard_uris,
-)
+from pipelines.data.shards import SCHEMA_VERSION, SHARD_SCHEMA, decode_row
+from pipelines.data.shardset import FingerprintMismatch, ShardSet, check_fingerprint, read_manifest
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -75,7 +68,7 @@ def test_manifest_must_exist_and_match_the_config(tmp_path):
                 "splits": {"val2017": {"files": ["val2017/part-00000-000.parquet"]}}}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert read_manifest(str(tmp_path)) == manifest
-    assert shard_uris(str(tmp_path), manifest, "val2017") == [f"{tmp_path}/val2017/part-00000-000.parquet"]
+    assert ShardSet.open(str(tmp_path)).uris("val2017") == [f"{tmp_path}/val2017/part-00000-000.parquet"]
     check_fingerprint(manifest, config)
     check_fingerprint(manifest, config.override(["train.lr=0.5"]))  # not a shard field
     with pytest.raises(FingerprintMismatch) as e:

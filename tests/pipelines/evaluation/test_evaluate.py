@@ -87,7 +87,7 @@ def _checkpoint(tmp_path: Path, config, categories: dict, name: str = "ckpt") ->
 
 @pytest.mark.slow
 def test_evaluate_stage_end_to_end(synth_shards, tmp_path):
-    from pipelines.data.shards import read_manifest
+    from pipelines.data.shardset import read_manifest
 
     manifest = read_manifest(synth_shards)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -114,7 +114,7 @@ def test_evaluate_stage_end_to_end(synth_shards, tmp_path):
 
 
 def test_model_of_another_geometry_or_categories_is_refused(synth_shards, tmp_path):
-    from pipelines.data.shards import read_manifest
+    from pipelines.data.shardset import read_manifest
 
     manifest = read_manifest(synth_shards)
     other = shapes().override(["image.max_dim=256", "image.min_dim=256"])

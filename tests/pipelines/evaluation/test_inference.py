@@ -12,7 +12,7 @@ from mrcnn.anchors import anchors_from_config
 from mrcnn.config import shapes
 from pipelines.data.categories import CategoryMap
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
-from pipelines.data.shards import read_manifest
+from pipelines.data.shardset import read_manifest
 from pipelines.evaluation.coco_eval import evaluate_detections
 from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.evaluation.inference import (

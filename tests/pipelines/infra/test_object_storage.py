@@ -80,10 +80,11 @@ def s3_training(s3, s3_shards, tmp_path_factory):
 
 
 def test_preprocess_writes_the_shards_to_the_bucket(s3, s3_shards, workdir):
-    from pipelines.data.shards import read_manifest, read_rows, shard_uris
+    from pipelines.data.shardset import ShardSet
 
     keys = s3.keys("shards/")
-    manifest = read_manifest(s3_shards)
+    shards = ShardSet.open(s3_shards)
+    manifest = shards.manifest
     expected = {f"shards/{f}" for split in manifest["splits"].values() for f in split["files"]}
     assert expected and expected <= set(keys)
     assert "shards/manifest.json" in keys
@@ -92,11 +93,11 @@ def test_preprocess_writes_the_shards_to_the_bucket(s3, s3_shards, workdir):
 
     for name, split in manifest["splits"].items():
         rows = 0
-        for uri in shard_uris(s3_shards, manifest, name):
+        for uri in shards.uris(name):
             filesystem, path = filesystem_for(uri)
             rows += pq.read_table(path, filesystem=filesystem).num_rows
         assert rows == split["num_images"] > 0, name
-    rows, _ = read_rows(s3_shards, "val2017", count=2)
+    rows = shards.read_rows("val2017", count=2)
     assert len(rows) == 2 and rows[0]["image"]
     assert os.listdir(workdir) == []  # nothing written locally
 
@@ -138,3 +139,45 @@ def test_evaluate_reads_shards_and_checkpoint_from_the_bucket(s3_shards, s3_trai
     assert metrics == result.metrics
     for key in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AR100"):
         assert math.isfinite(metrics[key]) and -1.0 <= metrics[key] <= 1.0, key
+
+
+def test_backbone_weights_and_an_init_checkpoint_load_from_the_bucket(s3, tmp_path):
+    """`train --backbone-weights s3://...` and `--init s3://...`: training's `initialise` (what each worker calls)
+    reads both from the bucket, and every tensor is the saved one: the backbone's from the weights file (read
+    after the checkpoint), every other from the checkpoint."""
+    import io
+
+    import torch
+
+    from mrcnn.model import build_model
+    from pipelines.infra.storage import write_bytes
+    from pipelines.training.checkpoints import save_checkpoint
+    from pipelines.training.loop import LoopConfig, initialise
+
+    config = shapes()
+    torch.manual_seed(0)
+    source = build_model(config, num_classes=4)
+    local = save_checkpoint(tmp_path / "checkpoint_000003", model=source, optimizer=None, scheduler=None, step=3,
+                            epoch=0, batch_in_epoch=3,
+                            meta={"config": config.to_dict(), "categories": {"categories": []}, "num_classes": 4})
+    for name in ("state.pt", "meta.json"):
+        write_bytes(s3.uri(f"init/checkpoint_000003/{name}"), (local / name).read_bytes())
+    torch.manual_seed(1)
+    backbone = {k: v.clone() for k, v in build_model(config, num_classes=4).backbone.state_dict().items()}
+    buffer = io.BytesIO()
+    torch.save(backbone, buffer)
+    write_bytes(s3.uri("weights/resnet.pth"), buffer.getvalue())
+
+    torch.manual_seed(2)
+    target = build_model(config, num_classes=4)
+    loop = LoopConfig(config=config, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=1,
+                      steps_per_epoch=1, model_path=s3.uri("init/checkpoint_000003"),
+                      backbone_weights=s3.uri("weights/resnet.pth"))
+    messages = initialise(target, loop)
+    assert messages == [f"initialised from {s3.uri('init/checkpoint_000003')} (step 3)",
+                        f"backbone weights from {s3.uri('weights/resnet.pth')}"]
+    saved = source.state_dict()
+    for key, value in target.state_dict().items():
+        expected = backbone[key.removeprefix("backbone.")] if key.startswith("backbone.") else saved[key]
+        assert torch.equal(value, expected), key
+    assert any(not torch.equal(backbone[k], saved[f"backbone.{k}"]) for k in backbone)  # two different sources

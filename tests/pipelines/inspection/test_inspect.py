@@ -20,7 +20,7 @@ from mrcnn.geometry import resize_image
 from mrcnn.mini_masks import expand_masks, mini_mask_boxes, unpack_masks
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
-from pipelines.data.shards import read_manifest
+from pipelines.data.shardset import ShardSet, read_manifest
 from pipelines.inspection.command import STAGES, InspectRequest, run_inspect
 from pipelines.inspection.data_stages import anchors_picture
 from pipelines.inspection.panels import TITLE_PX, panel_px, picture_size
@@ -165,7 +165,7 @@ def test_gt_overlay_inside_the_masks_and_not_far_from_them(synth_shards, tmp_pat
 def test_dataset_and_shards_give_the_same_row(synth_dataset, synth_shards):
     """`--dataset` runs the shard writer's RowMaker on the COCO record: the same targets as the shards."""
     image_id = pq.read_table(f"{synth_shards}/val2017").column("image_id")[2].as_py()
-    from_shards = load_sample(shards=synth_shards, split="val2017", image_id=image_id)
+    from_shards = load_sample(shards=ShardSet.open(synth_shards), split="val2017", image_id=image_id)
     from_dataset = load_sample(dataset=str(synth_dataset), split="val2017", image_id=image_id, config=shapes())
     for key in ("gt_class_ids", "gt_boxes", "mini_masks", "crowd_boxes", "rpn_pos_idx", "rpn_ignore_idx", "window"):
         np.testing.assert_array_equal(from_shards.row[key], from_dataset.row[key], err_msg=key)

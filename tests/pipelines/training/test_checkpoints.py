@@ -207,7 +207,8 @@ def test_checkpoint_uri_is_what_pyarrow_opens(tmp_path):
 
 def test_model_spec_reads_a_file_uri_checkpoint(tmp_path):
     from mrcnn.config import shapes
-    from pipelines.models import is_mlflow_model_uri, model_spec
+    from pipelines.models import model_spec
+    from pipelines.training.model_source import ModelSource
 
     config = shapes()
     categories = {"coco_ids": [1, 3, 7], "names": ["circle", "square", "triangle"]}
@@ -216,10 +217,12 @@ def test_model_spec_reads_a_file_uri_checkpoint(tmp_path):
                             meta={"config": config.to_dict(), "categories": categories, "num_classes": 4})
     uri = f"file://{local}"
     spec = model_spec(uri)
-    assert spec.checkpoint == uri and spec.mlflow_uri is None
+    assert spec.source == ModelSource("checkpoint", uri)
     assert spec.config == config and spec.categories == categories and spec.num_classes == 4
-    assert not any(is_mlflow_model_uri(p) for p in (uri, "s3://b/x/checkpoint_1", str(local), "ckpt/checkpoint_1"))
-    assert all(is_mlflow_model_uri(p) for p in ("runs:/0123abcd/model", "models:/mrcnn/3", "models:/mrcnn@prod"))
+    checkpoints = (uri, "s3://b/x/checkpoint_1", str(local), "ckpt/checkpoint_1")
+    assert not any(ModelSource.parse(p).kind == "mlflow" for p in checkpoints)
+    mlflow_models = ("runs:/0123abcd/model", "models:/mrcnn/3", "models:/mrcnn@prod")
+    assert all(ModelSource.parse(p).kind == "mlflow" for p in mlflow_models)
     with pytest.raises(CheckpointError, match=re.escape(f"file://{tmp_path}/none: not a checkpoint")):
         model_spec(f"file://{tmp_path}/none")
 

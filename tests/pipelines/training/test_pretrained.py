@@ -64,7 +64,7 @@ def test_a_detection_of_coco_id_90_by_torchvision_comes_out_as_coco_id_90(coco90
     categories = coco_categories()
     torch.manual_seed(0)
     model = build_model(SMALL, num_classes=categories.num_classes)
-    report = load_torchvision_file(model, f"torchvision:{path}", categories)
+    report = load_torchvision_file(model, str(path), categories)
     assert not report.reinitialised and len(report.loaded) == 307
     images, windows = sample_images(SIZE, [(0, 0, SIZE, SIZE)]), torch.tensor([[0, 0, SIZE, SIZE]])
     model.eval()
@@ -211,7 +211,7 @@ def test_a_torchvision_file_as_a_model_for_evaluate_predict_and_inspect(torchvis
     ours = model.state_dict()
     assert len(ours) == 307 and all(torch.equal(ours[k], v) for k, v in expected.items() if "num_batches" not in k)
     monkeypatch.chdir(torchvision_file.parent)  # a relative path is made absolute: Ray actors load it elsewhere
-    assert model_spec("torchvision:maskrcnn.pth").torchvision == f"torchvision:{torchvision_file}"
+    assert model_spec("torchvision:maskrcnn.pth").location == f"torchvision:{torchvision_file}"
     subset = CategoryMap((1, 90), ("person", "toothbrush"))
     manifest = {"categories": subset.to_dict(), "shard_fields": torchvision_maskrcnn().shard_fields()}
     spec = model_spec(f"torchvision:{torchvision_file}", categories=manifest["categories"])

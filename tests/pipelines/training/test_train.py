@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from mrcnn.config import shapes
 from mrcnn.model import build_model
-from pipelines.data.shards import FingerprintMismatch
+from pipelines.data.shardset import FingerprintMismatch
 from pipelines.training.checkpoints import load_checkpoint
 from pipelines.training.train import TrainRequest, train
 from tests.support.fault_drill import FaultDrill
@@ -84,7 +84,7 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
 
     # evaluate and predict take MLflow model URIs: runs:/ (evaluate, in Ray actors) and models:/ (predict)
     from pipelines.data.coco import read_split
-    from pipelines.data.shards import read_manifest
+    from pipelines.data.shardset import read_manifest
     from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
     from pipelines.evaluation.predict import predict_images
 
@@ -133,7 +133,7 @@ def test_resume_refuses_a_checkpoint_of_another_config_or_other_shards(synth_sha
     """--resume used to take the highest-step checkpoint of any run under --storage. A stranger's checkpoint (other
     config, other shards) is refused with the reason, before any MLflow run or Ray Train work."""
     from mrcnn.model import build_model
-    from pipelines.data.shards import read_manifest
+    from pipelines.data.shardset import read_manifest
     from pipelines.training.checkpoints import save_checkpoint
 
     config = _config(steps=8, lr=0.01)
