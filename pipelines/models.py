@@ -20,6 +20,7 @@ import torch
 from mrcnn.config import Config, fingerprint_diff
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
+from pipelines.data.errors import InputError
 from pipelines.infra import tracking
 from pipelines.infra.storage import exists, filesystem_for
 from pipelines.training.checkpoints import CheckpointError, load_checkpoint, load_model_state, read_meta
@@ -33,7 +34,7 @@ from pipelines.training.pretrained import (
 )
 
 
-class ModelMismatchError(ValueError):
+class ModelMismatchError(InputError):
     """A model whose category map or geometry does not fit the shards it is asked to evaluate."""
 
 

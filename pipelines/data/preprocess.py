@@ -43,7 +43,7 @@ from ray.data import ActorPoolStrategy, DataContext, Datasink
 from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
 from pipelines.data.coco import read_split
-from pipelines.data.errors import DatasetError
+from pipelines.data.errors import DatasetError, InputError
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import (
     MANIFEST,
@@ -68,7 +68,7 @@ MAX_INPUT_BLOCKS = 2000
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(InputError, FileExistsError):
     """The output already holds a complete preprocess run (a manifest) and overwrite was not asked for."""
 
 

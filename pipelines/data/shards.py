@@ -23,6 +23,7 @@ import torch
 from mrcnn.config import LEGACY_SHARD_FIELDS, Config, fingerprint_diff
 from mrcnn.mini_masks import unpack_masks
 from mrcnn.rpn_targets import dense_rpn_targets
+from pipelines.data.errors import InputError
 from pipelines.data.images import ImageDecodeError, decode_resize, window_size
 from pipelines.infra.storage import absolute, exists, filesystem_for, join_uri, read_file
 
@@ -64,7 +65,7 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-class FingerprintMismatch(ValueError):
+class FingerprintMismatch(InputError):
     """Shards made with a different shard config; `fields` lists 'key: shards != config' strings."""
 
     def __init__(self, fields: list[str]):

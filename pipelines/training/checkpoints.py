@@ -27,6 +27,7 @@ import torch
 from pyarrow import fs as pafs
 from torch import nn
 
+from pipelines.data.errors import InputError
 from pipelines.infra.storage import filesystem_for, join_uri, read_file
 
 STATE_FILE = "state.pt"
@@ -35,7 +36,7 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A checkpoint that is missing, unreadable or does not fit what it is loaded into."""
 
 
