@@ -13,19 +13,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import click
 import typer
+import typer.core
 
 from pipelines.infra.logs import get_logger, setup_logging
 
 log = get_logger("cli")
 
 
-def user_error(exc: BaseException, command: click.Command) -> click.UsageError | None:
-    """The one error-to-message mapping of every command: an error the user caused (an `InputError`, which
-    every typed input error of pipelines/ subclasses; mrcnn's ConfigError and WeightsFormatError; a missing
-    path) as a usage error (exit status 2) naming the option it is about where `command` has it; None for any
-    other exception (a bug: its traceback stays). A stage's error raised in a Ray task (`run`) is its cause's."""
+def user_error(exc: BaseException, command: typer.core.TyperCommand) -> str | None:
+    """The one error-to-message mapping of every command: the lines the console shows for an error the user caused
+    (an `InputError`, which every typed input error of pipelines/ subclasses; mrcnn's ConfigError and
+    WeightsFormatError; a missing path), naming the option it is about where `command` has it; None for any other
+    exception (a bug: its traceback stays). A stage's error raised in a Ray task (`run`) is its cause's."""
     from mrcnn.config import ConfigError
     from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.data.errors import InputError
@@ -41,22 +41,24 @@ def user_error(exc: BaseException, command: click.Command) -> click.UsageError |
     names = next((names for kind, names in about if isinstance(exc, kind)), ())
     hint = "/".join(p.opts[0] for p in command.params if p.name in names and p.opts)
     message = str(exc) if " " in str(exc) else f"not found: {exc}"  # a bare path (FileNotFoundError(path))
-    if any(p.name == "verbose" for p in command.params):
-        message += "\n(--verbose shows the traceback)"
-    return typer.BadParameter(message, param_hint=hint) if hint else click.UsageError(message)
+    verbose = any(p.name == "verbose" for p in command.params)
+    return (f"Error: {hint + ': ' if hint else ''}{message}"
+            + ("\n(--verbose shows the traceback)" if verbose else ""))
 
 
 class MappedCommand(typer.core.TyperCommand):
-    """A command whose errors go through `user_error`."""
+    """A command whose errors go through `user_error`: a user's error ends in its lines on stderr (not wrapped,
+    so that a long path stays whole) and exit status 2."""
 
-    def invoke(self, ctx: click.Context):
+    def invoke(self, ctx: typer.Context):
         try:
             return super().invoke(ctx)
         except Exception as exc:
-            usage = None if ctx.params.get("verbose") else user_error(exc, self)
-            if usage is None:
+            lines = None if ctx.params.get("verbose") else user_error(exc, self)
+            if lines is None:
                 raise
-            raise usage from None
+            typer.echo(lines, err=True)
+            raise typer.Exit(2) from None
 
 
 class App(typer.Typer):
