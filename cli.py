@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from mrcnn.config import Layers
+from mrcnn.config import Layers, load_config
 from pipelines.cli_options import (
     DEFAULT_EXPERIMENT,
     AddressOpt,
@@ -33,7 +33,6 @@ from pipelines.cli_options import (
     VerboseOpt,
     WorkersOpt,
     console,
-    load_config,
     placement,
     run_context,
 )
@@ -95,7 +94,7 @@ def preprocess(
     from pipelines.data.coco import split_paths
     from pipelines.data.preprocess import preprocess as run_preprocess
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, set_ or [])
     console("preprocess", verbose)
     if annotations or images:
         if not (annotations and images):
@@ -151,7 +150,7 @@ def train(
     from pipelines.training.train import train as run_train
 
     strategy = placement(placement_strategy)
-    cfg = load_config(config, set_)
+    cfg = load_config(config, set_ or [])
     console("train", verbose)
     request = TrainRequest(
         shards=shards, split=split, val_split=val_split, epochs=epochs, steps=steps, batch_size=batch_size,
@@ -226,7 +225,7 @@ def run(
     from pipelines.infra.tracking import ui_command, ui_url
 
     strategy = placement(placement_strategy)
-    cfg = load_config(config, set_)
+    cfg = load_config(config, set_ or [])
     console("run", verbose, work_dir)
     ctx = run_context(address, tracking_uri, experiment, workers, gpu)
     request = PipelineRequest(dataset=dataset, train_split=train_split, val_split=val_split, work_dir=work_dir,
@@ -324,7 +323,7 @@ def inspect_command(
         raise typer.BadParameter("give --shards SHARDS or --dataset DATASET (with --split)")
     request = InspectRequest(
         stage=stage, out=out, shards=shards, dataset=dataset, split=split, image_id=image_id, index=index,
-        model_path=model_path, config=load_config(config, set_), threshold=threshold, step=step, seed=seed,
+        model_path=model_path, config=load_config(config, set_ or []), threshold=threshold, step=step, seed=seed,
         mlflow_run=mlflow_run,
     )
     results = run_inspect(request, run_context(tracking_uri=tracking_uri, experiment=experiment))

@@ -82,7 +82,7 @@ TrackingOpt = Annotated[str | None, typer.Option(
 ExperimentOpt = Annotated[str, typer.Option(help="MLflow experiment.")]
 WorkersOpt = Annotated[int, typer.Option(help="Workers: train's data-parallel workers (one GPU each with --gpu), "
                                               "evaluate's inference actors (one model each).")]
-GpuOpt = Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: GPUs when there are.")]
+GpuOpt = Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: GPUs when there are any.")]
 PlacementOpt = Annotated[
     str,
     typer.Option(help="Placement of the train workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one per node)."),
@@ -93,7 +93,7 @@ DEFAULT_EXPERIMENT = "mrcnn-pipeline"  # pipelines.infra.tracking.DEFAULT_EXPERI
 
 
 def run_context(address: str | None = None, tracking_uri: str | None = None, experiment: str = DEFAULT_EXPERIMENT,
-             workers: int = 1, gpu: bool | None = None, storage: str | None = None):
+                workers: int = 1, gpu: bool | None = None, storage: str | None = None):
     """The command's one run context, from the shared options."""
     from pipelines.infra.context import RunContext
 
@@ -123,8 +123,3 @@ def placement(strategy: str) -> str:
                                  param_hint="--placement-strategy")
     return strategy.upper()
 
-
-def load_config(config: str, overrides: list[str] | None):
-    from mrcnn.config import load_config as load
-
-    return load(config, overrides or [])  # a ConfigError goes through `user_error`

@@ -85,6 +85,10 @@ def test_the_cli_choices_are_the_codes_own():
     assert typing.get_args(cli.Backend) == BACKENDS
     assert typing.get_args(cli.InspectStage) == (*STAGES, "all")
     assert typing.get_args(cli.DagStage) == tuple(stage_config_fields(shapes()))
+    from pipelines.cli_options import DEFAULT_EXPERIMENT
+    from pipelines.infra.tracking import DEFAULT_EXPERIMENT as TRACKING_DEFAULT
+
+    assert DEFAULT_EXPERIMENT == TRACKING_DEFAULT
 
 
 @pytest.mark.parametrize("args, allowed", [
