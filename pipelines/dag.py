@@ -194,17 +194,18 @@ def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -
     init = absolute_model_path(request.init) if request.init else None  # the stages run where the cwd is not this
     annotations_hash = {name: _annotations_sha256(name, ann) for name, ann, _ in splits}
 
-    def preprocess_stage(out_dir: str, upstream: dict, ctx: RunContext) -> dict:
-        manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True, ctx=ctx)
-        uri = ctx.mlflow_uri()
-        run_id = ctx.create_run("preprocess", {"stage": "preprocess", "shards": out_dir, "dataset": request.dataset})
+    def preprocess_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
+        manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True, ctx=stage_ctx)
+        uri = stage_ctx.mlflow_uri()
+        run_id = stage_ctx.create_run("preprocess", {"stage": "preprocess", "shards": out_dir,
+                                                     "dataset": request.dataset})
         tracking.log_params(uri, run_id, {"fingerprint": config.fingerprint(), "dataset": request.dataset,
                                           **{f"annotations_sha256.{k}": v for k, v in annotations_hash.items()}})
         tracking.log_artifact(uri, run_id, manifest)  # a path or a URI: log_artifact copies a URI locally first
         tracking.finish_run(uri, run_id)
         return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
 
-    def train_stage(out_dir: str, upstream: dict, ctx: RunContext) -> dict:
+    def train_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
         result = train(
             config,
             TrainRequest(
@@ -212,14 +213,15 @@ def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -
                 run_name="train", cpus_per_worker=request.cpus_per_worker,
                 placement_strategy=request.placement_strategy, model_path=init,
             ),
-            replace(ctx, storage=out_dir, tags={**ctx.tags, "preprocess_run_id": upstream["preprocess"]["run_id"]}),
+            replace(stage_ctx, storage=out_dir,
+                    tags={**stage_ctx.tags, "preprocess_run_id": upstream["preprocess"]["run_id"]}),
         )
-        uri = ctx.mlflow_uri()
+        uri = stage_ctx.mlflow_uri()
         return {"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint, "run_id": result.run_id,
                 "model_uri": f"runs:/{result.run_id}/model",
                 "images_per_s": training_rate(tracking.metric_history(uri, result.run_id, "images_per_s"))}
 
-    def evaluate_stage(out_dir: str, upstream: dict, ctx: RunContext) -> dict:
+    def evaluate_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
         with _local_dir(out_dir) as local_out:
             result = evaluate(
                 EvaluateRequest(
@@ -227,7 +229,7 @@ def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -
                     split=request.val_split, out=local_out, run_name="evaluate", limit=request.eval_limit,
                     detection=config.detection, settings=config.evaluate,
                 ),
-                replace(ctx, workers=1),
+                replace(stage_ctx, workers=1),
             )
         return {"metrics": result.metrics, "out": out_dir, "run_id": result.run_id, "table": result.table}
 
