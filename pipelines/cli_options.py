@@ -107,7 +107,9 @@ def console(command: str, verbose: bool, folder: str | Path | None = None) -> Pa
     import tempfile
     import time
 
-    local = folder is not None and "://" not in str(folder)
+    from pipelines.infra.storage import is_uri
+
+    local = folder is not None and not is_uri(str(folder))
     where = Path(folder) / "logs" if local else Path(tempfile.gettempdir()) / "mrcnn-cli"
     path = (where / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
     setup_logging(log_file=path, verbose=verbose)
