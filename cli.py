@@ -4,6 +4,11 @@ Thin by design: each command checks its arguments, builds the typed config and c
 `pipelines/` that tests import without the CLI. Results go to stdout; the stages' progress lines go through
 `pipelines.infra.logs` (stderr, `[stage] message`). Each command imports its stage when it runs, so that
 `mrcnn-cli --help` and argument errors answer without importing torch, Ray or MLflow.
+
+The options the commands share (Ray address, MLflow store and experiment, workers, GPUs, --verbose, --config /
+--set) are declared once in `pipelines/cli_options.py` and become one `RunContext` per command. Every command goes
+through its one error-to-message mapping (`user_error`): an error the user caused ends in a short message and exit
+status 2, without a traceback unless --verbose; any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -13,9 +18,25 @@ from typing import Annotated, Literal
 
 import typer
 
-from mrcnn.config import Layers
-from pipelines.infra.logs import get_logger, setup_logging
-from pipelines.infra.storage import is_uri
+from mrcnn.config import Layers, load_config
+from pipelines.cli_options import (
+    DEFAULT_EXPERIMENT,
+    AddressOpt,
+    App,
+    ConfigOpt,
+    CpusOpt,
+    ExperimentOpt,
+    GpuOpt,
+    PlacementOpt,
+    SetOpt,
+    TrackingOpt,
+    VerboseOpt,
+    WorkersOpt,
+    console,
+    placement,
+    run_context,
+)
+from pipelines.infra.logs import setup_logging
 
 # choices of options whose modules are too heavy to import for `--help`; tests/cli checks they match the code's
 Backend = Literal["pycocotools", "faster-coco-eval"]  # pipelines.evaluation.coco_eval.BACKENDS
@@ -23,65 +44,17 @@ DagStage = Literal["preprocess", "train", "evaluate"]  # pipelines.dag.pipeline_
 InspectStage = Literal["gt", "anchors", "rpn-targets", "mini-masks", "deltas", "proposals", "detection-targets",
                        "batch", "predictions", "all"]  # pipelines.inspection.command.STAGES + "all"
 
-app = typer.Typer(
+
+app = App(
     no_args_is_help=True,
     help="Mask R-CNN training as a distributed pipeline on Ray.\n\n"
     "Example: mrcnn-cli demo --out demo_out   (synthetic data -> shards -> training -> COCO evaluation)",
 )
 
-log = get_logger("cli")
-
 
 @app.callback()
 def _main() -> None:
     setup_logging()
-
-
-VerboseOpt = Annotated[bool, typer.Option("--verbose", help="Show Ray's and the libraries' own messages and warnings "
-                                                            "on the console too (else only in the log file).")]
-
-
-def _console(command: str, verbose: bool, folder: str | Path | None = None) -> Path:
-    """The console keeps the project's lines; Ray's and the libraries' messages and warnings go to a log file
-    (also shown with --verbose): `<folder>/logs/` for a local output folder, else the temporary folder."""
-    import tempfile
-    import time
-
-    local = folder is not None and not is_uri(str(folder))
-    where = Path(folder) / "logs" if local else Path(tempfile.gettempdir()) / "mrcnn-cli"
-    path = (where / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}.log").resolve()
-    setup_logging(log_file=path, verbose=verbose)
-    log.info("Ray's and the libraries' messages: %s%s", path, "" if verbose else " (--verbose shows them here)")
-    return path
-
-
-ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes, torchvision) or a YAML file.")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, repeatable: section.field=value.")]
-PlacementOpt = Annotated[
-    str,
-    typer.Option(help="Placement of the train workers: PACK | SPREAD | STRICT_PACK | STRICT_SPREAD (one per node)."),
-]
-AddressOpt = Annotated[
-    str | None, typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray.")
-]
-
-
-def _placement(strategy: str) -> str:
-    from pipelines.training.train import PLACEMENT_STRATEGIES
-
-    if strategy.upper() not in PLACEMENT_STRATEGIES:
-        raise typer.BadParameter(f"{strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}",
-                                 param_hint="--placement-strategy")
-    return strategy.upper()
-
-
-def _config(config: str, overrides: list[str] | None):
-    from mrcnn.config import ConfigError, load_config
-
-    try:
-        return load_config(config, overrides or [])
-    except ConfigError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--config/--set") from exc
 
 
 @app.command()
@@ -120,10 +93,9 @@ def preprocess(
     """
     from pipelines.data.coco import split_paths
     from pipelines.data.preprocess import preprocess as run_preprocess
-    from pipelines.infra.ray_env import init_ray
 
-    cfg = _config(config, set_)
-    _console("preprocess", verbose)
+    cfg = load_config(config, set_ or [])
+    console("preprocess", verbose)
     if annotations or images:
         if not (annotations and images):
             raise typer.BadParameter("--annotations and --images go together")
@@ -133,8 +105,7 @@ def preprocess(
         if not dataset or not split:
             raise typer.BadParameter("give --dataset DIR --split NAME (or --annotations FILE --images DIR)")
         splits = [(s, *split_paths(dataset, s)) for s in split]
-    init_ray(address)
-    manifest = run_preprocess(cfg, splits=splits, out=out, overwrite=overwrite)
+    manifest = run_preprocess(cfg, splits=splits, out=out, overwrite=overwrite, ctx=run_context(address))
     typer.echo(f"manifest: {manifest}")
 
 
@@ -143,8 +114,8 @@ def train(
     shards: Annotated[str, typer.Option(help="Shards folder or URI written by preprocess.")],
     split: Annotated[str, typer.Option(help="Training split.")] = "train2017",
     val_split: Annotated[str, typer.Option(help="Validation split (validation loss every epoch).")] = "val2017",
-    workers: Annotated[int, typer.Option(help="Data-parallel workers (one GPU each with --gpu).")] = 1,
-    gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: GPUs when the cluster has them.")] = None,
+    workers: WorkersOpt = 1,
+    gpu: GpuOpt = None,
     epochs: Annotated[int | None, typer.Option(help="Train this many epochs.")] = None,
     steps: Annotated[int | None, typer.Option(help="Train this many steps (overrides epochs).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per worker per step.")] = None,
@@ -159,13 +130,13 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint under --storage.")] = False,
     storage: Annotated[str | None, typer.Option(help="Checkpoint storage path or URI (required on clusters).")] = None,
     run_name: Annotated[str | None, typer.Option(help="Ray Train / MLflow run name.")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
-    cpus_per_worker: Annotated[float | None, typer.Option(
-        help="CPUs reserved per train worker (default: 2 with GPUs, 1 without).")] = None,
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    cpus_per_worker: CpusOpt = None,
     placement_strategy: PlacementOpt = "PACK",
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
     address: AddressOpt = None,
+    tracking_uri: TrackingOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Train Mask R-CNN data-parallel with Ray Train (DDP), checkpoints, resume and MLflow tracking.
@@ -176,40 +147,18 @@ def train(
     mrcnn-cli train --shards shards --config torchvision --init torchvision:maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth
     --layers heads, then --init <its checkpoint> --layers 4+, then --layers all
     """
-    from mrcnn.config import ConfigError
-    from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.training.train import TrainRequest
     from pipelines.training.train import train as run_train
 
-    strategy = _placement(placement_strategy)
-    cfg = _config(config, set_)
-    _console("train", verbose)
+    strategy = placement(placement_strategy)
+    cfg = load_config(config, set_ or [])
+    console("train", verbose)
     request = TrainRequest(
-        shards=shards,
-        split=split,
-        val_split=val_split,
-        workers=workers,
-        use_gpu=gpu,
-        epochs=epochs,
-        steps=steps,
-        batch_size=batch_size,
-        layers=layers,
-        model_path=init,
-        backbone_weights=backbone_weights,
-        resume=resume,
-        storage=storage,
-        run_name=run_name,
-        experiment=experiment,
-        cpus_per_worker=cpus_per_worker,
-        placement_strategy=strategy,
-        address=address,
+        shards=shards, split=split, val_split=val_split, epochs=epochs, steps=steps, batch_size=batch_size,
+        layers=layers, model_path=init, backbone_weights=backbone_weights, resume=resume, run_name=run_name,
+        cpus_per_worker=cpus_per_worker, placement_strategy=strategy,
     )
-    try:
-        result = run_train(cfg, request)
-    except WeightsFormatError as exc:
-        raise typer.BadParameter(str(exc), param_hint="--init") from exc
-    except ConfigError as exc:  # settings valid on their own that training cannot use together (train.flip)
-        raise typer.BadParameter(str(exc), param_hint="--config/--set") from exc
+    result = run_train(cfg, request, run_context(address, tracking_uri, experiment, workers, gpu, storage))
     typer.echo(f"checkpoint: {result.checkpoint}\nbest: {result.best_checkpoint}\nmlflow run: {result.run_id}")
 
 
@@ -220,34 +169,27 @@ def evaluate(
                                                  "torchvision:FILE (torchvision's Mask R-CNN v1 state dict).")],
     split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val2017",
     annotations: Annotated[str | None, typer.Option(help="Ground truth; default: the manifest's.")] = None,
-    workers: Annotated[int, typer.Option(help="Inference actors (one model each).")] = 1,
-    gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: GPUs when the cluster has them.")] = None,
+    workers: WorkersOpt = 1,
+    gpu: GpuOpt = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first K images only.")] = None,
     out: Annotated[str, typer.Option(help="Folder for metrics.json, detections.json, plots.")] = "eval_out",
     backend: Annotated[Backend, typer.Option(help="COCO evaluation library.")] = "pycocotools",
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
     address: AddressOpt = None,
+    tracking_uri: TrackingOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Batch inference over a split's shards and COCO bbox/segm evaluation (pycocotools), logged to MLflow.
 
     Example: mrcnn-cli evaluate --shards shards --split val2017 --model-path checkpoints/train/checkpoint_000003
     """
-    from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.evaluation.evaluate import EvaluateRequest
     from pipelines.evaluation.evaluate import evaluate as run_evaluate
-    from pipelines.models import ModelMismatchError
 
-    _console("evaluate", verbose)
-    try:
-        result = run_evaluate(
-            EvaluateRequest(
-                shards=shards, model_path=model_path, split=split, annotations=annotations, workers=workers,
-                use_gpu=gpu, limit=limit, out=out, backend=backend, experiment=experiment, address=address,
-            )
-        )
-    except (WeightsFormatError, ModelMismatchError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--model-path") from exc
+    console("evaluate", verbose)
+    request = EvaluateRequest(shards=shards, model_path=model_path, split=split, annotations=annotations,
+                              limit=limit, out=out, backend=backend)
+    result = run_evaluate(request, run_context(address, tracking_uri, experiment, workers, gpu))
     typer.echo(result.table)
     typer.echo(f"metrics: {Path(result.out) / 'metrics.json'}  mlflow run: {result.run_id}")
 
@@ -257,20 +199,20 @@ def run(
     dataset: Annotated[str, typer.Option(help="COCO-layout dataset folder or URI.")],
     train_split: Annotated[str, typer.Option(help="Training split.")] = "train2017",
     val_split: Annotated[str, typer.Option(help="Validation split.")] = "val2017",
-    workers: Annotated[int, typer.Option(help="Data-parallel train workers.")] = 1,
-    gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: GPUs when the cluster has them.")] = None,
+    workers: WorkersOpt = 1,
+    gpu: GpuOpt = None,
     work_dir: Annotated[str, typer.Option(help="Where stage outputs live, keyed by fingerprint: a folder or URI "
                                                "(s3://, gs://, file://).")] = "pipeline_out",
     force: Annotated[DagStage | None, typer.Option(help="Rerun from this stage.")] = None,
     init: Annotated[str | None, typer.Option(help="Train from these weights: our checkpoint, or torchvision:FILE "
                                                   "(with --config torchvision).")] = None,
-    cpus_per_worker: Annotated[float | None, typer.Option(
-        help="CPUs reserved per train worker (default: 2 with GPUs, 1 without).")] = None,
+    cpus_per_worker: CpusOpt = None,
     placement_strategy: PlacementOpt = "PACK",
-    experiment: Annotated[str, typer.Option(help="MLflow experiment.")] = "mrcnn-pipeline",
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
     address: AddressOpt = None,
+    tracking_uri: TrackingOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run preprocess -> train -> evaluate as a DAG; stages whose inputs did not change are skipped.
@@ -281,22 +223,18 @@ def run(
     mrcnn-cli run --dataset DIR --config torchvision --init torchvision:maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth --gpu
     """
     from pipelines.dag import PipelineRequest, run_pipeline
-    from pipelines.infra.tracking import resolve_tracking_uri, ui_command, ui_url
+    from pipelines.infra.tracking import ui_command, ui_url
 
-    strategy = _placement(placement_strategy)
-    cfg = _config(config, set_)
-    _console("run", verbose, work_dir)
-    result = run_pipeline(
-        cfg,
-        PipelineRequest(
-            dataset=dataset, train_split=train_split, val_split=val_split, workers=workers, use_gpu=gpu,
-            work_dir=work_dir, force=force, address=address, experiment=experiment, cpus_per_worker=cpus_per_worker,
-            placement_strategy=strategy, init=init,
-        ),
-    )
+    strategy = placement(placement_strategy)
+    cfg = load_config(config, set_ or [])
+    console("run", verbose, work_dir)
+    ctx = run_context(address, tracking_uri, experiment, workers, gpu)
+    request = PipelineRequest(dataset=dataset, train_split=train_split, val_split=val_split, work_dir=work_dir,
+                              force=force, cpus_per_worker=cpus_per_worker, placement_strategy=strategy, init=init)
+    result = run_pipeline(cfg, request, ctx)
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: {', '.join(result.skipped) or 'nothing'}")
     typer.echo(result.outputs["evaluate"]["table"])
-    uri = resolve_tracking_uri()
+    uri = ctx.mlflow_uri()
     typer.echo(f"MLflow UI: {ui_command(uri)}\n  then {ui_url(uri, experiment)}")
 
 
@@ -305,7 +243,7 @@ def demo(
     out: Annotated[str, typer.Option(help="Folder for the dataset, stage outputs and the MLflow store.")] = "demo_out",
     train: Annotated[int, typer.Option(help="Synthetic training images.")] = 1000,
     val: Annotated[int, typer.Option(help="Synthetic validation images.")] = 50,
-    workers: Annotated[int, typer.Option(help="Train workers (DDP).")] = 2,
+    workers: WorkersOpt = 2,
     cpus_per_worker: Annotated[float, typer.Option(help="CPUs (and torch threads) per train worker.")] = 1,
     set_: SetOpt = None,
     verbose: VerboseOpt = False,
@@ -324,10 +262,10 @@ def demo(
     from pipelines.infra.tracking import ui_command, ui_url
 
     started = time.perf_counter()
-    cfg = _config("shapes", ["train.cache_data=true", *(set_ or [])])
+    cfg = load_config("shapes", ["train.cache_data=true", *(set_ or [])])
     root = Path(out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    log_file = _console("demo", verbose, root)
+    log_file = console("demo", verbose, root)
     tracking_uri = f"sqlite:///{root / 'mlflow.db'}"  # its own store, whatever MLFLOW_TRACKING_URI says
     dataset = root / "shapes"
     if not (dataset / "annotations" / "instances_val2017.json").is_file():
@@ -337,8 +275,8 @@ def demo(
     # (train.cache_data=true above)
     result = run_pipeline(
         cfg,
-        PipelineRequest(dataset=str(dataset), workers=workers, use_gpu=False, work_dir=str(root / "pipeline"),
-                        cpus_per_worker=cpus_per_worker, tracking_uri=tracking_uri),
+        PipelineRequest(dataset=str(dataset), work_dir=str(root / "pipeline"), cpus_per_worker=cpus_per_worker),
+        run_context(tracking_uri=tracking_uri, workers=workers, gpu=False),
     )
     evaluation = result.outputs["evaluate"]
     metrics = evaluation["metrics"]
@@ -370,9 +308,11 @@ def inspect_command(
     step: Annotated[int, typer.Option(help="Train step whose flip augmentation `batch` shows.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the samplers and of an untrained model.")] = 0,
     mlflow_run: Annotated[str | None, typer.Option(help="Log the picture(s) to this MLflow run.")] = None,
-    experiment: Annotated[str, typer.Option(help="MLflow experiment of the run `all` creates.")] = "mrcnn-pipeline",
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    tracking_uri: TrackingOpt = None,
     config: ConfigOpt = "coco",
     set_: SetOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Draw one sub-net's work as a titled picture with its numbers (anchors, RPN targets, mini-masks, ...).
 
@@ -384,13 +324,10 @@ def inspect_command(
         raise typer.BadParameter("give --shards SHARDS or --dataset DATASET (with --split)")
     request = InspectRequest(
         stage=stage, out=out, shards=shards, dataset=dataset, split=split, image_id=image_id, index=index,
-        model_path=model_path, config=_config(config, set_), threshold=threshold, step=step, seed=seed,
-        mlflow_run=mlflow_run, experiment=experiment,
+        model_path=model_path, config=load_config(config, set_ or []), threshold=threshold, step=step, seed=seed,
+        mlflow_run=mlflow_run,
     )
-    try:
-        results = run_inspect(request)
-    except (ValueError, FileNotFoundError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
+    results = run_inspect(request, run_context(tracking_uri=tracking_uri, experiment=experiment))
     for name, info in results.items():
         typer.echo(f"{name}: {info if isinstance(info, str) else info.get('path', info.get('skipped'))}")
 
@@ -402,23 +339,17 @@ def predict_command(
                                                  "torchvision:FILE (COCO's 80 categories).")],
     out: Annotated[str, typer.Option("--out", help="Folder for predictions.json, images.json and pictures.")],
     threshold: Annotated[float | None, typer.Option(help="Minimum score; default the model's own.")] = None,
-    gpu: Annotated[bool | None, typer.Option("--gpu/--no-gpu", help="Default: a GPU when there is one.")] = None,
+    gpu: GpuOpt = None,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Run a model on any images: a picture per image and COCO results (original pixels, RLE masks).
 
     Example: mrcnn-cli predict photos/ street.jpg --model-path runs:/RUN_ID/model --out predictions --threshold 0.5
     """
-    from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.evaluation.predict import predict_images
-    from pipelines.models import ModelMismatchError
 
     device = None if gpu is None else ("cuda" if gpu else "cpu")
-    try:
-        result = predict_images(images, model_path, out, threshold=threshold, device=device)
-    except FileNotFoundError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    except (WeightsFormatError, ModelMismatchError) as exc:
-        raise typer.BadParameter(str(exc), param_hint="--model-path") from exc
+    result = predict_images(images, model_path, out, threshold=threshold, device=device)
     typer.echo(f"{len(result.images)} images, {result.num_detections} detections -> {result.predictions}")
 
 

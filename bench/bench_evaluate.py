@@ -135,16 +135,16 @@ def stage(args, shards: str, ckpt: str) -> dict:
 
     from mrcnn.config import EvalConfig
     from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
+    from pipelines.infra.context import RunContext
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", str(REPO))}})
     work = Path(args.work)
     t0 = time.perf_counter()
     result = evaluate(EvaluateRequest(shards=shards, model_path=ckpt, out=str(work / "eval"), limit=args.limit,
-                                      workers=args.workers, use_gpu=False, pictures=0,
-                                      tracking_uri=f"sqlite:///{work / 'mlflow.db'}",
-                                      settings=EvalConfig(min_confidence=args.min_confidence,
-                                                          batch_size=args.batch_size)))
+                                      pictures=0, settings=EvalConfig(min_confidence=args.min_confidence,
+                                                                      batch_size=args.batch_size)),
+                      RunContext(workers=args.workers, use_gpu=False, tracking_uri=f"sqlite:///{work / 'mlflow.db'}"))
     total = time.perf_counter() - t0
     timings = getattr(result, "timings", {})
     report = {"images": args.limit, "workers": args.workers, "cpus": args.cpus, "min_confidence": args.min_confidence,

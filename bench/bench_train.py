@@ -74,14 +74,16 @@ def loader_vs_step(shards: str, config, batches: int) -> None:
 def workers_compare(shards: str, config, steps: int, root: Path) -> None:
     from mlflow.tracking import MlflowClient
 
+    from pipelines.infra.context import RunContext
     from pipelines.training.train import TrainRequest, train
 
     uri = f"sqlite:///{root / 'mlflow.db'}"
     rates = {}
     for workers in (1, 2):
         c = replace(config, train=replace(config.train, steps=steps, log_every=1, checkpoint_every=steps))
-        result = train(c, TrainRequest(shards=shards, workers=workers, use_gpu=False, val_split=None, log_model=False,
-                                       storage=str(root / f"ckpt{workers}"), tracking_uri=uri))
+        result = train(c, TrainRequest(shards=shards, val_split=None, log_model=False),
+                       RunContext(workers=workers, use_gpu=False, storage=str(root / f"ckpt{workers}"),
+                                  tracking_uri=uri))
         history = [m.value for m in MlflowClient(uri).get_metric_history(result.run_id, "images_per_s")][2:]
         rates[workers] = statistics.median(history)
         print(f"{workers} worker(s): {rates[workers]:.3g} img/s (median over {len(history)} steps)")

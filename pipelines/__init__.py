@@ -1,6 +1,6 @@
 """The stages of mrcnn-pipeline around the `mrcnn` model: data in, training, evaluation, inspection, the DAG.
 
-    infra/        storage (local paths and URIs), MLflow tracking, the Ray connection, logging
+    infra/        storage (local paths and URIs), MLflow tracking, the Ray connection, logging, the run context
     data/         COCO splits, the synthetic dataset, shard rows, the shard format, the shard set, the loader,
                   `preprocess`, the input errors
     training/     `train` (the Ray Train driver), the per-worker loop, optimisation, checkpoints, model sources
@@ -10,6 +10,7 @@
     evaluation/   `evaluate` (batch inference + COCO metrics), the COCO-eval wrapper, `predict`
     inspection/   `inspect`: one picture per sub-net
     dag.py        `run`: the stages as a cached DAG
+    cli_options.py  what the commands of cli.py share: options, the run context, the error-to-message mapping
 
 Imports go down this list, never up: `infra` imports nothing else of the project (bar the package roots, for
 their paths), `data` only `infra`, `training` `data` and `infra`; `models` and `pictures` sit under their two

@@ -18,7 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,14 @@ from pyarrow import fs as pafs
 
 from mrcnn.config import Config
 from pipelines.data.coco import split_paths
+from pipelines.data.errors import InputError, MissingInputError
 from pipelines.data.preprocess import preprocess
 from pipelines.data.shards import SCHEMA_VERSION
 from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.infra import tracking
+from pipelines.infra.context import RunContext
 from pipelines.infra.logs import format_seconds, get_logger, setup_logging
-from pipelines.infra.ray_env import cluster_nodes, init_ray
+from pipelines.infra.ray_env import cluster_nodes
 from pipelines.infra.storage import (
     absolute,
     exists,
@@ -52,11 +54,12 @@ MARKER = "_COMPLETE.json"
 
 @dataclass
 class Stage:
-    """One node: `fn(out_dir, upstream_outputs, parent_run_id) -> outputs dict` (JSON-serialisable)."""
+    """One node: `fn(out_dir, upstream_outputs, ctx) -> outputs dict` (JSON-serialisable); `ctx` is the
+    pipeline's run context with the pipeline's MLflow run as its parent run."""
 
     name: str
     key_inputs: dict[str, Any]  # everything that decides this stage's output, besides its upstream keys
-    fn: Callable[[str, dict[str, Any], str | None], dict[str, Any]]
+    fn: Callable[[str, dict[str, Any], RunContext], dict[str, Any]]
     key: str = ""
     # the stage's headline numbers for the pipeline's parent run, from its outputs (fresh or from the marker)
     headline: Callable[[dict[str, Any]], dict[str, float]] | None = None
@@ -92,34 +95,30 @@ def completed_outputs(out_dir: str) -> dict[str, Any] | None:
 def run_dag(
     stages: list[Stage],
     work_dir: str | Path,
+    ctx: RunContext,
     *,
     force: str | None = None,
-    tracking_uri: str | None = None,
-    experiment: str = tracking.DEFAULT_EXPERIMENT,
     run_name: str = "pipeline",
     params: dict[str, Any] | None = None,
 ) -> DagResult:
     """Run `stages` in order as Ray tasks, skipping those whose marker exists (unless at or after `force`).
 
-    The parent run holds `params` (the pipeline's settings), each stage's key and output folder, and as
-    metrics each stage's `headline` numbers and its time in this run (`time_<stage>_s`, 0 when skipped; and
-    `time_total_s`), so that MLflow's runs table compares pipelines without opening them."""
+    The parent run (in `ctx`'s MLflow experiment) holds `params` (the pipeline's settings), each stage's key and
+    output folder, and as metrics each stage's `headline` numbers and its time in this run (`time_<stage>_s`, 0 when
+    skipped; and `time_total_s`), so that MLflow's runs table compares pipelines without opening them. Each stage
+    gets `ctx` with this run as its parent run."""
     import ray
 
     names = [s.name for s in stages]
     if force is not None and force not in names:
-        raise ValueError(f"--force {force!r}: choose one of {', '.join(names)}")
+        raise InputError(f"--force {force!r}: choose one of {', '.join(names)}")
     stage_keys(stages)
     work = absolute(work_dir)  # a URI as it is, a local path made absolute (workers start elsewhere)
     filesystem, work_path = filesystem_for(work)
     filesystem.create_dir(work_path, recursive=True)
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    parent = tracking.create_run(
-        uri,
-        experiment=experiment,
-        run_name=run_name,
-        tags={"stage": "pipeline", **{f"key.{s.name}": s.key for s in stages}},
-    )
+    uri = ctx.mlflow_uri()
+    parent = ctx.create_run(run_name, {"stage": "pipeline", **{f"key.{s.name}": s.key for s in stages}})
+    stage_ctx = replace(ctx, tracking_uri=uri, parent_run_id=parent)  # resolved here: the stages run elsewhere
     result = DagResult(parent_run_id=parent)
     forcing = False
     upstream: dict[str, Any] = {}
@@ -141,7 +140,7 @@ def run_dag(
                     filesystem.delete_dir(out_path)  # a failed or forced earlier attempt: start clean
                 filesystem.create_dir(out_path, recursive=True)
                 task = ray.remote(num_cpus=0, max_retries=0)(_run_stage)
-                done = ray.get(task.remote(stage.fn, out_dir, dict(upstream), parent))
+                done = ray.get(task.remote(stage.fn, out_dir, dict(upstream), stage_ctx))
                 _write_marker(filesystem, out_path, stage, done)
                 result.ran.append(stage.name)
             seconds = time.perf_counter() - stage_started if stage.name in result.ran else 0.0
@@ -161,9 +160,9 @@ def run_dag(
     return result
 
 
-def _run_stage(fn, out_dir: str, upstream: dict[str, Any], parent_run_id: str | None) -> dict[str, Any]:
+def _run_stage(fn, out_dir: str, upstream: dict[str, Any], ctx: RunContext) -> dict[str, Any]:
     setup_logging()  # a Ray worker: the stage's lines reach the driver's console through its stderr
-    return fn(out_dir, upstream, parent_run_id)
+    return fn(out_dir, upstream, ctx)
 
 
 def _write_marker(filesystem: pafs.FileSystem, out_path: str, stage: Stage, outputs: dict[str, Any]) -> None:
@@ -177,67 +176,66 @@ def _write_marker(filesystem: pafs.FileSystem, out_path: str, stage: Stage, outp
 # ------------------------------------------------------------------------------------------ the pipeline
 @dataclass(frozen=True)
 class PipelineRequest:
+    """What `mrcnn-cli run` was asked; the cluster, MLflow, workers and GPUs are the run context's. Every field is
+    one of the pipeline's params on its MLflow run (`pipeline_params`) but those marked `compared: False`."""
+
     dataset: str
     train_split: str = "train2017"
     val_split: str = "val2017"
-    workers: int = 1
-    use_gpu: bool | None = None
-    work_dir: str = "pipeline_out"
-    force: str | None = None
-    address: str | None = None
-    tracking_uri: str | None = None
-    experiment: str = tracking.DEFAULT_EXPERIMENT
+    work_dir: str = field(default="pipeline_out", metadata={"compared": False})
+    force: str | None = field(default=None, metadata={"compared": False})
     cpus_per_worker: float | None = None  # None: the train stage's default (pipelines.training.train)
     placement_strategy: str = "PACK"
     eval_limit: int | None = None
     init: str | None = None  # train from these weights (`train --init`): our checkpoint, or torchvision:FILE
 
 
-def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
-    """The three stages of `mrcnn-cli run` with what each one's output depends on."""
+def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -> list[Stage]:
+    """The three stages of `mrcnn-cli run` with what each one's output depends on (`ctx.workers` train workers:
+    the train key). Each stage runs with the context `run_dag` gives it; train's adds its storage and tags,
+    evaluate's one inference actor. MissingInputError when a split's annotations file is not there."""
 
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
     init = str(ModelSource.parse(request.init)) if request.init else None  # local paths made absolute: the stages
     # run where the cwd is not this
-    annotations_hash = {name: _file_sha256(ann) for name, ann, _ in splits}
-    uri = tracking.resolve_tracking_uri(request.tracking_uri)
+    annotations_hash = {name: _annotations_sha256(name, ann) for name, ann, _ in splits}
 
-    def preprocess_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
-        manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True)
-        run_id = tracking.create_run(
-            uri, experiment=request.experiment, run_name="preprocess", parent_run_id=parent,
-            tags={"stage": "preprocess", "shards": out_dir, "dataset": request.dataset},
-        )
+    def preprocess_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
+        manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True, ctx=stage_ctx)
+        uri = stage_ctx.mlflow_uri()
+        run_id = stage_ctx.create_run("preprocess", {"stage": "preprocess", "shards": out_dir,
+                                                     "dataset": request.dataset})
         tracking.log_params(uri, run_id, {"fingerprint": config.fingerprint(), "dataset": request.dataset,
                                           **{f"annotations_sha256.{k}": v for k, v in annotations_hash.items()}})
         tracking.log_artifact(uri, run_id, manifest)  # a path or a URI: log_artifact copies a URI locally first
         tracking.finish_run(uri, run_id)
         return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
 
-    def train_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
+    def train_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
         result = train(
             config,
             TrainRequest(
                 shards=upstream["preprocess"]["shards"], split=request.train_split, val_split=request.val_split,
-                workers=request.workers, use_gpu=request.use_gpu, storage=out_dir, run_name="train",
-                tracking_uri=uri, experiment=request.experiment, parent_run_id=parent,
-                cpus_per_worker=request.cpus_per_worker, placement_strategy=request.placement_strategy,
-                model_path=init, extra_tags={"preprocess_run_id": upstream["preprocess"]["run_id"]},
+                run_name="train", cpus_per_worker=request.cpus_per_worker,
+                placement_strategy=request.placement_strategy, model_path=init,
             ),
+            replace(stage_ctx, storage=out_dir,
+                    tags={**stage_ctx.tags, "preprocess_run_id": upstream["preprocess"]["run_id"]}),
         )
+        uri = stage_ctx.mlflow_uri()
         return {"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint, "run_id": result.run_id,
                 "model_uri": f"runs:/{result.run_id}/model",
                 "images_per_s": training_rate(tracking.metric_history(uri, result.run_id, "images_per_s"))}
 
-    def evaluate_stage(out_dir: str, upstream: dict, parent: str | None) -> dict:
+    def evaluate_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
         with _local_dir(out_dir) as local_out:
             result = evaluate(
                 EvaluateRequest(
                     shards=upstream["preprocess"]["shards"], model_path=upstream["train"]["checkpoint"],
-                    split=request.val_split, workers=1, use_gpu=request.use_gpu, out=local_out, tracking_uri=uri,
-                    experiment=request.experiment, parent_run_id=parent, run_name="evaluate",
-                    limit=request.eval_limit, detection=config.detection, settings=config.evaluate,
-                )
+                    split=request.val_split, out=local_out, run_name="evaluate", limit=request.eval_limit,
+                    detection=config.detection, settings=config.evaluate,
+                ),
+                replace(stage_ctx, workers=1),
             )
         return {"metrics": result.metrics, "out": out_dir, "run_id": result.run_id, "table": result.table}
 
@@ -247,7 +245,7 @@ def pipeline_stages(config: Config, request: PipelineRequest) -> list[Stage]:
     fields_of = stage_config_fields(config)
     return [
         Stage("preprocess", {**data_inputs, **fields_of["preprocess"]}, preprocess_stage),
-        Stage("train", {**fields_of["train"], "workers": request.workers, **_init_inputs(init)}, train_stage,
+        Stage("train", {**fields_of["train"], "workers": ctx.workers, **_init_inputs(init)}, train_stage,
               headline=train_headline),
         Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit}, evaluate_stage,
               headline=evaluate_headline),
@@ -277,13 +275,11 @@ def training_rate(history: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def pipeline_params(config: Config, request: PipelineRequest) -> dict[str, Any]:
+def pipeline_params(config: Config, request: PipelineRequest, ctx: RunContext) -> dict[str, Any]:
     """The settings a pipeline run is compared by, as the parent run's params: every config field
-    (`section.field`) and the request's own settings (`pipeline.workers`, ...)."""
-    own = {"dataset": request.dataset, "workers": request.workers, "use_gpu": request.use_gpu,
-           "cpus_per_worker": request.cpus_per_worker, "placement_strategy": request.placement_strategy,
-           "init": request.init, "eval_limit": request.eval_limit, "train_split": request.train_split,
-           "val_split": request.val_split}
+    (`section.field`), the request's fields and the context's compared ones (`pipeline.workers`, ...)."""
+    own = {**{f.name: getattr(request, f.name) for f in fields(request) if f.metadata.get("compared", True)},
+           **ctx.compared()}
     return {**config.flat(), **{f"pipeline.{k}": v for k, v in own.items()}}
 
 
@@ -306,20 +302,17 @@ def stage_config_fields(config: Config) -> dict[str, dict[str, Any]]:
     return groups
 
 
-def run_pipeline(config: Config, request: PipelineRequest) -> DagResult:
-    init_ray(request.address)
+def run_pipeline(config: Config, request: PipelineRequest, ctx: RunContext) -> DagResult:
+    """`mrcnn-cli run`: the stages of `pipeline_stages` through `run_dag`, on `ctx`'s cluster. The dataset's
+    annotations are read (their hashes key the stages) before Ray starts."""
+    ctx = replace(ctx, tracking_uri=ctx.mlflow_uri())  # resolved on the driver, where the cwd is the user's
+    stages = pipeline_stages(config, request, ctx)
+    ctx.start_ray()
     if not is_uri(request.work_dir) and cluster_nodes() > 1:
         log.warning("work dir %s is a local path on a multi-node cluster; the stages run on any node, so it must be "
                     "a shared filesystem (else use s3:// or gs://)", request.work_dir)
-    return run_dag(
-        pipeline_stages(config, request),
-        request.work_dir,
-        force=request.force,
-        tracking_uri=request.tracking_uri,
-        experiment=request.experiment,
-        run_name=f"pipeline-{config.name}",
-        params=pipeline_params(config, request),
-    )
+    return run_dag(stages, request.work_dir, ctx, force=request.force, run_name=f"pipeline-{config.name}",
+                   params=pipeline_params(config, request, ctx))
 
 
 @contextmanager
@@ -349,3 +342,11 @@ def _init_inputs(init: str | None) -> dict[str, str]:
 
 def _file_sha256(path: str) -> str:
     return hashlib.sha256(read_bytes(path)).hexdigest()
+
+
+def _annotations_sha256(split: str, annotations: str) -> str:
+    try:
+        return _file_sha256(annotations)
+    except FileNotFoundError as exc:
+        raise MissingInputError(f"{annotations}: no annotations file for split {split!r}; --dataset DIR needs "
+                                f"DIR/annotations/instances_<split>.json and DIR/<split>/ for its splits") from exc

@@ -26,6 +26,7 @@ ALLOWED = {
     "pipelines.inspection": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.models", "pipelines.pictures",
                              "pipelines.training"},
     "pipelines.dag": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.training", "pipelines.evaluation"},
+    "pipelines.cli_options": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.training", "pipelines.models"},
     "pipelines": set(),
 }
 # modules the GPU machine imports (tests/gpu, bench/bench_gpu.py): it has no Ray, MLflow or pycocotools

@@ -1,4 +1,9 @@
 """The errors bad input raises: each names the file (and the record) that is wrong, and what to do.
+
+`InputError` is the base of every error a user causes (a missing or malformed file, a model or shards that do not
+fit, an output that already exists): the command line prints its message in a few lines, without a traceback
+(`pipelines/cli_options.py`, `user_error`); any other exception is the project's own bug and keeps its traceback.
+It is a ValueError, so code that caught the ValueError of an input check still catches it.
 """
 
 from __future__ import annotations
@@ -6,6 +11,10 @@ from __future__ import annotations
 
 class InputError(ValueError):
     """An error the user's input causes: the CLI prints its message without a traceback."""
+
+
+class MissingInputError(InputError, FileNotFoundError):
+    """A file or folder the user named (or that an input names) is not there."""
 
 
 class DatasetError(InputError):

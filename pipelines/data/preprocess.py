@@ -43,7 +43,7 @@ from ray.data import ActorPoolStrategy, DataContext, Datasink
 from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
 from pipelines.data.coco import read_split
-from pipelines.data.errors import DatasetError
+from pipelines.data.errors import DatasetError, InputError
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import (
     MANIFEST,
@@ -51,8 +51,9 @@ from pipelines.data.shards import (
     SCHEMA_VERSION,
     SHARD_SCHEMA,
 )
+from pipelines.infra.context import RunContext
 from pipelines.infra.logs import get_logger
-from pipelines.infra.ray_env import init_ray, usable_cpus
+from pipelines.infra.ray_env import usable_cpus
 from pipelines.infra.storage import absolute, exists, filesystem_for, is_uri, join_uri, read_file, replace_file
 
 log = get_logger("preprocess")
@@ -68,7 +69,7 @@ MAX_INPUT_BLOCKS = 2000
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
-class OutputExistsError(FileExistsError):
+class OutputExistsError(InputError, FileExistsError):
     """The output already holds a complete preprocess run (a manifest) and overwrite was not asked for."""
 
 
@@ -226,7 +227,7 @@ def preprocess(
     overwrite: bool = False,
     train_splits: set[str] | None = None,
     progress: bool = True,
-    address: str | None = None,
+    ctx: RunContext | None = None,
     max_workers: int | None = None,
 ) -> str:
     """Preprocess `splits` [(name, annotations JSON, images folder)] into `out` (local path or URI).
@@ -234,8 +235,9 @@ def preprocess(
     Training splits (`train_splits`, default: names starting with "train") drop images without instances
     when `config.preprocess.drop_empty_train`; evaluation splits keep them; both count them. Raises
     OutputExistsError if `out` holds a manifest and not `overwrite`, DatasetError (before any work) for a
-    missing or malformed annotations file. Uses the running Ray, else connects to `address` / RAY_ADDRESS or
-    starts a local one. `max_workers` caps the actor pool (default: every CPU of the cluster).
+    missing or malformed annotations file. Uses the running Ray, else starts it through `ctx` (default:
+    `RunContext()`: RAY_ADDRESS, else a local Ray). `max_workers` caps the actor pool (default: every CPU of the
+    cluster).
     Returns the manifest's path / URI.
     """
 
@@ -283,7 +285,7 @@ def preprocess(
         dropped_empty[s.name] = dropped
         source.records = []
 
-    _ensure_ray(address)
+    (ctx or RunContext()).start_ray()
 
     started = time.time()
     if not is_uri(out) and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
@@ -331,12 +333,6 @@ def preprocess(
                         "%d of each, %d regions in all are past it (manifest: crowd_over_limit)", s.name,
                         m["images_crowd_over_limit"], MAX_CROWD, MAX_CROWD, m["crowd_over_limit"])
     return join_uri(out, MANIFEST)
-
-
-def _ensure_ray(address: str | None) -> None:
-    if not ray.is_initialized():
-
-        init_ray(address)
 
 
 def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *, progress: bool,

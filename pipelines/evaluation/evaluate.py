@@ -28,14 +28,9 @@ from pipelines.evaluation.coco_eval import evaluate_detections, pr_curve_figure
 from pipelines.evaluation.inference import TIMINGS, ModelStage, decode_inputs, way_back
 from pipelines.evaluation.inference import to_coco_results as to_coco_results  # re-exported: callers import it here
 from pipelines.infra import tracking
+from pipelines.infra.context import RunContext
 from pipelines.infra.logs import get_logger
-from pipelines.infra.ray_env import (
-    cluster_has_gpus,
-    init_ray,
-    largest_node_cpus,
-    one_node_task_concurrency,
-    usable_cpus,
-)
+from pipelines.infra.ray_env import largest_node_cpus, one_node_task_concurrency, usable_cpus
 from pipelines.infra.storage import read_bytes, write_atomic, write_bytes
 from pipelines.models import ModelSpec, check_model_fits, load_model, model_spec
 from pipelines.pictures import predictions_grid
@@ -45,19 +40,16 @@ log = get_logger("evaluate")
 
 @dataclass(frozen=True)
 class EvaluateRequest:
+    """What `mrcnn-cli evaluate` was asked. Where it runs and reports (Ray, MLflow, inference actors as
+    `workers`, GPUs) is the run context's."""
+
     shards: str
     model_path: str  # a checkpoint directory, an MLflow model URI (runs:/..., models:/...) or torchvision:FILE
     split: str = "val2017"
     annotations: str | None = None  # default: the one recorded in the manifest
-    workers: int = 1
-    use_gpu: bool | None = None
     limit: int | None = None
     out: str = "eval_out"
     backend: str = "pycocotools"
-    address: str | None = None
-    tracking_uri: str | None = None
-    experiment: str = tracking.DEFAULT_EXPERIMENT
-    parent_run_id: str | None = None
     run_name: str | None = None
     pictures: int = 8
     # the detection layer's and the evaluation's settings; None: the model's own (what it was trained with)
@@ -160,11 +152,13 @@ class Progress:
         log.info("inference: %d%s images, %.2f images/s", self.count, of, self.count / max(now - self.start, 1e-9))
 
 
-def evaluate(request: EvaluateRequest) -> EvaluateResult:
+def evaluate(request: EvaluateRequest, ctx: RunContext) -> EvaluateResult:
+    """Evaluate the model of `request` on a split of its shards, on `ctx`'s cluster (`ctx.workers` inference
+    actors), logged to an MLflow run in `ctx.experiment` under `ctx.parent_run_id`."""
     shards = ShardSet.open(request.shards)
     manifest = shards.manifest
     spec = model_spec(request.model_path, categories=manifest["categories"],  # (a torchvision file's: the shards')
-                      tracking_uri=request.tracking_uri)
+                      tracking_uri=ctx.tracking_uri)
     check_model_fits(spec, manifest)
     if spec.source.kind == "torchvision":  # a file that does not fit is refused here, not in each inference actor
         load_model(spec)
@@ -174,12 +168,12 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
     split_info = shards.split(request.split)
     annotations = request.annotations or split_info["annotations"]
 
-    init_ray(request.address)
-    use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu
+    ctx.start_ray()
+    use_gpu = ctx.gpus()
     total = split_info.get("num_images")
     total = min(total, request.limit) if total and request.limit else (total or request.limit)
     detections, image_ids, seconds = predict_split(
-        shards, request.split, spec, workers=request.workers, use_gpu=use_gpu, limit=request.limit,
+        shards, request.split, spec, workers=ctx.workers, use_gpu=use_gpu, limit=request.limit,
         total=total,
     )
     start = time.perf_counter()
@@ -201,14 +195,10 @@ def evaluate(request: EvaluateRequest) -> EvaluateResult:
         pr_curve_figure(result, iou_type, out / f"pr_curve_{iou_type}.png")
     _prediction_pictures(request, spec, manifest, detections, out / "predictions.png")
 
-    tracking_uri = tracking.resolve_tracking_uri(request.tracking_uri)
-    run_id = tracking.create_run(
-        tracking_uri,
-        experiment=request.experiment,
-        run_name=request.run_name or f"evaluate-{request.split}",
-        parent_run_id=request.parent_run_id,
-        tags={"stage": "evaluate", "shards": request.shards, "model": request.model_path, "annotations": annotations},
-    )
+    tracking_uri = ctx.mlflow_uri()
+    run_id = ctx.create_run(request.run_name or f"evaluate-{request.split}",
+                            {"stage": "evaluate", "shards": request.shards, "model": request.model_path,
+                             "annotations": annotations})
     tracking.log_params(
         tracking_uri,
         run_id,

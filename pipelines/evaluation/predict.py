@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 from mrcnn.geometry import resize_geometry, resize_image
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb
+from pipelines.data.errors import MissingInputError
 from pipelines.evaluation.inference import coco_results_of_batch, run_model
 from pipelines.infra.storage import write_bytes
 from pipelines.models import load_model, model_spec
@@ -63,10 +64,10 @@ def find_images(inputs: list[str | os.PathLike]) -> list[Path]:
         elif item.is_file():
             found.append(item)
         else:
-            raise FileNotFoundError(f"no such image file or folder: {item}")
+            raise MissingInputError(f"no such image file or folder: {item}")
     unique = list(dict.fromkeys(p.resolve() for p in found))
     if not unique:
-        raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {', '.join(map(str, inputs))}")
+        raise MissingInputError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {', '.join(map(str, inputs))}")
     return sorted(unique)
 
 

@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from mrcnn.config import Config
+from pipelines.data.errors import InputError
 from pipelines.data.shardset import ShardSet
 from pipelines.infra import tracking
+from pipelines.infra.context import RunContext
 from pipelines.inspection import model_stages as inspect_model
 from pipelines.inspection.data_stages import (
     anchors_picture,
@@ -50,6 +52,8 @@ MODEL_STAGES = ("proposals", "detection-targets", "predictions")
 
 @dataclass(frozen=True)
 class InspectRequest:
+    """What `mrcnn-cli inspect` was asked; the MLflow store and experiment are the run context's."""
+
     stage: str  # one of STAGES, or "all"
     out: str  # the PNG; a folder for "all" (one STAGE.png each)
     shards: str | None = None
@@ -63,17 +67,16 @@ class InspectRequest:
     step: int = 0  # the train step whose flips `batch` shows
     seed: int = 0
     mlflow_run: str | None = None
-    tracking_uri: str | None = None
-    experiment: str = "mrcnn-pipeline"
 
 
-def run_inspect(request: InspectRequest) -> dict[str, Any]:
+def run_inspect(request: InspectRequest, ctx: RunContext) -> dict[str, Any]:
     """Write the stage's picture (every stage's, into a folder, for "all"); returns {stage: numbers}, and
-    "mlflow_run" when the pictures were logged (to --mlflow-run, or to a new run for "all"). Under "all" a stage
-    that cannot be drawn (batch without shards, original annotations out of reach) is {"skipped": why}."""
+    "mlflow_run" when the pictures were logged (to --mlflow-run, or to a new run in `ctx.experiment` for "all").
+    Under "all" a stage that cannot be drawn (batch without shards, original annotations out of reach) is
+    {"skipped": why}."""
 
     if request.stage not in (*STAGES, "all"):
-        raise ValueError(f"unknown stage {request.stage!r}: one of {', '.join(STAGES)}, all")
+        raise InputError(f"unknown stage {request.stage!r}: one of {', '.join(STAGES)}, all")
     stages = STAGES if request.stage == "all" else (request.stage,)
     uses_model = any(s in MODEL_STAGES for s in stages)
     spec = None
@@ -82,7 +85,7 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
     if request.model_path and uses_model:
         # a torchvision file's classes are the shards' (COCO's 80 without shards)
         spec = model_spec(request.model_path, categories=manifest["categories"] if manifest else None,
-                          tracking_uri=request.tracking_uri)
+                          tracking_uri=ctx.tracking_uri)
         if manifest:
             check_model_fits(spec, manifest)
     # the shards' own config unless a model's (just checked to share their geometry)
@@ -111,7 +114,7 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
     for stage in stages:
         if request.stage != "all":
             if stage == "batch" and not request.shards:
-                raise ValueError("stage 'batch' shows the loader's output: give --shards")
+                raise InputError("stage 'batch' shows the loader's output: give --shards")
             results[stage] = draw[stage](request.out)
         elif stage == "batch" and not request.shards:
             results[stage] = {"skipped": "needs --shards"}
@@ -122,10 +125,9 @@ def run_inspect(request: InspectRequest) -> dict[str, Any]:
                 results[stage] = {"skipped": f"{type(exc).__name__}: {exc}"}
     if request.mlflow_run or request.stage == "all":
 
-        uri = tracking.resolve_tracking_uri(request.tracking_uri)
-        run_id = request.mlflow_run or tracking.create_run(
-            uri, experiment=request.experiment, run_name="inspect",
-            tags={"stage": "inspect", "source": sample.source if sample else "config"})
+        uri = ctx.mlflow_uri()
+        run_id = request.mlflow_run or ctx.create_run(
+            "inspect", {"stage": "inspect", "source": sample.source if sample else "config"})
         for info in results.values():
             if "path" in info:
                 tracking.log_artifact(uri, run_id, info["path"], "inspect")

@@ -16,7 +16,7 @@ from mrcnn.config import Config
 from mrcnn.mini_masks import expand_masks, mini_mask_boxes
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb, read_split, split_paths
-from pipelines.data.errors import DatasetError
+from pipelines.data.errors import DatasetError, InputError
 from pipelines.data.loader import ShardBatchDecoder, decoder_for, densify_rpn_deltas
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import decode_row
@@ -84,11 +84,11 @@ class Sample:
         if self.record is None:
 
             if not self.annotations:
-                raise ValueError(f"{self.source}: no annotations file recorded, cannot read the original masks")
+                raise InputError(f"{self.source}: no annotations file recorded, cannot read the original masks")
             source = read_split(self.annotations, self.images_root or "")
             found = [r for r in source.records if r["image_id"] == self.image_id]
             if not found:
-                raise ValueError(f"image {self.image_id} is not in {self.annotations}")
+                raise InputError(f"image {self.image_id} is not in {self.annotations}")
             self.record = found[0]
         return self.record
 
@@ -120,7 +120,7 @@ def load_sample(*, shards: ShardSet | None = None, dataset: str | None = None, s
         return Sample(config or Config.from_dict(shards.manifest["config"]), CategoryMap.from_dict(shards.categories),
                       rows[0], f"shards {shards.uri} [{split}]", info.get("annotations"), info.get("images_root"))
     if not dataset:
-        raise ValueError("give --shards SHARDS or --dataset DATASET (with --split)")
+        raise InputError("give --shards SHARDS or --dataset DATASET (with --split)")
 
     config = config or Config()
     annotations, images_root = split_paths(dataset, split)
@@ -128,14 +128,14 @@ def load_sample(*, shards: ShardSet | None = None, dataset: str | None = None, s
     if image_id is not None:
         records = [r for r in source.records if r["image_id"] == image_id]
         if not records:
-            raise ValueError(f"image {image_id} is not in {annotations}")
+            raise InputError(f"image {image_id} is not in {annotations}")
     else:
         if not 0 <= index < len(source.records):
-            raise ValueError(f"--index {index}: {annotations} has {len(source.records)} images")
+            raise InputError(f"--index {index}: {annotations} has {len(source.records)} images")
         records = [source.records[index]]
     raw, reports = RowMaker(config.to_dict(), torch_threads=None).make(records[0])
     if raw is None:
-        raise ValueError(f"image {records[0]['image_id']} cannot be processed: {reports}")
+        raise InputError(f"image {records[0]['image_id']} cannot be processed: {reports}")
     return Sample(config, source.categories, raw, f"dataset {dataset} [{split}]", annotations, images_root, records[0])
 
 

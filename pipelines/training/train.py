@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,13 @@ from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config, ConfigError, check_flip, fingerprint_diff
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
+from pipelines.data.errors import InputError
 from pipelines.data.loader import batches_dataset
 from pipelines.data.shardset import ShardSet
 from pipelines.infra import tracking
+from pipelines.infra.context import RunContext
 from pipelines.infra.logs import get_logger
-from pipelines.infra.ray_env import cluster_has_gpus, cluster_nodes, init_ray
+from pipelines.infra.ray_env import cluster_nodes
 from pipelines.infra.storage import absolute
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
 from pipelines.training.loop import train_loop_per_worker
@@ -36,13 +38,12 @@ log = get_logger("train")
 
 @dataclass(frozen=True)
 class TrainRequest:
-    """What `mrcnn-cli train` was asked; None means "as the config says"."""
+    """What `mrcnn-cli train` was asked; None means "as the config says". Where it runs and reports (Ray,
+    MLflow, workers, GPUs, checkpoint storage) is the run context's."""
 
     shards: str
     split: str = "train2017"
     val_split: str | None = "val2017"
-    workers: int = 1
-    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     epochs: int | None = None
     steps: int | None = None
     batch_size: int | None = None
@@ -50,17 +51,11 @@ class TrainRequest:
     model_path: str | None = None  # `--init`: our checkpoint, or torchvision:FILE
     backbone_weights: str | None = None
     resume: bool = False
-    storage: str | None = None
     run_name: str | None = None
-    experiment: str = tracking.DEFAULT_EXPERIMENT
-    tracking_uri: str | None = None
-    parent_run_id: str | None = None
     cpus_per_worker: float | None = None  # None: `default_cpus_per_worker`
     placement_strategy: str = "PACK"  # of the workers' placement group; STRICT_SPREAD: one worker per node
-    address: str | None = None
     log_model: bool = True
     stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
-    extra_tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,14 +98,16 @@ def default_cpus_per_worker(requested: float | None, *, use_gpu: bool) -> float:
     follow the CPUs it holds; on a small box the rest feed it)."""
     if requested is not None:
         if requested <= 0:
-            raise ValueError(f"--cpus-per-worker {requested}: must be above 0")
+            raise InputError(f"--cpus-per-worker {requested}: must be above 0")
         return float(requested)
     return GPU_WORKER_CPUS if use_gpu else 1.0
 
 
-def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, int], None] | None = None
-          ) -> TrainResult:
-    """Train `config` as `request` says; returns the checkpoints and the MLflow run.
+def train(config: Config, request: TrainRequest, ctx: RunContext, *,
+          after_step: Callable[[int, int], None] | None = None) -> TrainResult:
+    """Train `config` as `request` says, on `ctx`'s cluster (`ctx.workers` workers, checkpoints under
+    `ctx.storage`, the MLflow run in `ctx.experiment` under `ctx.parent_run_id`); returns the checkpoints and the
+    MLflow run.
 
     after_step: called by every worker after each step as `after_step(step, rank)` (`WorkerPlan.after_step`);
     for tests (fault drills), None otherwise. It is pickled to the workers.
@@ -121,7 +118,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     from ray.train.torch import TorchTrainer
 
     if request.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ValueError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
+        raise InputError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
     check_flip(config)  # flips need centred anchors (the torchvision preset's are not: it sets train.flip=false)
     shards = ShardSet.open(request.shards)
     shards.check_fingerprint(config)  # before any work: shards made with another config are refused
@@ -137,14 +134,14 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     check_init(init, config=config, categories=CategoryMap.from_dict(categories), num_classes=num_classes,
                backbone_weights=request.backbone_weights)
 
-    init_ray(request.address)
-    use_gpu = cluster_has_gpus() if request.use_gpu is None else request.use_gpu
+    ctx.start_ray()
+    use_gpu = ctx.gpus()
     cpus_per_worker = default_cpus_per_worker(request.cpus_per_worker, use_gpu=use_gpu)
-    if request.storage is None and cluster_nodes() > 1:
-        raise ValueError("--storage is required on a multi-node cluster: a path or URI every node can read")
-    storage = request.storage or str(Path("checkpoints").resolve())
+    if ctx.storage is None and cluster_nodes() > 1:
+        raise InputError("--storage is required on a multi-node cluster: a path or URI every node can read")
+    storage = ctx.storage or str(Path("checkpoints").resolve())
 
-    global_batch = config.train.batch_size * request.workers
+    global_batch = config.train.batch_size * ctx.workers
     total_steps, steps_per_epoch = total_steps_for(
         config, train_images=int(splits[request.split]["num_images"]), global_batch=global_batch
     )
@@ -158,18 +155,13 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
         if resume_from is None:
             why = (": none of this config and these shards; " + "; ".join(refused[:3])
                    + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")) if refused else ""
-            raise ValueError(f"--resume: no checkpoint to resume under {storage}{why}")
+            raise InputError(f"--resume: no checkpoint to resume under {storage}{why}")
         log.info("resuming from %s", resume_from)
     run_name = request.run_name or f"train-{manifest['fingerprint'][:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
-    tracking_uri = tracking.resolve_tracking_uri(request.tracking_uri)
-    run_id = tracking.create_run(
-        tracking_uri,
-        experiment=request.experiment,
-        run_name=run_name,
-        parent_run_id=request.parent_run_id,
-        tags={"stage": "train", "shards": request.shards, "fingerprint": manifest["fingerprint"], **request.extra_tags},
-    )
+    tracking_uri = ctx.mlflow_uri()
+    run_id = ctx.create_run(run_name, {"stage": "train", "shards": request.shards,
+                                       "fingerprint": manifest["fingerprint"]})
     tracking.log_params(
         tracking_uri,
         run_id,
@@ -178,7 +170,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
             "dataset_fingerprint": manifest["fingerprint"],
             "annotations_sha256": splits[request.split].get("annotations_sha256", ""),
             "shards": request.shards,
-            "workers": request.workers,
+            "workers": ctx.workers,
             "placement_strategy": request.placement_strategy,
             "global_batch": global_batch,
             "total_steps": total_steps,
@@ -216,7 +208,7 @@ def train(config: Config, request: TrainRequest, *, after_step: Callable[[int, i
     trainer = TorchTrainer(
         partial(train_loop_per_worker, plan),
         scaling_config=ScalingConfig(
-            num_workers=request.workers,
+            num_workers=ctx.workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
             placement_strategy=request.placement_strategy,

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -91,6 +92,10 @@ def test_the_cli_choices_are_the_codes_own():
     assert typing.get_args(cli.Backend) == BACKENDS
     assert typing.get_args(cli.InspectStage) == (*STAGES, "all")
     assert typing.get_args(cli.DagStage) == tuple(stage_config_fields(shapes()))
+    from pipelines.cli_options import DEFAULT_EXPERIMENT
+    from pipelines.infra.tracking import DEFAULT_EXPERIMENT as TRACKING_DEFAULT
+
+    assert DEFAULT_EXPERIMENT == TRACKING_DEFAULT
 
 
 @pytest.mark.parametrize("args, allowed", [
@@ -179,3 +184,84 @@ def test_flips_with_off_centre_anchors_are_refused_before_any_work():
                                  "--set", "rpn.anchor_offset=0.0"])
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and "'train.flip': flips need mirror-symmetric anchors" in text, result.output
+
+
+# ------------------------------------------------------------------------------ one error-to-message mapping
+def _short_error(result, *words: str) -> str:
+    """The output of a command that a user's error ended: exit status 2, no traceback, a few lines naming `words`."""
+    text = " ".join(result.output.replace("│", " ").split())  # rich's error box, unwrapped
+    assert result.exit_code == 2, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output, result.output
+    assert len(result.output.strip().splitlines()) <= 12, result.output
+    for word in words:
+        assert word in text, result.output
+    return text
+
+
+@pytest.mark.parametrize("command, args, words", [
+    ("train", ["--shards", "{tmp}/absent", "--config", "shapes"], ["{tmp}/absent", "not preprocessed"]),
+    ("preprocess", ["--dataset", "{tmp}/absent", "--split", "val2017", "--out", "{tmp}/shards", "--config", "shapes"],
+     ["annotations file not found", "{tmp}/absent/annotations/instances_val2017.json"]),
+    ("evaluate", ["--shards", "{tmp}/absent", "--model-path", "{tmp}/ckpt"], ["{tmp}/absent", "not preprocessed"]),
+    ("inspect", ["gt", "--shards", "{tmp}/absent", "--out", "{tmp}/gt.png"], ["{tmp}/absent"]),
+    ("predict", ["{tmp}/absent.jpg", "--model-path", "{tmp}/ckpt", "--out", "{tmp}/pred"],
+     ["no such image file or folder: {tmp}/absent.jpg"]),
+    ("run", ["--dataset", "{tmp}/absent", "--work-dir", "{tmp}/work", "--config", "shapes"],
+     ["{tmp}/absent/annotations/instances_train2017.json: no annotations file"]),
+    ("demo", ["--out", "{tmp}/demo", "--set", "train.lrr=1"], ["unknown config key 'train.lrr'", "--set"]),
+])
+def test_every_command_ends_a_users_error_in_a_short_message(command, args, words, tmp_path):
+    """Each command, with input that is wrong (a missing path, a bad setting), fails before any Ray work with a few
+    lines naming the file or option (and saying --verbose shows the traceback), status 2, no traceback."""
+    fill = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = runner.invoke(app, [command, *fill])
+    _short_error(result, *(w.replace("{tmp}", str(tmp_path)) for w in words), "--verbose shows the traceback")
+
+
+def test_verbose_keeps_the_traceback_of_a_users_error(tmp_path):
+    result = runner.invoke(app, ["train", "--shards", str(tmp_path / "absent"), "--config", "shapes", "--verbose"])
+    assert result.exit_code == 1 and isinstance(result.exception, FileNotFoundError), result.output
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch):
+    """An exception that is not a user's error (here a KeyError from inside the stage) is not turned into a message."""
+    from pipelines.evaluation import predict
+
+    def broken(*args, **kwargs):
+        raise KeyError("a bug of ours")
+
+    monkeypatch.setattr(predict, "predict_images", broken)
+    result = runner.invoke(app, ["predict", str(tmp_path), "--model-path", "m", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1 and isinstance(result.exception, KeyError), result.output
+
+
+def test_a_stages_error_raised_in_a_ray_task_is_mapped_by_its_cause():
+    """`run` runs its stages as Ray tasks: the user's error arrives wrapped in Ray's RayTaskError (a subclass of its
+    cause's class); the message is the cause's, without the remote traceback."""
+    from ray.exceptions import RayTaskError
+
+    from cli import run
+    from pipelines.cli_options import user_error
+    from pipelines.data.errors import MissingInputError
+
+    command = next(c for c in app.registered_commands if c.callback is run)
+    click_command = typer.main.get_command_from_info(command, pretty_exceptions_short=True,
+                                                     rich_markup_mode=None)
+    wrapped = RayTaskError("stage", "Traceback (most recent call last): ...", MissingInputError("x.json: not there"))
+    lines = user_error(wrapped.as_instanceof_cause(), click_command)
+    assert lines == "Error: x.json: not there\n(--verbose shows the traceback)"
+    assert user_error(RuntimeError("a bug"), click_command) is None
+
+
+def test_the_console_gets_a_short_message_and_no_traceback(tmp_path):
+    """The real console script (a subprocess, as a user runs it): `train --shards` on a folder without a manifest."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "cli", "train", "--shards", str(tmp_path), "--config", "shapes"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__)
+                                                                           .resolve().parents[2])})
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and str(tmp_path) in " ".join(out.stderr.replace("│", " ").split())
+    assert len(out.stderr.strip().splitlines()) <= 15, out.stderr

@@ -123,13 +123,15 @@ DRIVER = """
 import json, sys
 from dataclasses import replace
 from mrcnn.config import shapes
+from pipelines.infra.context import RunContext
 from pipelines.training.train import TrainRequest, train
 from tests.support.fault_drill import FaultDrill
 args = json.loads(sys.argv[1])
 config = shapes()
 config = replace(config, train=replace(config.train, **args.pop("train")))
 drill = FaultDrill(**args.pop("fault"))
-result = train(config, TrainRequest(**args), after_step=drill)
+ctx = RunContext(**args.pop("ctx"))
+result = train(config, TrainRequest(**args), ctx, after_step=drill)
 print("RESULT " + json.dumps({"checkpoint": result.checkpoint, "step": result.metrics["step"]}))
 """
 
@@ -156,8 +158,8 @@ def node_loss_run(cluster, shards) -> NodeLossRun:
     args = {
         "train": {"steps": 5, "batch_size": 1, "checkpoint_every": 2, "warmup_steps": 2, "log_every": 1,
                   "num_to_keep": 10, "max_failures": 2},
-        "shards": shards_uri, "workers": 2, "use_gpu": False, "val_split": None, "storage": str(storage),
-        "placement_strategy": "STRICT_SPREAD", "address": cluster.address, "run_name": "node-loss",
+        "ctx": {"workers": 2, "use_gpu": False, "storage": str(storage), "address": cluster.address},
+        "shards": shards_uri, "val_split": None, "placement_strategy": "STRICT_SPREAD", "run_name": "node-loss",
         "log_model": False, "fault": {"at_step": 4, "marker": str(marker), "mode": "pause"},
     }
     before = {n.node_id: n for n in cluster.worker_nodes}
@@ -255,16 +257,18 @@ def test_training_on_a_multi_node_cluster_requires_storage(cluster, shards):
         proc = subprocess.run([sys.executable, "-m", "cli", "train", "--shards", shards_uri, "--config", "shapes",
                                "--steps", "1", "--no-gpu", "--address", cluster.address], stdout=out,
                               stderr=subprocess.STDOUT, env=_env(uri), cwd=cwd, timeout=TIMEOUT_S)
-    assert proc.returncode != 0 and "--storage is required on a multi-node cluster" in log.read_text(), _tail(log)
+    text = " ".join(log.read_text().replace("│", " ").split())  # the short message, in rich's error box
+    assert proc.returncode != 0 and "--storage is required on a multi-node cluster" in text, _tail(log)
     assert list(cwd.iterdir()) == []  # refused before anything was written (no node-local ./checkpoints)
 
 
 def test_placement_strategy_is_checked_before_any_work(tmp_path):
     from cli import app
     from mrcnn.config import shapes
+    from pipelines.infra.context import RunContext
     from pipelines.training.train import TrainRequest, train
 
     result = CliRunner().invoke(app, ["train", "--shards", str(tmp_path), "--placement-strategy", "sideways"])
     assert result.exit_code == 2 and "STRICT_SPREAD" in result.output
     with pytest.raises(ValueError, match="placement strategy 'sideways'"):
-        train(shapes(), TrainRequest(shards=str(tmp_path / "absent"), placement_strategy="sideways"))
+        train(shapes(), TrainRequest(shards=str(tmp_path / "absent"), placement_strategy="sideways"), RunContext())

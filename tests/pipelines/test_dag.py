@@ -8,12 +8,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.dag import MARKER, Stage, run_dag
+from pipelines.infra.context import RunContext
 from pipelines.infra.storage import filesystem_for
 
 
 def _stages(counter: Path, *, lr: float = 0.1, fail_train: bool = False) -> list[Stage]:
     def make(name: str, fail: bool = False):
-        def fn(out_dir: str, upstream: dict, parent: str | None) -> dict:
+        def fn(out_dir: str, upstream: dict, ctx: RunContext) -> dict:
             with open(counter / name, "a") as f:  # one line per execution, from the Ray worker
                 f.write("x\n")
             if fail:
@@ -21,7 +22,7 @@ def _stages(counter: Path, *, lr: float = 0.1, fail_train: bool = False) -> list
             filesystem, path = filesystem_for(out_dir)  # out_dir is a path or a URI, like the work dir
             with filesystem.open_output_stream(f"{path}/result.txt") as f:
                 f.write(name.encode())
-            return {"out": out_dir, "upstream": sorted(upstream), "parent": parent}
+            return {"out": out_dir, "upstream": sorted(upstream), "parent": ctx.parent_run_id}
 
         return fn
 
@@ -48,7 +49,7 @@ def test_run_skip_change_fail_resume_force(env, as_uri, project_log):
     counter, local_work, uri = env
     work = f"file://{local_work}" if as_uri else local_work  # the same folder either way, inspected locally
 
-    first = run_dag(_stages(counter), work, tracking_uri=uri)
+    first = run_dag(_stages(counter), work, RunContext(tracking_uri=uri))
     assert first.ran == ["preprocess", "train", "evaluate"] and first.skipped == []
     assert first.outputs["evaluate"]["upstream"] == ["preprocess", "train"]
     assert first.outputs["train"]["parent"] == first.parent_run_id
@@ -58,25 +59,25 @@ def test_run_skip_change_fail_resume_force(env, as_uri, project_log):
     assert done == ["evaluate", "preprocess", "train"] and not list(local_work.glob(f"*/{MARKER}.tmp"))
     assert (local_work / Path(first.outputs["train"]["out"]).name / "result.txt").read_text() == "train"
 
-    second = run_dag(_stages(counter), work, tracking_uri=uri)
+    second = run_dag(_stages(counter), work, RunContext(tracking_uri=uri))
     assert second.ran == [] and second.skipped == ["preprocess", "train", "evaluate"]
     assert sum("skipped" in line for line in project_log.messages) == 3  # and says so
     assert _runs(counter) == {"preprocess": 1, "train": 1, "evaluate": 1}
 
     # a changed training setting reruns train and evaluate, not preprocess
-    third = run_dag(_stages(counter, lr=0.2), work, tracking_uri=uri)
+    third = run_dag(_stages(counter, lr=0.2), work, RunContext(tracking_uri=uri))
     assert third.ran == ["train", "evaluate"] and third.skipped == ["preprocess"]
 
     # a failure in train stops evaluate and leaves no marker; the next run resumes at train
     with pytest.raises(Exception, match="injected failure in train"):
-        run_dag(_stages(counter, lr=0.3, fail_train=True), work, tracking_uri=uri)
+        run_dag(_stages(counter, lr=0.3, fail_train=True), work, RunContext(tracking_uri=uri))
     assert _runs(counter) == {"preprocess": 1, "train": 3, "evaluate": 2}
     failed_dirs = [d for d in local_work.iterdir() if d.name.startswith("train-") and not (d / MARKER).exists()]
     assert len(failed_dirs) == 1
-    resumed = run_dag(_stages(counter, lr=0.3), work, tracking_uri=uri)
+    resumed = run_dag(_stages(counter, lr=0.3), work, RunContext(tracking_uri=uri))
     assert resumed.ran == ["train", "evaluate"] and resumed.skipped == ["preprocess"]
 
-    forced = run_dag(_stages(counter, lr=0.3), work, tracking_uri=uri, force="train")
+    forced = run_dag(_stages(counter, lr=0.3), work, RunContext(tracking_uri=uri), force="train")
     assert forced.ran == ["train", "evaluate"] and forced.skipped == ["preprocess"]
     assert _runs(counter) == {"preprocess": 1, "train": 5, "evaluate": 4}
 
@@ -91,7 +92,7 @@ def test_run_skip_change_fail_resume_force(env, as_uri, project_log):
 def test_unknown_force_stage(env):
     counter, work, uri = env
     with pytest.raises(ValueError, match="--force 'trian'"):
-        run_dag(_stages(counter), work, tracking_uri=uri, force="trian")
+        run_dag(_stages(counter), work, RunContext(tracking_uri=uri), force="trian")
 
 
 def test_report_files_written_locally_reach_a_uri_work_dir(tmp_path):
@@ -162,11 +163,12 @@ def test_every_config_field_reruns_exactly_the_stages_it_can_change(synth_datase
     from mrcnn.config import shapes
     from pipelines.dag import PipelineRequest, pipeline_stages, stage_keys
 
-    request = PipelineRequest(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    request = PipelineRequest(dataset=str(synth_dataset))
+    ctx = RunContext(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     base = shapes()
 
     def keys(config):
-        return [s.key for s in stage_keys(pipeline_stages(config, request))]
+        return [s.key for s in stage_keys(pipeline_stages(config, request, ctx))]
 
     before = keys(base)
     assert len(set(before)) == 3
@@ -202,18 +204,21 @@ def test_the_pipeline_evaluates_with_its_own_detection_settings(synth_dataset, t
 
     seen = {}
 
-    def fake_evaluate(request):  # stands in for the whole stage: only the request it is given matters here
-        seen["request"] = request
+    def fake_evaluate(request, ctx):  # stands in for the whole stage: only the request it is given matters here
+        seen["request"], seen["ctx"] = request, ctx
         raise RuntimeError("stop")
 
     monkeypatch.setattr(dag, "evaluate", fake_evaluate)
     config = shapes().override(["evaluate.min_confidence=0.1", "detection.nms_threshold=0.4"])
-    request = dag.PipelineRequest(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    evaluate_stage = dag.pipeline_stages(config, request)[2].fn
+    request = dag.PipelineRequest(dataset=str(synth_dataset))
+    ctx = RunContext(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    evaluate_stage = dag.pipeline_stages(config, request, ctx)[2].fn
     upstream = {"preprocess": {"shards": "S"}, "train": {"checkpoint": "C"}}
     with pytest.raises(RuntimeError, match="stop"):
-        evaluate_stage(str(tmp_path / "out"), upstream, None)
+        evaluate_stage(str(tmp_path / "out"), upstream, ctx)
     assert seen["request"].settings.min_confidence == 0.1 and seen["request"].detection.nms_threshold == 0.4
+    # the stage's context is the pipeline's, with one inference actor
+    assert seen["ctx"] == dataclasses.replace(ctx, workers=1)
 
 
 def test_init_weights_rerun_train_and_evaluate_and_reach_training(synth_dataset, tmp_path, monkeypatch):
@@ -226,10 +231,11 @@ def test_init_weights_rerun_train_and_evaluate_and_reach_training(synth_dataset,
 
     weights = tmp_path / "w.pth"
     torch.save({"conv1.weight": torch.zeros(1)}, weights)
-    base = dict(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    base = dict(dataset=str(synth_dataset))
+    ctx = RunContext(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
 
     def keys(**kw):
-        return [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), dag.PipelineRequest(**base, **kw)))]
+        return [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), dag.PipelineRequest(**base, **kw), ctx))]
 
     plain, tv = keys(), keys(init=f"torchvision:{weights}")
     assert plain == keys(init=None) and plain[0] == tv[0] and plain[1] != tv[1] and plain[2] != tv[2]
@@ -237,15 +243,18 @@ def test_init_weights_rerun_train_and_evaluate_and_reach_training(synth_dataset,
     assert keys(init=f"torchvision:{weights}")[1] != tv[1]
     seen = {}
 
-    def fake_train(config, request):
-        seen["request"] = request
+    def fake_train(config, request, ctx):
+        seen["request"], seen["ctx"] = request, ctx
         raise RuntimeError("stop")
 
     monkeypatch.setattr(dag, "train", fake_train)
-    stages = dag.pipeline_stages(shapes(), dag.PipelineRequest(**base, init=f"torchvision:{weights}"))
+    stages = dag.pipeline_stages(shapes(), dag.PipelineRequest(**base, init=f"torchvision:{weights}"), ctx)
     with pytest.raises(RuntimeError, match="stop"):
-        stages[1].fn(str(tmp_path / "out"), {"preprocess": {"shards": "S", "run_id": "r"}}, None)
+        stages[1].fn(str(tmp_path / "out"), {"preprocess": {"shards": "S", "run_id": "r"}}, ctx)
     assert seen["request"].model_path == f"torchvision:{weights}"
+    # the train stage's context: the pipeline's, its checkpoints in the stage's folder, tagged with preprocess's run
+    out = str(tmp_path / "out")
+    assert seen["ctx"] == dataclasses.replace(ctx, storage=out, tags={"preprocess_run_id": "r"})
 
 
 def test_another_shard_schema_reruns_every_stage(synth_dataset, tmp_path, monkeypatch):
@@ -253,8 +262,33 @@ def test_another_shard_schema_reruns_every_stage(synth_dataset, tmp_path, monkey
     from mrcnn.config import shapes
     from pipelines import dag
 
-    request = dag.PipelineRequest(dataset=str(synth_dataset), tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    now = [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), request))]
+    request = dag.PipelineRequest(dataset=str(synth_dataset))
+    ctx = RunContext(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    now = [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), request, ctx))]
     monkeypatch.setattr(dag, "SCHEMA_VERSION", dag.SCHEMA_VERSION - 1)
-    older = [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), request))]
+    older = [s.key for s in dag.stage_keys(dag.pipeline_stages(shapes(), request, ctx))]
     assert all(a != b for a, b in zip(now, older, strict=True))
+
+
+def test_the_pipeline_params_are_the_request_and_context_settings():
+    """The parent run's `pipeline.*` params come from the fields of the request (but where the outputs go and
+    --force) and the context's compared ones (workers, use_gpu): a new request field is logged without a list."""
+    from mrcnn.config import shapes
+    from pipelines.dag import PipelineRequest, pipeline_params
+
+    params = pipeline_params(shapes(), PipelineRequest(dataset="d", eval_limit=3, work_dir="w", force="train"),
+                             RunContext(workers=2, use_gpu=False, experiment="e", address="ray://x"))
+    own = {k.removeprefix("pipeline."): v for k, v in params.items() if k.startswith("pipeline.")}
+    assert own == {"dataset": "d", "train_split": "train2017", "val_split": "val2017", "cpus_per_worker": None,
+                   "placement_strategy": "PACK", "eval_limit": 3, "init": None, "workers": 2, "use_gpu": False}
+    assert params["train.lr"] == shapes().train.lr
+
+
+def test_a_dataset_without_annotations_is_refused_naming_the_file(tmp_path):
+    """Before Ray starts: `run --dataset` on a folder without the split's annotations file."""
+    from mrcnn.config import shapes
+    from pipelines.dag import PipelineRequest, pipeline_stages
+    from pipelines.data.errors import MissingInputError
+
+    with pytest.raises(MissingInputError, match=f"{tmp_path}/annotations/instances_train2017.json: no annotations"):
+        pipeline_stages(shapes(), PipelineRequest(dataset=str(tmp_path)), RunContext())

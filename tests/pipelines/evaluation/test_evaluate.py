@@ -18,6 +18,7 @@ from pipelines.data.rows import RowMaker
 from pipelines.data.shards import decode_row
 from pipelines.evaluation.coco_eval import evaluate_detections
 from pipelines.evaluation.evaluate import EvaluateRequest, evaluate, to_coco_results
+from pipelines.infra.context import RunContext
 from pipelines.models import ModelMismatchError
 from pipelines.training.checkpoints import save_checkpoint
 
@@ -93,7 +94,7 @@ def test_evaluate_stage_end_to_end(synth_shards, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ckpt = _checkpoint(tmp_path, shapes(), manifest["categories"])
     result = evaluate(EvaluateRequest(shards=synth_shards, model_path=ckpt, split="val2017", out=str(tmp_path / "ev"),
-                                      tracking_uri=uri, limit=4, use_gpu=False))
+                                      limit=4), RunContext(tracking_uri=uri, use_gpu=False))
     out = Path(result.out)
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("bbox/AP", "bbox/AP50", "bbox/AP75", "segm/AP", "segm/APs", "segm/AR100"):
@@ -119,10 +120,12 @@ def test_model_of_another_geometry_or_categories_is_refused(synth_shards, tmp_pa
     manifest = read_manifest(synth_shards)
     other = shapes().override(["image.max_dim=256", "image.min_dim=256"])
     with pytest.raises(ModelMismatchError, match=r"image\.max_dim: 128 != 256"):
-        evaluate(EvaluateRequest(shards=synth_shards, model_path=_checkpoint(tmp_path, other, manifest["categories"])))
+        evaluate(EvaluateRequest(shards=synth_shards, model_path=_checkpoint(tmp_path, other, manifest["categories"])),
+                 RunContext())
     fewer = CategoryMap(coco_ids=(1, 3), names=("circle", "square")).to_dict()
     with pytest.raises(ModelMismatchError, match="categories"):
-        evaluate(EvaluateRequest(shards=synth_shards, model_path=_checkpoint(tmp_path, shapes(), fewer, "c2")))
+        evaluate(EvaluateRequest(shards=synth_shards, model_path=_checkpoint(tmp_path, shapes(), fewer, "c2")),
+                 RunContext())
 
 
 def test_a_cpu_model_actor_fits_on_a_node():

@@ -22,6 +22,7 @@ from pipelines.evaluation.inference import (
     to_coco_results,
     unpack_detections,
 )
+from pipelines.infra.context import RunContext
 from pipelines.models import load_model, model_spec
 from tests.support.trained_shapes import train_shapes_checkpoint
 
@@ -132,8 +133,8 @@ def test_stages_give_the_metrics_of_the_one_loop_evaluation(synth_shards, traine
     assert expected["bbox/AP50"] > 0 and max(d["score"] for d in reference) >= 0.5
     settings = replace(shapes().evaluate, min_confidence=min_confidence)
     result = evaluate(EvaluateRequest(shards=synth_shards, model_path=trained_shapes, out=str(tmp_path / "ev"),
-                                      tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", use_gpu=False, workers=2,
-                                      pictures=0, settings=settings))
+                                      pictures=0, settings=settings),
+                      RunContext(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", use_gpu=False, workers=2))
     assert set(result.metrics) == set(expected)
     wrong = {k: (result.metrics[k], expected[k]) for k in expected if abs(result.metrics[k] - expected[k]) > 1e-6}
     assert not wrong, wrong

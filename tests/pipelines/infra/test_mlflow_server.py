@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 
 from mrcnn.config import shapes
 from pipelines.dag import DagResult, PipelineRequest, run_pipeline
+from pipelines.infra.context import RunContext
 
 pytestmark = pytest.mark.slow
 
@@ -111,8 +112,8 @@ def pipeline(mlflow_server, ray_session, synth_dataset, tmp_path_factory) -> Dag
     work = tmp_path_factory.mktemp("pipeline_http")
     return run_pipeline(
         config,
-        PipelineRequest(dataset=str(synth_dataset), workers=1, use_gpu=False, work_dir=str(work),
-                        tracking_uri=mlflow_server.url),
+        PipelineRequest(dataset=str(synth_dataset), work_dir=str(work)),
+        RunContext(workers=1, use_gpu=False, tracking_uri=mlflow_server.url),
     )
 
 
@@ -289,9 +290,10 @@ def test_two_pipelines_compare_in_the_runs_table_and_the_compare_page(mlflow_ser
     parents = []
     for lr, segm_ap, rate in ((0.01, 0.412, 3.5), (0.02, 0.653, 4.25)):
         config = shapes().override([f"train.lr={lr}"])
-        params = pipeline_params(config, PipelineRequest(dataset="data/shapes", workers=2))
-        result = run_dag(_pipeline_like_stages(segm_ap, rate), tmp_path / f"work-{lr}", tracking_uri=mlflow_server.url,
-                         experiment=experiment, run_name=f"pipeline-lr{lr}", params=params)
+        ctx = RunContext(workers=2, tracking_uri=mlflow_server.url, experiment=experiment)
+        params = pipeline_params(config, PipelineRequest(dataset="data/shapes"), ctx)
+        result = run_dag(_pipeline_like_stages(segm_ap, rate), tmp_path / f"work-{lr}", ctx,
+                         run_name=f"pipeline-lr{lr}", params=params)
         parents.append(client.get_run(result.parent_run_id))
     for parent, (lr, segm_ap, rate) in zip(parents, ((0.01, 0.412, 3.5), (0.02, 0.653, 4.25)), strict=True):
         m = parent.data.metrics

@@ -65,6 +65,7 @@ def s3_training(s3, s3_shards, tmp_path_factory):
     """A run stopped after step 2 of 4, then a second run resuming it, both checkpointing to the bucket."""
     from mlflow.tracking import MlflowClient
 
+    from pipelines.infra.context import RunContext
     from pipelines.infra.tracking import DEFAULT_EXPERIMENT
     from pipelines.training.train import TrainRequest, train
 
@@ -72,10 +73,10 @@ def s3_training(s3, s3_shards, tmp_path_factory):
     uri = f"sqlite:///{mlflow_dir / 'mlflow.db'}"
     # MLflow's artifacts stay local (a SQLite store's default would be ./mlruns, in the working directory)
     MlflowClient(uri).create_experiment(DEFAULT_EXPERIMENT, artifact_location=str(mlflow_dir / "artifacts"))
-    base = dict(shards=s3_shards, workers=1, use_gpu=False, storage=s3.uri("checkpoints"), val_split=None,
-                tracking_uri=uri, log_model=False)
-    first = train(_config(), TrainRequest(**base, run_name="first", stop_at=2))
-    resumed = train(_config(), TrainRequest(**base, run_name="resumed", resume=True))
+    base = dict(shards=s3_shards, val_split=None, log_model=False)
+    ctx = RunContext(workers=1, use_gpu=False, storage=s3.uri("checkpoints"), tracking_uri=uri)
+    first = train(_config(), TrainRequest(**base, run_name="first", stop_at=2), ctx)
+    resumed = train(_config(), TrainRequest(**base, run_name="resumed", resume=True), ctx)
     return {"first": first, "resumed": resumed, "tracking_uri": uri}
 
 
@@ -130,11 +131,12 @@ def test_train_checkpoints_to_the_bucket_and_resumes_from_it(s3, s3_training, wo
 
 def test_evaluate_reads_shards_and_checkpoint_from_the_bucket(s3_shards, s3_training, tmp_path):
     from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
+    from pipelines.infra.context import RunContext
 
     result = evaluate(EvaluateRequest(
         shards=s3_shards, model_path=s3_training["resumed"].checkpoint, split="val2017", out=str(tmp_path / "ev"),
-        tracking_uri=s3_training["tracking_uri"], limit=4, use_gpu=False, pictures=2,
-    ))
+        limit=4, pictures=2,
+    ), RunContext(tracking_uri=s3_training["tracking_uri"], use_gpu=False))
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert metrics == result.metrics
     for key in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AR100"):

@@ -21,6 +21,7 @@ from mrcnn.mini_masks import expand_masks, mini_mask_boxes, unpack_masks
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.shardset import ShardSet, read_manifest
+from pipelines.infra.context import RunContext
 from pipelines.inspection.command import STAGES, InspectRequest, run_inspect
 from pipelines.inspection.data_stages import anchors_picture
 from pipelines.inspection.panels import TITLE_PX, panel_px, picture_size
@@ -58,8 +59,8 @@ def test_layout_sizes():
 @pytest.mark.slow
 def test_every_stage_on_shards_in_one_mlflow_run(synth_shards, tmp_path, tracking_uri):
     out = tmp_path / "all"
-    results = run_inspect(InspectRequest(stage="all", out=str(out), shards=synth_shards, split="train2017",
-                                         tracking_uri=tracking_uri))
+    results = run_inspect(InspectRequest(stage="all", out=str(out), shards=synth_shards, split="train2017"),
+                          RunContext(tracking_uri=tracking_uri))
     row = pq.read_table(f"{synth_shards}/train2017").slice(0, 1).to_pylist()[0]
     g, p = len(row["gt_class_ids"]), len(row["rpn_pos_idx"])
     config = shapes()
@@ -135,8 +136,8 @@ def test_gt_overlay_inside_the_masks_and_not_far_from_them(synth_shards, tmp_pat
     client = MlflowClient(tracking_uri)
     run = client.create_run(client.get_experiment_by_name("t").experiment_id).info.run_id
     info = run_inspect(InspectRequest(stage="gt", out=str(tmp_path / "gt.png"), shards=synth_shards,
-                                      split="val2017", image_id=row["image_id"], mlflow_run=run,
-                                      tracking_uri=tracking_uri))["gt"]
+                                      split="val2017", image_id=row["image_id"], mlflow_run=run),
+                       RunContext(tracking_uri=tracking_uri))["gt"]
     assert [a.path for a in MlflowClient(tracking_uri).list_artifacts(run, "inspect")] == ["inspect/gt.png"]
     png = _png(info["path"])
     assert png.shape[1::-1] == picture_size(1, 2, PANEL) and info["instances"] == g
@@ -182,7 +183,7 @@ def test_model_stages_with_a_checkpoint(synth_shards, tmp_path):
                            batch_in_epoch=0, meta={"config": shapes().to_dict(), "categories": manifest["categories"],
                                                    "num_classes": categories.num_classes})
     info = run_inspect(InspectRequest(stage="predictions", out=str(tmp_path / "p.png"), shards=synth_shards,
-                                      model_path=str(ckpt), threshold=0.0))["predictions"]
+                                      model_path=str(ckpt), threshold=0.0), RunContext())["predictions"]
     assert f"model {ckpt}" in info["title"] and "untrained" not in info["title"]
     # threshold 0: every RoI's best classes pass, up to max_detections
     assert 0 < info["detections"] <= shapes().detection.max_detections
@@ -191,9 +192,9 @@ def test_model_stages_with_a_checkpoint(synth_shards, tmp_path):
 
 def test_bad_requests_are_refused(synth_dataset, tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
-        run_inspect(InspectRequest(stage="rpn", out=str(tmp_path / "x.png"), dataset=str(synth_dataset)))
+        run_inspect(InspectRequest(stage="rpn", out=str(tmp_path / "x.png"), dataset=str(synth_dataset)), RunContext())
     with pytest.raises(ValueError, match="--shards"):
         run_inspect(InspectRequest(stage="batch", out=str(tmp_path / "x.png"), dataset=str(synth_dataset),
-                                   config=shapes()))
+                                   config=shapes()), RunContext())
     with pytest.raises(ValueError, match="--shards SHARDS or --dataset"):
-        run_inspect(InspectRequest(stage="gt", out=str(tmp_path / "x.png")))
+        run_inspect(InspectRequest(stage="gt", out=str(tmp_path / "x.png")), RunContext())

@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from mrcnn.config import shapes
 from mrcnn.model import build_model
 from pipelines.data.shardset import FingerprintMismatch
+from pipelines.infra.context import RunContext
 from pipelines.training.checkpoints import load_checkpoint
 from pipelines.training.train import TrainRequest, train
 from tests.support.fault_drill import FaultDrill
@@ -39,10 +40,8 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1, cache_data=True, val_every=1)
     result = train(
         config,
-        TrainRequest(
-            shards=synth_shards, workers=2, use_gpu=False, storage=str(tmp_path / "ckpt"), tracking_uri=uri,
-            run_name="two-workers", cpus_per_worker=1.0,
-        ),
+        TrainRequest(shards=synth_shards, run_name="two-workers", cpus_per_worker=1.0),
+        RunContext(workers=2, use_gpu=False, storage=str(tmp_path / "ckpt"), tracking_uri=uri),
     )
     state = load_checkpoint(result.checkpoint)
     assert state.step == 10 and state.meta["num_classes"] == 4
@@ -89,7 +88,7 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     from pipelines.evaluation.predict import predict_images
 
     evaluated = evaluate(EvaluateRequest(shards=synth_shards, model_path=f"runs:/{result.run_id}/model", limit=2,
-                                         out=str(tmp_path / "eval"), tracking_uri=uri, use_gpu=False))
+                                         out=str(tmp_path / "eval")), RunContext(tracking_uri=uri, use_gpu=False))
     assert -1.0 <= evaluated.metrics["segm/AP"] <= 1.0 and (tmp_path / "eval" / "metrics.json").exists()
     version = mlflow.register_model(f"runs:/{result.run_id}/model", "mrcnn-shapes-test").version
     split = read_manifest(synth_shards)["splits"]["val2017"]
@@ -104,9 +103,9 @@ def test_resume_and_fault_recovery_equal_an_uninterrupted_run(synth_shards, tmp_
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     def run(storage: str, after_step=None, **kw):
-        base = dict(shards=synth_shards, workers=1, use_gpu=False, storage=str(tmp_path / storage), val_split=None,
-                    tracking_uri=uri, log_model=False)
-        return train(config, TrainRequest(**{**base, **kw}), after_step=after_step)
+        ctx = RunContext(workers=1, use_gpu=False, storage=str(tmp_path / storage), tracking_uri=uri)
+        base = dict(shards=synth_shards, val_split=None, log_model=False)
+        return train(config, TrainRequest(**{**base, **kw}), ctx, after_step=after_step)
 
     straight = run("straight", run_name="straight")
     first = run("sliced", run_name="first-half", stop_at=4)
@@ -125,7 +124,7 @@ def test_resume_and_fault_recovery_equal_an_uninterrupted_run(synth_shards, tmp_
 def test_shards_of_another_config_are_refused(synth_shards, tmp_path):
     other = shapes().override(["image.max_dim=256", "image.min_dim=256"])
     with pytest.raises(FingerprintMismatch, match=r"image\.max_dim: 128 != 256"):
-        train(other, TrainRequest(shards=synth_shards, workers=1, storage=str(tmp_path)))
+        train(other, TrainRequest(shards=synth_shards), RunContext(workers=1, storage=str(tmp_path)))
     assert not Path(tmp_path / "mlflow.db").exists()
 
 
@@ -148,10 +147,9 @@ def test_resume_refuses_a_checkpoint_of_another_config_or_other_shards(synth_sha
     save_checkpoint(storage / "b/checkpoint_000007", model=model, optimizer=None, scheduler=None, step=7, epoch=0,
                     batch_in_epoch=0, meta={**meta, "fingerprint": "0123456789abcdef"})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    request = TrainRequest(shards=synth_shards, workers=1, use_gpu=False, storage=str(storage), val_split=None,
-                           tracking_uri=uri, log_model=False, resume=True)
+    request = TrainRequest(shards=synth_shards, val_split=None, log_model=False, resume=True)
     with pytest.raises(ValueError, match=r"no checkpoint to resume") as refused:
-        train(config, request)
+        train(config, request, RunContext(workers=1, use_gpu=False, storage=str(storage), tracking_uri=uri))
     message = str(refused.value)
     assert "trained with another config: train.lr: 0.02 != 0.01" in message
     assert "made from other shards (fingerprint '0123456789abcdef'" in message
@@ -193,9 +191,10 @@ def test_imagenet_resnet_backbone_weights_end_to_end(synth_shards, tmp_path):
     torch.save(resnet.state_dict(), path)
     result = train(
         _config(steps=2, lr=0.01),
-        TrainRequest(shards=synth_shards, workers=1, use_gpu=False, storage=str(tmp_path / "ckpt"), val_split=None,
-                     tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", log_model=False, backbone_weights=str(path),
+        TrainRequest(shards=synth_shards, val_split=None, log_model=False, backbone_weights=str(path),
                      layers="heads", run_name="imagenet-backbone"),
+        RunContext(workers=1, use_gpu=False, storage=str(tmp_path / "ckpt"),
+                   tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
     )
     state = load_checkpoint(result.checkpoint)
     assert state.step == 2
