@@ -64,11 +64,6 @@ def average_tensors(tensors: list[torch.Tensor]) -> None:
         offset += n
 
 
-def average_weights(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-    """The workers' mean weights (`averaged_tensors`), and the optimizer's state where given, on every rank."""
-    average_tensors(averaged_tensors(model) + (optimizer_tensors(optimizer) if optimizer is not None else []))
-
-
 @dataclass
 class LocalSGD:
     """When the workers step alone and when they average.

@@ -384,11 +384,13 @@ def test_instances_beyond_the_limit_keep_the_largest(tmp_path):
 def test_split_writer_sizes_files_and_row_groups(tmp_path):
     from pyarrow import fs as pafs
 
+    from pipelines.data.datasink import _SplitWriter
+
     table = pa.table({name: pa.nulls(12, f.type) for name, f in zip(SHARD_SCHEMA.names, SHARD_SCHEMA, strict=True)},
                      schema=SHARD_SCHEMA)
     table = table.set_column(0, "image_id", pa.array(range(12), pa.int64()))
-    writer = pp._SplitWriter(pafs.LocalFileSystem(), str(tmp_path / "s"), "part-00007", rows_per_shard=5,
-                             rows_per_row_group=2)
+    writer = _SplitWriter(pafs.LocalFileSystem(), str(tmp_path / "s"), "part-00007", rows_per_shard=5,
+                          rows_per_row_group=2)
     for start in range(0, 12, 3):  # blocks of 3 rows
         writer.append(table.slice(start, 3))
     writer.close()

@@ -154,7 +154,8 @@ def test_backbone_weights_and_an_init_checkpoint_load_from_the_bucket(s3, tmp_pa
     from mrcnn.model import build_model
     from pipelines.infra.storage import write_bytes
     from pipelines.training.checkpoints import save_checkpoint
-    from pipelines.training.loop import LoopConfig, initialise
+    from pipelines.training.loop import initialise
+    from pipelines.training.plan import WorkerPlan
 
     config = shapes()
     torch.manual_seed(0)
@@ -172,8 +173,8 @@ def test_backbone_weights_and_an_init_checkpoint_load_from_the_bucket(s3, tmp_pa
 
     torch.manual_seed(2)
     target = build_model(config, num_classes=4)
-    loop = LoopConfig(config=config, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=1,
-                      steps_per_epoch=1, model_path=s3.uri("init/checkpoint_000003"),
+    loop = WorkerPlan(config=config, categories={"categories": []}, fingerprint="f", num_classes=4, total_steps=1,
+                      steps_per_epoch=1, global_batch=1, model_path=s3.uri("init/checkpoint_000003"),
                       backbone_weights=s3.uri("weights/resnet.pth"))
     messages = initialise(target, loop)
     assert messages == [f"initialised from {s3.uri('init/checkpoint_000003')} (step 3)",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from pipelines.training.local_sgd import LocalSGD, average_weights, averaged_tensors, optimizer_tensors
+from pipelines.training.local_sgd import LocalSGD, average_tensors, averaged_tensors, optimizer_tensors
 from pipelines.training.step import StepRunner
 from tests.support.one_weight import OneWeight
 
@@ -88,7 +88,7 @@ def _on_rank(rank: int, world: int, store: str, out: str) -> None:
 
     before = [t.detach().clone() for t in tensors()]
     pointers = [t.data_ptr() for t in tensors()]
-    average_weights(conv, opt)
+    average_tensors(tensors())  # the weights (BatchNorm statistics too) and the momenta, as before a checkpoint
     torch.save({"after": after, "finite": finite, "final": final, "before": before,
                 "averaged": [t.detach().clone() for t in tensors()], "momenta": len(optimizer_tensors(opt)),
                 "same_storage": pointers == [t.data_ptr() for t in tensors()],

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mrcnn.config import shapes
-from mrcnn.model import LOSS_KEYS, build_model
+from mrcnn.model import build_model
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
 from pipelines.training.hooks.validation import validation_due, validation_losses
 from pipelines.training.loop import compress_gradients, prepare_device
@@ -238,20 +238,14 @@ def test_grad_compression_needs_ddp_and_a_known_kind():
         compress_gradients(nn.Linear(2, 2), "int8")
 
 
-class _LossesOfX(nn.Module):
-    """Stands in for the model: its loss terms are batch["x"] times 1..5, so means are known by hand."""
-
-    def forward(self, batch):
-        return {k: batch["x"].sum() * (i + 1) for i, k in enumerate(LOSS_KEYS)}
-
-
 def _validate_on_rank(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     # rank 0 sees the values 1 and 2, rank 1 sees 6: the mean over all three batches is 3
     mine = [[1.0, 2.0], [6.0]][rank]
-    val = validation_losses(_LossesOfX(), [{"x": torch.tensor([v])} for v in mine], torch.device("cpu"))
+    val = validation_losses(OneWeight(),  # w = 1: the loss terms are x times 1..5
+                             [{"x": torch.tensor([v])} for v in mine], torch.device("cpu"))
     torch.save(val, f"{out}.{rank}")
     dist.destroy_process_group()
 
