@@ -2,10 +2,10 @@
 console set-up, and the one error-to-message mapping.
 
 Every command of the app (`App`) is a `MappedCommand`: an error the user caused (`user_error`: an `InputError` of
-pipelines/, mrcnn's ConfigError and WeightsFormatError, a missing path) ends in a short message naming the option
-it is about where there is one, with exit status 2 and no traceback unless --verbose; any other exception is the
-project's own bug and keeps its traceback. Light to import (`mrcnn-cli --help`): torch, Ray, MLflow and pyarrow
-are imported inside the functions that need them.
+pipelines/, mrcnn's ConfigError, WeightsFormatError and BackboneWeightsError, a missing path) ends in a short
+message naming the option it is about where there is one, with exit status 2 and no traceback unless --verbose; any
+other exception is the project's own bug and keeps its traceback. Light to import (`mrcnn-cli --help`): torch, Ray,
+MLflow and pyarrow are imported inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ log = get_logger("cli")
 
 
 def user_error(exc: BaseException, command: typer.core.TyperCommand) -> str | None:
-    """The one error-to-message mapping of every command: the lines the console shows for an error the user caused
-    (an `InputError`, which every typed input error of pipelines/ subclasses; mrcnn's ConfigError and
-    WeightsFormatError; a missing path), naming the option it is about where `command` has it; None for any other
-    exception (a bug: its traceback stays). A stage's error raised in a Ray task (`run`) is its cause's."""
+    """The one error-to-message mapping of every command: the lines the console shows for an error the user caused (an
+    `InputError`, which every typed input error of pipelines/ subclasses; mrcnn's ConfigError, WeightsFormatError
+    and BackboneWeightsError; a missing path), naming the option it is about where `command` has it; None for any
+    other exception (a bug: its traceback stays). A stage's error raised in a Ray task (`run`) is its cause's."""
+    from mrcnn.backbone import BackboneWeightsError
     from mrcnn.config import ConfigError
     from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.data.errors import InputError
@@ -34,9 +35,9 @@ def user_error(exc: BaseException, command: typer.core.TyperCommand) -> str | No
 
     cause = getattr(exc, "cause", None)  # ray.exceptions.RayTaskError
     exc = cause if isinstance(cause, BaseException) else exc
-    if not isinstance(exc, InputError | ConfigError | WeightsFormatError | FileNotFoundError):
+    if not isinstance(exc, InputError | ConfigError | WeightsFormatError | BackboneWeightsError | FileNotFoundError):
         return None
-    about = ((ConfigError, ("config", "set_")),
+    about = ((ConfigError, ("config", "set_")), (BackboneWeightsError, ("backbone_weights",)),
              (WeightsFormatError | ModelMismatchError | CheckpointError, ("init", "model_path")))
     names = next((names for kind, names in about if isinstance(exc, kind)), ())
     hint = "/".join(p.opts[0] for p in command.params if p.name in names and p.opts)

@@ -179,6 +179,26 @@ def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys
     assert result.exit_code == 2 and "--init" in text and words in text and "encoder.weight" in text, result.output
 
 
+def test_backbone_weights_that_do_not_fit_are_a_users_error_naming_the_file(tmp_path):
+    """`train --backbone-weights FILE` with a file that is not a ResNet state dict is refused on the driver, before
+    Ray starts, in a short message naming --backbone-weights and the file (mrcnn's BackboneWeightsError)."""
+    from pipelines.data.categories import CategoryMap
+    from pipelines.data.shards import SCHEMA_VERSION
+
+    bad = tmp_path / "resnet.pth"
+    torch.save({"encoder.weight": torch.zeros(2)}, bad)
+    config = shapes()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
+        "splits": {"train2017": {"num_images": 4}},
+        "categories": CategoryMap((1, 3), ("circle", "square")).to_dict()}))
+    result = runner.invoke(app, ["train", "--shards", str(shards), "--config", "shapes",
+                                 "--backbone-weights", str(bad)])
+    _short_error(result, "--backbone-weights", str(bad))
+
+
 def test_flips_with_off_centre_anchors_are_refused_before_any_work():
     result = runner.invoke(app, ["train", "--shards", "nowhere", "--config", "shapes",
                                  "--set", "rpn.anchor_offset=0.0"])
