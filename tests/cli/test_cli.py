@@ -4,6 +4,7 @@ run end to end on the synthetic dataset without shards or Ray."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,12 +152,25 @@ def test_demo_short_variant_then_run_skips_every_stage(ray_session, tmp_path, mo
     assert "ran: nothing; skipped: preprocess, train, evaluate" in rerun.output
 
 
-def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys(tmp_path):
-    """`predict --model-path torchvision:FILE` and `train --init torchvision:FILE` (on the driver, before Ray starts)
-    refuse a state dict that is neither torchvision's Mask R-CNN nor its ResNet, naming its first keys."""
+def _manifest_only_shards(tmp_path: Path) -> Path:
+    """A shards folder holding only the manifest of the shapes preset (two categories, a 4-image train split):
+    enough for `train` to get as far as loading --init / --backbone-weights on the driver, before Ray starts."""
     from pipelines.data.categories import CategoryMap
     from pipelines.data.shards import SCHEMA_VERSION
 
+    config = shapes()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
+        "splits": {"train2017": {"num_images": 4}},
+        "categories": CategoryMap((1, 3), ("circle", "square")).to_dict()}))
+    return shards
+
+
+def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys(tmp_path):
+    """`predict --model-path torchvision:FILE` and `train --init torchvision:FILE` (on the driver, before Ray starts)
+    refuse a state dict that is neither torchvision's Mask R-CNN nor its ResNet, naming its first keys."""
     bad = tmp_path / "bad.pt"
     torch.save({"encoder.weight": torch.zeros(2), "decoder.bias": torch.zeros(1)}, bad)
     image = tmp_path / "1.png"
@@ -166,13 +180,7 @@ def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys
                                  str(tmp_path / "out"), "--no-gpu"])
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and words in text and "first keys encoder.weight, decoder.bias" in text, result.output
-    config = shapes()
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({
-        "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
-        "splits": {"train2017": {"num_images": 4}},
-        "categories": CategoryMap((1, 3), ("circle", "square")).to_dict()}))
+    shards = _manifest_only_shards(tmp_path)
     result = runner.invoke(app, ["train", "--shards", str(shards), "--config", "shapes",
                                  "--init", f"torchvision:{bad}"])
     text = " ".join(result.output.replace("│", " ").split())
@@ -182,18 +190,9 @@ def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys
 def test_backbone_weights_that_do_not_fit_are_a_users_error_naming_the_file(tmp_path):
     """`train --backbone-weights FILE` with a file that is not a ResNet state dict is refused on the driver, before
     Ray starts, in a short message naming --backbone-weights and the file (mrcnn's BackboneWeightsError)."""
-    from pipelines.data.categories import CategoryMap
-    from pipelines.data.shards import SCHEMA_VERSION
-
     bad = tmp_path / "resnet.pth"
     torch.save({"encoder.weight": torch.zeros(2)}, bad)
-    config = shapes()
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({
-        "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
-        "splits": {"train2017": {"num_images": 4}},
-        "categories": CategoryMap((1, 3), ("circle", "square")).to_dict()}))
+    shards = _manifest_only_shards(tmp_path)
     result = runner.invoke(app, ["train", "--shards", str(shards), "--config", "shapes",
                                  "--backbone-weights", str(bad)])
     _short_error(result, "--backbone-weights", str(bad))
