@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mrcnn.detections import detections_to_original
+from mrcnn.geometry import resize_geometry, resize_image
 from pipelines.data.categories import CategoryMap
 from pipelines.data.shards import decode_row
 from pipelines.models import ModelSpec, load_model
@@ -196,6 +197,49 @@ def coco_results_of_batch(batch: dict[str, np.ndarray], *, coco_ids: list[int]) 
         )
         for i in range(len(batch["image_id"]))
     ]
+
+
+def network_input(image: np.ndarray, *, min_dim: int, max_dim: int) -> tuple[np.ndarray, Any]:
+    """[H, W, 3] uint8 original -> ([3, S, S] uint8 canvas, Geometry): resized by `mrcnn.geometry.resize_image`
+    (the loader's resize), top-left, zero padding."""
+    height, width = image.shape[:2]
+    geo = resize_geometry(height, width, min_dim=min_dim, max_dim=max_dim)
+    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (h, w, 3) -> (3, h, w)
+    canvas = np.zeros((3, max_dim, max_dim), np.uint8)
+    canvas[:, : geo.new_h, : geo.new_w] = resize_image(chw, geo.new_h, geo.new_w).numpy()
+    return canvas, geo
+
+
+def keep_detections(packed: dict[str, np.ndarray], *, min_scores: list[float], limits: list[int]) -> None:
+    """Trim each image's detections in place to those scoring at least min_scores[i], at most limits[i] of them:
+    the model's detections are by decreasing score, so the kept ones are the first and only det_count changes.
+    On a model loaded at min_confidence 0 this gives what the model loaded at min_scores[i] gives: NMS is per class
+    and greedy by score (a lower-scored box never suppresses a higher one) and the per-image cut keeps the best."""
+    for i, (floor, limit) in enumerate(zip(min_scores, limits, strict=True)):
+        k = int(packed["det_count"][i])
+        packed["det_count"][i] = min(int((packed["det_scores"][i, :k] >= floor).sum()), limit)
+
+
+def detect_images(model: torch.nn.Module, originals: list[np.ndarray], *, image_ids: list[int], min_dim: int,
+                  max_dim: int, coco_ids: list[int], device: torch.device, min_scores: list[float] | None = None,
+                  limits: list[int] | None = None) -> list[list[dict[str, Any]]]:
+    """Decoded images ([H, W, 3] uint8 RGB each, original size) -> each image's COCO results in original pixels:
+    `network_input`, `run_model`, `coco_results_of_batch` in one call, what `predict` and the server both run.
+    min_scores / limits: per image, `keep_detections` before the way back (default: the model's own)."""
+    prepared = [network_input(im, min_dim=min_dim, max_dim=max_dim) for im in originals]
+    max_detections = int(model.detection_settings.max_detections)
+    packed = run_model(model, np.stack([c for c, _ in prepared]), np.asarray([g.window for _, g in prepared], np.int64),
+                       device, max_detections=max_detections)
+    if min_scores is not None or limits is not None:
+        n = len(originals)
+        keep_detections(packed, min_scores=min_scores if min_scores is not None else [0.0] * n,
+                        limits=limits if limits is not None else [max_detections] * n)
+    packed.update(image_id=np.asarray(image_ids, np.int64),
+                  scale=np.asarray([g.scale for _, g in prepared], np.float64),
+                  window=np.asarray([g.window for _, g in prepared], np.int64),
+                  height=np.asarray([im.shape[0] for im in originals], np.int64),
+                  width=np.asarray([im.shape[1] for im in originals], np.int64))
+    return coco_results_of_batch(packed, coco_ids=coco_ids)
 
 
 def way_back(batch: dict[str, np.ndarray], *, categories: dict[str, Any]) -> dict[str, np.ndarray]:

@@ -28,11 +28,10 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from mrcnn.geometry import resize_geometry, resize_image
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb
 from pipelines.data.errors import MissingInputError
-from pipelines.evaluation.inference import coco_results_of_batch, run_model
+from pipelines.evaluation.inference import detect_images
 from pipelines.infra.storage import write_bytes
 from pipelines.models import load_model, model_spec
 from pipelines.pictures import draw_instances, save_figure
@@ -79,17 +78,6 @@ def image_ids(paths: list[Path]) -> list[int]:
     return list(range(1, len(paths) + 1))
 
 
-def network_input(image: np.ndarray, *, min_dim: int, max_dim: int) -> tuple[np.ndarray, Any]:
-    """[H, W, 3] uint8 original -> ([3, S, S] uint8 canvas, Geometry): resized by `mrcnn.geometry.resize_image`
-    (the loader's resize), top-left, zero padding."""
-    height, width = image.shape[:2]
-    geo = resize_geometry(height, width, min_dim=min_dim, max_dim=max_dim)
-    chw = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))  # (h, w, 3) -> (3, h, w)
-    canvas = np.zeros((3, max_dim, max_dim), np.uint8)
-    canvas[:, : geo.new_h, : geo.new_w] = resize_image(chw, geo.new_h, geo.new_w).numpy()
-    return canvas, geo
-
-
 def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | os.PathLike, *,
                    threshold: float | None = None, device: str | torch.device | None = None,
                    batch_size: int | None = None, tracking_uri: str | None = None) -> PredictResult:
@@ -120,18 +108,9 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
     for first in range(0, len(paths), step):
         chunk = list(zip(paths[first : first + step], ids[first : first + step], strict=True))
         originals = [load_image_rgb(p) for p, _ in chunk]
-        prepared = [network_input(im, min_dim=config.image.min_dim, max_dim=config.image.max_dim)
-                    for im in originals]
-        packed = run_model(model, np.stack([c for c, _ in prepared]),
-                           np.asarray([g.window for _, g in prepared], np.int64), device,
-                           max_detections=int(model.detection_settings.max_detections))
-        packed.update(image_id=np.asarray([i for _, i in chunk], np.int64),
-                      scale=np.asarray([g.scale for _, g in prepared], np.float64),
-                      window=np.asarray([g.window for _, g in prepared], np.int64),
-                      height=np.asarray([im.shape[0] for im in originals], np.int64),
-                      width=np.asarray([im.shape[1] for im in originals], np.int64))
-        for (path, image_id), image, found in zip(chunk, originals, coco_results_of_batch(packed, coco_ids=coco_ids),
-                                                   strict=True):
+        found_each = detect_images(model, originals, image_ids=[i for _, i in chunk], min_dim=config.image.min_dim,
+                                   max_dim=config.image.max_dim, coco_ids=coco_ids, device=device)
+        for (path, image_id), image, found in zip(chunk, originals, found_each, strict=True):
             height, width = image.shape[:2]
             results.extend(found)
             images.append({"id": image_id, "file_name": path.name, "height": height, "width": width,

@@ -18,12 +18,12 @@ from pipelines.data.coco import load_image_rgb, read_split, split_paths
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import decode_row
+from pipelines.evaluation.inference import network_input
 from pipelines.evaluation.predict import (
     HEADER_PX,
     MAX_PICTURE_PX,
     find_images,
     image_ids,
-    network_input,
     predict_images,
 )
 from pipelines.training.checkpoints import save_checkpoint
