@@ -9,6 +9,7 @@
     pictures.py   drawing instances, figures and PNGs (evaluation, inspection)
     evaluation/   `evaluate` (batch inference + COCO metrics), the COCO-eval wrapper, `predict`
     inspection/   `inspect`: one picture per sub-net
+    serving/      `serve`: the model behind an HTTP endpoint on Ray Serve (ingress, batched model deployment)
     dag.py        `run`: the stages as a cached DAG
     cli_options.py  what the commands of cli.py share: options, the run context, the error-to-message mapping
 

@@ -5,6 +5,13 @@ or a URI, an MLflow model URI, or `torchvision:FILE`, torchvision's Mask R-CNN v
 builds and loads it in eval mode (`load_source`, the loader `train --init` uses too); `check_model_fits(spec,
 manifest)` refuses shards of another geometry or another category set. Used by evaluate, predict and inspect.
 
+`--set` / `--config` of the commands that load a model (predict, evaluate, inspect, serve, export) go through
+`model_spec(path, overrides=..., config_path=...)` (`inference_config`): only the settings that apply at inference
+may change (INFERENCE_SETTINGS: detection thresholds, NMS, RPN's test-time counts, evaluation's threshold and batch);
+the image size too for a source without a config of its own (`torchvision:FILE`, whose `--config` may be a file or
+preset). A setting that would contradict the model (its backbone, anchors, heads: its architecture and training) is
+refused (ConfigError naming the key, both values and why).
+
 A torchvision file carries neither config nor categories: its config is the `torchvision` preset, its categories
 those of the shards it is evaluated on (`model_spec(path, categories=manifest["categories"])`, which must be COCO's,
 all or some of them), else COCO's 80 (torchvision's own names, from its weights' meta).
@@ -17,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mrcnn.config import Config, fingerprint_diff
+from mrcnn.config import Config, ConfigError, fingerprint_diff, load_config
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.infra import tracking
@@ -51,8 +58,35 @@ class ModelSpec:
         return str(self.source)
 
 
-def model_spec(model_path: str, *, categories: dict[str, Any] | None = None,
-               tracking_uri: str | None = None) -> ModelSpec:
+# the settings a model's own config may change at inference; IMAGE_SIZE too where the source has no config of its own
+INFERENCE_SETTINGS = ("detection.min_confidence", "detection.nms_threshold", "detection.max_detections",
+                      "detection.min_size", "rpn.pre_nms_topk", "rpn.nms_threshold", "rpn.post_nms_test",
+                      "evaluate.min_confidence", "evaluate.batch_size")
+IMAGE_SIZE = ("image.min_dim", "image.max_dim")
+TRAINING_ONLY = ("name", "train.", "preprocess.")  # settings a loaded model never reads: free to differ
+
+
+def inference_config(config: Config, *, overrides: list[str] | tuple[str, ...] = (), config_path: str | None = None,
+                     own_config: bool = True, source: str = "the model") -> Config:
+    """`config` (the model's) with `--config` / `--set` applied, refusing any change but INFERENCE_SETTINGS (and
+    IMAGE_SIZE where `own_config` is False): ConfigError naming each such key, its two values and why."""
+    if config_path is not None and own_config:
+        raise ConfigError(f"--config {config_path}: {source} carries its own config; change its inference settings "
+                          f"with --set ({', '.join(INFERENCE_SETTINGS)})")
+    changed = load_config(config_path) if config_path is not None else config
+    changed = changed.override(list(overrides)) if overrides else changed
+    allowed = INFERENCE_SETTINGS + (() if own_config else IMAGE_SIZE)
+    before, after = config.flat(), changed.flat()
+    wrong = [f"{key}={after[key]!r} (the model's: {before[key]!r})" for key in after
+             if after[key] != before.get(key) and key not in allowed and not key.startswith(TRAINING_ONLY)]
+    if wrong:
+        raise ConfigError(f"{'; '.join(wrong)}: would contradict {source}, whose weights were made for its own "
+                          f"value; only the inference settings may change: {', '.join(allowed)}")
+    return changed
+
+
+def model_spec(model_path: str, *, categories: dict[str, Any] | None = None, tracking_uri: str | None = None,
+               overrides: list[str] | tuple[str, ...] = (), config_path: str | None = None) -> ModelSpec:
     """Read a checkpoint's meta.json (local path or URI), or an MLflow model's carried meta, without building
     the model. A location without meta.json but with an MLmodel file (an MLflow model saved to a path or an
     artifact store URI) is an MLflow model too; one with neither is not a model (ModelSourceError, naming it).
@@ -60,8 +94,18 @@ def model_spec(model_path: str, *, categories: dict[str, Any] | None = None,
     `pipelines.infra.tracking.resolve_tracking_uri()`, as the stages log to).
 
     categories: for `torchvision:FILE` only (other models carry theirs), the category map (`CategoryMap.to_dict()`
-    form, e.g. a manifest's "categories") its COCO-indexed classes are mapped to; default COCO's 80."""
+    form, e.g. a manifest's "categories") its COCO-indexed classes are mapped to; default COCO's 80.
+    overrides / config_path: `--set` / `--config` of the command (`inference_config`)."""
 
+    spec = _read_spec(model_path, categories=categories, tracking_uri=tracking_uri)
+    if not overrides and config_path is None:
+        return spec
+    config = inference_config(spec.config, overrides=overrides, config_path=config_path,
+                              own_config=spec.source.kind != "torchvision", source=model_path)
+    return replace(spec, config=config)
+
+
+def _read_spec(model_path: str, *, categories: dict[str, Any] | None, tracking_uri: str | None) -> ModelSpec:
     source = ModelSource.parse(model_path)
     if source.kind == "torchvision":
         wanted = CategoryMap.from_dict(categories) if categories is not None else coco_categories()

@@ -25,6 +25,7 @@ ALLOWED = {
     "pipelines.evaluation": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.models", "pipelines.pictures"},
     "pipelines.inspection": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.models", "pipelines.pictures",
                              "pipelines.training"},
+    "pipelines.serving": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.models", "pipelines.evaluation"},
     "pipelines.dag": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.training", "pipelines.evaluation"},
     "pipelines.cli_options": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.training", "pipelines.models"},
     "pipelines": set(),

@@ -41,7 +41,7 @@ from pycocotools.coco import COCO
 
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco_checks import check_segmentation, image_problem, is_int, is_number, short
-from pipelines.data.errors import DatasetError, ImageError, UnsafePathError
+from pipelines.data.errors import DatasetError, ImageError, ImageTooLargeError, UnsafePathError
 from pipelines.data.images import loader_reads
 from pipelines.infra.storage import is_uri, read_bytes
 
@@ -319,17 +319,28 @@ def read_image(path: str | os.PathLike, *, pixels: bool = True) -> SourceImage:
     truncated or corrupt file fails just the same, and `pixels` is None. Other files are decoded in full.
     """
     path = os.fspath(path)
-    raw = _read(path, "image", ImageError)
+    return decode_image_bytes(_read(path, "image", ImageError), path, pixels=pixels)
+
+
+def decode_image_bytes(raw: bytes, path: str, *, pixels: bool = True, max_pixels: int | None = None) -> SourceImage:
+    """`read_image` of bytes already read; `path` names them in errors (a file, or a request). max_pixels: refuse an
+    image of more pixels (ImageTooLargeError), read from its header before anything is decoded (a decompression
+    bomb is a small file of huge dimensions)."""
     if not raw:
         raise ImageError(f"empty image file (0 bytes): {path}")
     try:
         img = Image.open(io.BytesIO(raw))
         width, height = img.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageTooLargeError(f"{path}: {width} x {height} = {width * height} pixels, more than the limit "
+                                     f"{max_pixels}")
         if not pixels and img.format == "JPEG" and loader_reads(img, raw):
             img.draft(img.mode, (max(1, width // 8), max(1, height // 8)))
             img.load()  # the whole entropy-coded stream, at 1/8 of the size
             return SourceImage(raw, None, True, height, width)
         img.load()  # decode everything now: a truncated JPEG fails here, not later in a worker's batch
+    except ImageTooLargeError:
+        raise
     except UnidentifiedImageError as e:
         raise ImageError(f"not a recognised image file: {path}") from e
     except Image.DecompressionBombError as e:  # not an OSError: PIL refuses to decode that many pixels

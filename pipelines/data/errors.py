@@ -29,6 +29,10 @@ class ImageError(DatasetError):
     """An image file that is missing, empty or cannot be decoded."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image of more pixels than a limit allows (`pipelines.data.coco.decode_image_bytes(max_pixels=...)`)."""
+
+
 class ShardsError(InputError):
     """Preprocessed shards that cannot be used: the message names the shard set or the file, and what to do."""
 
