@@ -75,6 +75,14 @@ VerboseOpt = Annotated[bool, typer.Option(
                       "console too (else only in the log file).")]
 ConfigOpt = Annotated[str, typer.Option("--config", help="Preset (coco, shapes, torchvision) or a YAML file.")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override, repeatable: section.field=value.")]
+# --config / --set of the commands that load a model (predict, evaluate, serve, export): pipelines.models.model_spec
+ModelConfigOpt = Annotated[str | None, typer.Option(
+    "--config", help="For a source without a config of its own (torchvision:FILE): a preset or YAML file; only the "
+                     "inference settings and the image size may differ from the source's.")]
+ModelSetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="Inference setting, repeatable: section.field=value (detection.*, rpn.pre_nms_topk / nms_threshold "
+                  "/ post_nms_test, evaluate.*; image.min_dim / max_dim for torchvision:FILE). A setting that "
+                  "contradicts the model (its backbone, anchors, heads) is refused.")]
 AddressOpt = Annotated[
     str | None, typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray.")
 ]

@@ -55,6 +55,9 @@ class EvaluateRequest:
     # the detection layer's and the evaluation's settings; None: the model's own (what it was trained with)
     detection: DetectionConfig | None = None
     settings: EvalConfig | None = None
+    # the command's --set / --config for the model (inference settings only: pipelines.models.model_spec)
+    overrides: tuple[str, ...] = ()
+    config_path: str | None = None
 
 
 @dataclass
@@ -158,7 +161,7 @@ def evaluate(request: EvaluateRequest, ctx: RunContext) -> EvaluateResult:
     shards = ShardSet.open(request.shards)
     manifest = shards.manifest
     spec = model_spec(request.model_path, categories=manifest["categories"],  # (a torchvision file's: the shards')
-                      tracking_uri=ctx.tracking_uri)
+                      tracking_uri=ctx.tracking_uri, overrides=request.overrides, config_path=request.config_path)
     check_model_fits(spec, manifest)
     if spec.source.kind == "torchvision":  # a file that does not fit is refused here, not in each inference actor
         load_model(spec)

@@ -80,16 +80,18 @@ def image_ids(paths: list[Path]) -> list[int]:
 
 def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | os.PathLike, *,
                    threshold: float | None = None, device: str | torch.device | None = None,
-                   batch_size: int | None = None, tracking_uri: str | None = None) -> PredictResult:
+                   batch_size: int | None = None, tracking_uri: str | None = None,
+                   overrides: list[str] | tuple[str, ...] = (), config_path: str | None = None) -> PredictResult:
     """Run the model of `model_path` (checkpoint directory or MLflow model URI) on the images in `inputs`
     (files or folders); write predictions.json, images.json and one picture per image into `out`.
 
     threshold: keep detections scoring at least this (default the model's detection.min_confidence).
+    overrides / config_path: the command's --set / --config (inference settings only: `pipelines.models.model_spec`).
     """
 
     paths = find_images(inputs)
     ids = image_ids(paths)
-    spec = model_spec(model_path, tracking_uri=tracking_uri)
+    spec = model_spec(model_path, tracking_uri=tracking_uri, overrides=overrides, config_path=config_path)
     config = spec.config
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(spec, device=device, min_confidence=threshold)

@@ -14,12 +14,12 @@ only itself. Every answer carries the header X-Batch-Size: the number of images 
 config file `mrcnn-cli serve --write-config` writes (import_path pipelines.serving.app:app_builder).
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -61,6 +61,26 @@ THRESHOLD = "Minimum score in [0, 1]; default the model's detection.min_confiden
 LIMIT = "At most this many detections (>= 0, at most the model's detection.max_detections); default the model's."
 
 
+def answer_batch(run: Callable[[list[Any]], list[Any]], requests: list[Any]) -> list[dict[str, Any]]:
+    """run(requests) -> each request's {"results": ..., "batch": len(requests)}; when the batch fails, each request
+    is run alone, so that a request the model cannot take fails only itself: {"error": ..., "status": 422} for an
+    image the model's geometry refuses (a ValueError, e.g. one so thin that it resizes to 0 pixels), else 500."""
+    try:
+        found: list[Any] = run(requests)
+    except Exception:
+        log.warning("a batch of %d failed; its requests are run one by one", len(requests), exc_info=True)
+        found = []
+        for request in requests:
+            try:
+                found.append(run([request])[0])
+            except ValueError as exc:
+                found.append({"error": f"the model cannot take this image: {exc}", "status": 422})
+            except Exception as exc:
+                log.exception("a request failed")
+                found.append({"error": f"the model failed on this image: {type(exc).__name__}: {exc}", "status": 500})
+    return [f if isinstance(f, dict) else {"results": f, "batch": len(requests)} for f in found]
+
+
 @serve.deployment
 class ModelDeployment:
     """One model per replica; `detect` takes a list of requests (serve.batch) and returns a list of the same length:
@@ -87,12 +107,7 @@ class ModelDeployment:
         "batch": size} or {"error": ...}. The model runs in a thread: the replica's event loop keeps queueing the
         requests that arrive meanwhile, which fill the next batch."""
         self.batch_sizes[len(requests)] += 1
-        try:
-            found = await asyncio.to_thread(self._run, requests)
-        except Exception:
-            log.exception("a batch of %d failed; its requests are run one by one", len(requests))
-            found = [await asyncio.to_thread(self._run_alone, r) for r in requests]
-        return [f if isinstance(f, dict) else {"results": f, "batch": len(requests)} for f in found]
+        return await asyncio.to_thread(answer_batch, self._run, requests)
 
     def _run(self, requests: list[tuple[Any, float, int]]) -> list[list[dict[str, Any]]]:
         from pipelines.evaluation.inference import detect_images
@@ -101,13 +116,6 @@ class ModelDeployment:
         return detect_images(self.model, [r[0] for r in requests], image_ids=[0] * len(requests),
                              min_dim=image.min_dim, max_dim=image.max_dim, coco_ids=self.coco_ids, device=self.device,
                              min_scores=[r[1] for r in requests], limits=[r[2] for r in requests])
-
-    def _run_alone(self, request: tuple[Any, float, int]) -> list[dict[str, Any]] | dict[str, str]:
-        try:
-            return self._run([request])[0]
-        except Exception as exc:
-            log.exception("a request failed")
-            return {"error": f"the model failed on this image: {type(exc).__name__}: {exc}"}
 
     def stats(self) -> dict[str, Any]:
         """This replica's batch sizes seen: {size: calls}."""
@@ -158,7 +166,7 @@ class Ingress:
                                                                                 defaults["max_detections"])
         out = await self.model.detect.remote((pixels, threshold, limit))
         if "error" in out:
-            return JSONResponse({"error": out["error"]}, status_code=500)
+            return JSONResponse({"error": out["error"]}, status_code=out["status"])
         answer = {"width": int(pixels.shape[1]), "height": int(pixels.shape[0]),
                   "model": {"source": self.info["source"], "fingerprint": self.info["fingerprint"]},
                   "detections": [{"category_id": r["category_id"], "category": self.names.get(r["category_id"]),

@@ -42,9 +42,9 @@ def replica_threads(options: ServeOptions, use_gpu: bool) -> int | None:
     return model_actor_cpus(usable_cpus(), replicas, largest_node=largest_node_cpus())
 
 
-def start_server(options: ServeOptions, ctx: RunContext) -> str:
-    """Deploy the application on the context's Ray (GPU replicas when ctx says so); returns its address
-    (http://HOST:PORT) once it answers."""
+def start_server(options: ServeOptions, ctx: RunContext, *, name: str = APP_NAME, route_prefix: str = "/") -> str:
+    """Deploy the application `name` at `route_prefix` on the context's Ray (GPU replicas when ctx says so); returns
+    its address (http://HOST:PORT plus the prefix) once every replica is up."""
     from dataclasses import replace
 
     from ray import serve
@@ -59,38 +59,37 @@ def start_server(options: ServeOptions, ctx: RunContext) -> str:
     options = replace(options, use_gpu=use_gpu)
     serve.start(http_options={"host": options.host, "port": options.port})
     app = build_app(options, spec, threads=replica_threads(options, use_gpu))
-    serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-    address = f"http://{options.host}:{options.port}"
+    serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
+    address = f"http://{options.host}:{options.port}{route_prefix.rstrip('/')}"
     log.info("serving %s at %s (%s)", spec.location, address, "GPU replicas" if use_gpu else "CPU replicas")
     return address
 
 
-def stop_server() -> None:
+def stop_server(name: str = APP_NAME) -> None:
     """Delete the application and shut Serve down (the Ray cluster stays)."""
     from ray import serve
 
     try:
-        serve.delete(APP_NAME)
+        serve.delete(name)
     finally:
         serve.shutdown()
 
 
 def serve_until_interrupted(options: ServeOptions, ctx: RunContext, on_ready: Callable[[str], None]) -> None:
-    """Start the server, call on_ready(address), wait for SIGINT / SIGTERM, then stop it cleanly."""
+    """Start the server, call on_ready(address), wait for SIGINT (Ctrl-C) or SIGTERM, then stop it cleanly. The
+    handlers are installed once Ray is up (after whatever handlers ray.init installs) and restored at the end."""
+    address = start_server(options, ctx)
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        address = start_server(options, ctx)
-        try:
-            on_ready(address)
-            while not stop.wait(0.5):
-                pass
-            log.info("stopping the server")
-        finally:
-            stop_server()
+        on_ready(address)
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping the server")
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        stop_server()
 
 
 def serve_config(options: ServeOptions) -> dict[str, Any]:

@@ -52,3 +52,38 @@ def train_shapes_checkpoint(shards: str, out: str | Path, *, steps: int = 60, ba
             "num_classes": categories.num_classes}
     return str(save_checkpoint(Path(out) / "trained-shapes", model=model, optimizer=None, scheduler=None,
                                step=steps, epoch=0, batch_in_epoch=0, meta=meta))
+
+
+def train_tiny_shapes(dataset: str | Path, out: str | Path, *, steps: int = 30, batch: int = 2) -> str:
+    """A `shapes` model trained in-process for `steps` plain SGD steps on the train2017 split of a synthetic COCO
+    dataset folder, on batches made by RowMaker and ShardBatchDecoder (the shard writer's and the loader's code,
+    without Ray and without shards); its checkpoint directory under `out`."""
+    from mrcnn.anchors import anchors_from_config
+    from mrcnn.model import build_model
+    from pipelines.data.coco import read_split, split_paths
+    from pipelines.data.rows import RowMaker
+
+    config = shapes()
+    source = read_split(*split_paths(str(dataset), "train2017"))
+    maker = RowMaker(config.to_dict(), torch_threads=None)
+    rows = [row for row, _ in map(maker.make, source.records) if row is not None and row["num_instances"]]
+    decoder = ShardBatchDecoder(**decoder_for(config, len(anchors_from_config(config))))
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=source.categories.num_classes).train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
+    first = last = None
+    for step in range(steps):
+        chunk = [rows[(step * batch + i) % len(rows)] for i in range(batch)]
+        data = {k: torch.as_tensor(v) for k, v in decoder({k: [r[k] for r in chunk] for k in chunk[0]}).items()}
+        loss = sum(model(data).values())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        optimizer.step()
+        last = float(loss.detach())
+        first = last if first is None else first
+    assert last < first, f"training did not lower the loss: {first:.3f} -> {last:.3f}"
+    meta = {"config": config.to_dict(), "categories": source.categories.to_dict(),
+            "num_classes": source.categories.num_classes}
+    return str(save_checkpoint(Path(out) / "checkpoint", model=model.eval(), optimizer=None, scheduler=None,
+                               step=steps, epoch=0, batch_in_epoch=0, meta=meta))

@@ -8,14 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from mrcnn.anchors import anchors_from_config
 from mrcnn.config import shapes
-from mrcnn.model import build_model
 from pipelines.data.coco import load_image_rgb, read_split, split_paths
-from pipelines.data.loader import ShardBatchDecoder, decoder_for
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import decode_row
 from pipelines.evaluation.inference import network_input
@@ -26,44 +22,14 @@ from pipelines.evaluation.predict import (
     image_ids,
     predict_images,
 )
-from pipelines.training.checkpoints import save_checkpoint
-
-STEPS, BATCH = 30, 2
-
+from tests.support.trained_shapes import train_tiny_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(synth_dataset, tmp_path_factory) -> str:
-    """A `shapes` model trained in-process for STEPS plain SGD steps on batches made by RowMaker and
-    ShardBatchDecoder (the shard writer's and the loader's code, without Ray); its checkpoint directory."""
-    config = shapes()
-    source = read_split(*split_paths(str(synth_dataset), "train2017"))
-    maker = RowMaker(config.to_dict(), torch_threads=None)
-    rows = [row for row, _ in map(maker.make, source.records) if row is not None and row["num_instances"]]
-    decoder = ShardBatchDecoder(**decoder_for(config, len(anchors_from_config(config))))
-    torch.manual_seed(0)
-    model = build_model(config, num_classes=source.categories.num_classes).train()
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.02, momentum=0.9)
-    first = last = None
-    for step in range(STEPS):
-        chunk = [rows[(step * BATCH + i) % len(rows)] for i in range(BATCH)]
-        batch = {k: torch.as_tensor(v) for k, v in decoder({k: [r[k] for r in chunk] for k in chunk[0]}).items()}
-        loss = sum(model(batch).values())
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
-        optimizer.step()
-        last = float(loss.detach())
-        first = last if first is None else first
-    assert last < first, f"training did not lower the loss: {first:.3f} -> {last:.3f}"
-    meta = {"config": config.to_dict(), "categories": source.categories.to_dict(),
-            "num_classes": source.categories.num_classes}
-    out = tmp_path_factory.mktemp("tiny") / "checkpoint"
-    return str(save_checkpoint(out, model=model.eval(), optimizer=None, scheduler=None, step=STEPS, epoch=0,
-                               batch_in_epoch=0, meta=meta))
-
+    return train_tiny_shapes(synth_dataset, tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.mark.slow  # trains the tiny model first
