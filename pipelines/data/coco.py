@@ -344,7 +344,7 @@ def decode_image_bytes(raw: bytes, path: str, *, pixels: bool = True, max_pixels
     except UnidentifiedImageError as e:
         raise ImageError(f"not a recognised image file: {path}") from e
     except Image.DecompressionBombError as e:  # not an OSError: PIL refuses to decode that many pixels
-        raise ImageError(f"image file too large to decode: {path}: {e}") from e
+        raise ImageTooLargeError(f"image file too large to decode: {path}: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"truncated or corrupt image file {path}: {e}") from e
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit / float grayscale: scale to 8 bits

@@ -83,8 +83,10 @@ def test_answers_equal_predicts_predictions_json_on_photos(server, models, photo
     middle = float(scores[len(scores) // 2])
     counts = []
     for threshold in (0.0, middle):
+        # one image a model call, as each request here runs (a CPU convolution over a batch of 3 can differ from 3
+        # alone in the 5th digit of a score: the load test below compares batched answers with that tolerance)
         result = predict_images(photos, models[which], tmp_path / f"t{threshold}", threshold=threshold,
-                                device="cpu", overrides=overrides)
+                                device="cpu", overrides=overrides, batch_size=1)
         expected = json.loads(Path(result.predictions).read_text())
         counts.append(len(expected))
         for path in photos:
@@ -179,10 +181,23 @@ def test_a_bounded_load_is_answered_right_and_batched(server, models, synth_data
         results = list(pool.map(send, range(200)))
     assert [status for _, status, _, _ in results] == [200] * 200
     for i, _, answer, _ in results:
-        assert answer == alone[i % 4], i
+        assert_same_detections(answer, alone[i % 4], i)
     assert max(int(size) for *_, size in results) > 1
     status, info, _ = request(f"{url}/v1/model")
     assert status == 200 and max(int(k) for k in info["replica_stats"]["batch_sizes"]) > 1, info
+
+
+def assert_same_detections(answer: dict, expected: dict, what) -> None:
+    """The same detections up to the numerical noise of a batched CPU model call: same categories in the same
+    order, scores within 1e-3, boxes within 0.5 px, masks of IoU >= 0.9."""
+    import pycocotools.mask as mask_util
+
+    mine, theirs = answer["detections"], expected["detections"]
+    assert [d["category_id"] for d in mine] == [d["category_id"] for d in theirs], what
+    for a, b in zip(mine, theirs, strict=True):
+        assert abs(a["score"] - b["score"]) <= 1e-3 and np.allclose(a["bbox"], b["bbox"], atol=0.5), (what, a, b)
+        iou = mask_util.iou([a["segmentation"]], [b["segmentation"]], [0])[0, 0]
+        assert iou >= 0.9 or not mask_util.area(b["segmentation"]), (what, iou)
 
 
 def test_health_and_openapi(server):
