@@ -30,6 +30,7 @@ from pipelines.cli_options import (
     ModelConfigOpt,
     ModelSetOpt,
     PlacementOpt,
+    RegisterOpt,
     SetOpt,
     TrackingOpt,
     VerboseOpt,
@@ -132,6 +133,7 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint under --storage.")] = False,
     storage: Annotated[str | None, typer.Option(help="Checkpoint storage path or URI (required on clusters).")] = None,
     run_name: Annotated[str | None, typer.Option(help="Ray Train / MLflow run name.")] = None,
+    register: RegisterOpt = None,
     experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
     cpus_per_worker: CpusOpt = None,
     placement_strategy: PlacementOpt = "PACK",
@@ -158,7 +160,7 @@ def train(
     request = TrainRequest(
         shards=shards, split=split, val_split=val_split, epochs=epochs, steps=steps, batch_size=batch_size,
         layers=layers, model_path=init, backbone_weights=backbone_weights, resume=resume, run_name=run_name,
-        cpus_per_worker=cpus_per_worker, placement_strategy=strategy,
+        cpus_per_worker=cpus_per_worker, placement_strategy=strategy, register=register,
     )
     result = run_train(cfg, request, run_context(address, tracking_uri, experiment, workers, gpu, storage))
     typer.echo(f"checkpoint: {result.checkpoint}\nbest: {result.best_checkpoint}\nmlflow run: {result.run_id}")
@@ -210,6 +212,7 @@ def run(
     force: Annotated[DagStage | None, typer.Option(help="Rerun from this stage.")] = None,
     init: Annotated[str | None, typer.Option(help="Train from these weights: our checkpoint, or torchvision:FILE "
                                                   "(with --config torchvision).")] = None,
+    register: RegisterOpt = None,
     cpus_per_worker: CpusOpt = None,
     placement_strategy: PlacementOpt = "PACK",
     experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
@@ -234,7 +237,8 @@ def run(
     console("run", verbose, work_dir)
     ctx = run_context(address, tracking_uri, experiment, workers, gpu)
     request = PipelineRequest(dataset=dataset, train_split=train_split, val_split=val_split, work_dir=work_dir,
-                              force=force, cpus_per_worker=cpus_per_worker, placement_strategy=strategy, init=init)
+                              force=force, cpus_per_worker=cpus_per_worker, placement_strategy=strategy, init=init,
+                              register=register)
     result = run_pipeline(cfg, request, ctx)
     typer.echo(f"ran: {', '.join(result.ran) or 'nothing'}; skipped: {', '.join(result.skipped) or 'nothing'}")
     typer.echo(result.outputs["evaluate"]["table"])

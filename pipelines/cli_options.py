@@ -83,6 +83,9 @@ ModelSetOpt = Annotated[list[str] | None, typer.Option(
     "--set", help="Inference setting, repeatable: section.field=value (detection.*, rpn.pre_nms_topk / nms_threshold "
                   "/ post_nms_test, evaluate.*; image.min_dim / max_dim for torchvision:FILE). A setting that "
                   "contradicts the model (its backbone, anchors, heads) is refused.")]
+RegisterOpt = Annotated[str | None, typer.Option(
+    help="Register the final MLflow model in the Model Registry under this name, alias champion (serve it with "
+         "--model-path models:/NAME@champion).")]
 AddressOpt = Annotated[
     str | None, typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster address; default: a local Ray.")
 ]

@@ -188,6 +188,8 @@ class PipelineRequest:
     placement_strategy: str = "PACK"
     eval_limit: int | None = None
     init: str | None = None  # train from these weights (`train --init`): our checkpoint, or torchvision:FILE
+    # register the trained model under this name (alias champion), tagged with evaluate's headline metrics
+    register: str | None = field(default=None, metadata={"compared": False})
 
 
 def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -> list[Stage]:
@@ -311,8 +313,15 @@ def run_pipeline(config: Config, request: PipelineRequest, ctx: RunContext) -> D
     if not is_uri(request.work_dir) and cluster_nodes() > 1:
         log.warning("work dir %s is a local path on a multi-node cluster; the stages run on any node, so it must be "
                     "a shared filesystem (else use s3:// or gs://)", request.work_dir)
-    return run_dag(stages, request.work_dir, ctx, force=request.force, run_name=f"pipeline-{config.name}",
-                   params=pipeline_params(config, request, ctx))
+    result = run_dag(stages, request.work_dir, ctx, force=request.force, run_name=f"pipeline-{config.name}",
+                     params=pipeline_params(config, request, ctx))
+    if request.register:
+        tags = evaluate_headline(result.outputs["evaluate"])  # segm_AP, segm_AP50, bbox_AP, bbox_AP50
+        version = tracking.register_model(ctx.mlflow_uri(), result.outputs["train"]["run_id"], request.register,
+                                          tags=tags)
+        log.info("registered %s version %d (models:/%s@%s)", request.register, version, request.register,
+                 tracking.CHAMPION)
+    return result
 
 
 @contextmanager

@@ -134,6 +134,29 @@ def finish_run(tracking_uri: str, run_id: str, *, failed: bool = False) -> None:
     _client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
 
 
+CHAMPION = "champion"  # the alias `register_model` moves to the version it registers
+
+
+def register_model(tracking_uri: str, run_id: str, name: str, *, tags: dict[str, Any] | None = None,
+                   alias: str = CHAMPION) -> int:
+    """Register the run's logged model (`runs:/ID/model`) in the Model Registry as a new version of `name` (created
+    when missing), with `tags` on the version, and point `alias` at it (`models:/NAME@champion`); returns the
+    version number."""
+    client = _client(tracking_uri)
+    if not client.search_registered_models(filter_string=f"name = '{name}'"):
+        client.create_registered_model(name, tags={"mlflow.source.name": "mrcnn-pipeline"})
+    version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
+                                          tags={k: _param_value(v) for k, v in (tags or {}).items()})
+    client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+def set_model_version_tags(tracking_uri: str, name: str, version: int, tags: dict[str, Any]) -> None:
+    client = _client(tracking_uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, _param_value(value))
+
+
 def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
     _client(tracking_uri).set_tag(run_id, key, value)
 

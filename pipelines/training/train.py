@@ -55,6 +55,7 @@ class TrainRequest:
     cpus_per_worker: float | None = None  # None: `default_cpus_per_worker`
     placement_strategy: str = "PACK"  # of the workers' placement group; STRICT_SPREAD: one worker per node
     log_model: bool = True
+    register: str | None = None  # register the final MLflow model under this name (alias `champion`)
     stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
 
 
@@ -241,6 +242,10 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
     best = checkpoint_uri(min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))[0], storage)
     if request.log_model:
         log_final_model(tracking_uri, run_id, latest, config=config, num_classes=num_classes)
+        if request.register:
+            version = tracking.register_model(tracking_uri, run_id, request.register)
+            log.info("registered %s version %d (models:/%s@%s)", request.register, version, request.register,
+                     tracking.CHAMPION)
     tracking.log_artifact(tracking_uri, run_id, latest, "checkpoint")
     tracking.finish_run(tracking_uri, run_id)
     return TrainResult(

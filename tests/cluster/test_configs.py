@@ -59,3 +59,23 @@ def test_kuberay_rayjob_manifest():
     assert spec["entrypoint"].startswith("mrcnn-cli run") and "--workers 16" in spec["entrypoint"]
     assert _gpu_total_k8s(spec["rayClusterSpec"]["workerGroupSpecs"]) >= 16
     assert spec["shutdownAfterJobFinishes"] is True
+
+
+def test_kuberay_rayservice_manifest_holds_a_serve_config_our_app_builder_takes():
+    """The RayService's serveConfigV2 passes Serve's own schema, names our app builder, and its args are
+    ServeOptions (GPU replicas, autoscaled to one per GPU worker); the GPU workers can hold the most replicas."""
+    from ray.serve.schema import ServeDeploySchema
+
+    from pipelines.serving.options import ServeOptions
+    from pipelines.serving.server import IMPORT_PATH
+
+    doc = yaml.safe_load((CLUSTER / "kuberay" / "rayservice.yaml").read_text())
+    assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] == "RayService"
+    serve_config = ServeDeploySchema.parse_obj(yaml.safe_load(doc["spec"]["serveConfigV2"]))
+    (application,) = serve_config.applications
+    assert application.import_path == IMPORT_PATH
+    options = ServeOptions.from_args(application.args)
+    assert options.use_gpu and options.autoscale is not None and options.model_path.endswith("@champion")
+    cluster = doc["spec"]["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert _gpu_total_k8s(cluster["workerGroupSpecs"]) >= options.autoscale[1]

@@ -1,7 +1,8 @@
 """The Serve application on the session's local Ray, through a real HTTP client on 127.0.0.1: the answers equal
-`predict`'s predictions.json on real photos (a trained shapes model and a seeded torchvision file at its own image
-size), every bad request gets a 4xx naming its problem and the next request answers, a bounded concurrent load is
-answered right and batched, and a request the model cannot take fails alone in its batch."""
+`predict`'s predictions.json on real photos (a trained shapes model, served from the Model Registry by
+models:/NAME@champion, and a seeded torchvision file at its own image size), every bad request gets a 4xx naming
+its problem and the next request answers, converted image modes answer like their RGB conversion, and a bounded
+concurrent load is answered right and batched."""
 
 from __future__ import annotations
 
@@ -42,13 +43,32 @@ def models(synth_dataset, tmp_path_factory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, models):
-    """Both models served side by side (/shapes, /torchvision) on one Serve instance; shut down at the end."""
+def registered(models, tmp_path_factory) -> tuple[str, str]:
+    """The shapes model logged as an MLflow model to a run of a SQLite store and registered as `tiny` (what
+    `train --register tiny` does): (its models:/tiny@champion URI, the store)."""
+    from mrcnn.config import shapes
+    from pipelines.infra import tracking
+    from pipelines.training.train import log_final_model
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    run_id = tracking.create_run(uri, run_name="train")
+    log_final_model(uri, run_id, models["shapes"], config=shapes(), num_classes=4)
+    tracking.finish_run(uri, run_id)
+    assert tracking.register_model(uri, run_id, "tiny", tags={"segm_AP": 0.5}) == 1
+    assert tracking.register_model(uri, run_id, "tiny") == 2  # a second version takes the alias
+    return "models:/tiny@champion", uri
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, models, registered):
+    """Both models served side by side (/shapes, /torchvision) on one Serve instance, the shapes model from the
+    Model Registry (models:/tiny@champion); shut down at the end."""
     from ray import serve
 
     port, ctx = free_port(), RunContext(use_gpu=False)
+    source, store = registered
     urls = {
-        "shapes": start_server(ServeOptions(models["shapes"], port=port, cpus_per_replica=1, max_batch=4,
+        "shapes": start_server(ServeOptions(source, tracking_uri=store, port=port, cpus_per_replica=1, max_batch=4,
                                             batch_wait_ms=50, max_pixels=MAX_PIXELS), ctx,
                                name="shapes", route_prefix="/shapes"),
         "torchvision": start_server(ServeOptions(models["torchvision"], overrides=TORCHVISION_SIZE, port=port,
@@ -75,8 +95,7 @@ def test_answers_equal_predicts_predictions_json_on_photos(server, models, photo
     overrides = TORCHVISION_SIZE if which == "torchvision" else ()
     url = server[which]
     status, info, _ = request(f"{url}/v1/model")
-    assert status == 200 and info["source"] == (models[which] if which == "shapes" else
-                                                f"torchvision:{models[which].split(':', 1)[1]}")
+    assert status == 200 and info["source"] == ("models:/tiny@champion" if which == "shapes" else models[which])
     answers0 = [predict(url, p, score_threshold=0.0) for p in photos]
     scores = sorted(d["score"] for _, a, _ in answers0 for d in a["detections"])
     assert len(scores) > 2 * len(photos), scores  # enough detections for the comparison to tell
