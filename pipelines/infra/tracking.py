@@ -142,11 +142,15 @@ def register_model(tracking_uri: str, run_id: str, name: str, *, tags: dict[str,
     """Register the run's logged model (`runs:/ID/model`) in the Model Registry as a new version of `name` (created
     when missing), with `tags` on the version, and point `alias` at it (`models:/NAME@champion`); returns the
     version number."""
+    import mlflow
+
     client = _client(tracking_uri)
-    if not client.search_registered_models(filter_string=f"name = '{name}'"):
-        client.create_registered_model(name, tags={"mlflow.source.name": "mrcnn-pipeline"})
-    version = client.create_model_version(name, source=f"runs:/{run_id}/model", run_id=run_id,
-                                          tags={k: _param_value(v) for k, v in (tags or {}).items()})
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    # mlflow.register_model resolves runs:/ID/model to the logged model (MLflow 3 keeps it outside the run's
+    # artifacts); a version created by the client from the runs:/ URI would point at no MLmodel
+    version = mlflow.register_model(f"runs:/{run_id}/model", name,
+                                    tags={k: _param_value(v) for k, v in (tags or {}).items()})
     client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
 

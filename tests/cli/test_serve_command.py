@@ -101,3 +101,19 @@ def test_bad_serve_options_are_refused_before_anything_starts(checkpoint, tmp_pa
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and all(w in text for w in words), result.output
     assert not (tmp_path / "s.yaml").exists()
+
+
+def test_predict_takes_inference_settings_and_refuses_the_models_architecture(checkpoint, tmp_path):
+    """`predict --set`: an inference setting changes what it keeps (threshold 0 via detection.min_confidence keeps the
+    model's max_detections, 7 here); a backbone setting is refused naming it, before any image is read."""
+    image = tmp_path / "1.png"
+    Image.new("RGB", (80, 60), (30, 160, 60)).save(image)
+    result = runner.invoke(app, ["predict", str(image), "--model-path", checkpoint, "--out", str(tmp_path / "out"),
+                                 "--no-gpu", "--set", "detection.min_confidence=0.0",
+                                 "--set", "detection.max_detections=7"])
+    assert result.exit_code == 0 and "1 images, 7 detections" in result.output, result.output
+    result = runner.invoke(app, ["predict", str(image), "--model-path", checkpoint, "--out", str(tmp_path / "out2"),
+                                 "--set", "backbone.depth=50"])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "--set" in text and "backbone.depth=50 (the model's: 18)" in text, result.output
+    assert not (tmp_path / "out2").exists()

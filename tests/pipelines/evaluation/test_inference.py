@@ -141,3 +141,24 @@ def test_stages_give_the_metrics_of_the_one_loop_evaluation(synth_shards, traine
     n = len(image_ids)
     assert any(f"inference: {n}/{n} images" in m for m in project_log.messages), project_log.messages
     assert set(result.timings) >= {"decode_s", "model_s", "way_back_s", "coco_eval_s", "wall_s"}
+
+
+def test_a_threshold_applied_after_the_model_equals_the_models_own(one_thread):
+    """`detect_images` of a model loaded at min_confidence 0 with min_scores t (and a limit) gives exactly what the
+    same model at min_confidence t gives: the server's one model serves every request's threshold."""
+    from mrcnn.model import build_model
+    from pipelines.evaluation.inference import detect_images
+
+    torch.manual_seed(0)
+    model = build_model(shapes().override(["detection.min_confidence=0.0"]), num_classes=4).eval()
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), rng.integers(0, 256, (128, 64, 3), dtype=np.uint8)]
+    kwargs = {"image_ids": [1, 2], "min_dim": 128, "max_dim": 128, "coco_ids": [1, 2, 3], "device": torch.device("cpu")}
+    everything = detect_images(model, images, **kwargs)
+    scores = sorted(r["score"] for found in everything for r in found)
+    threshold = scores[len(scores) // 2]
+    trimmed = detect_images(model, images, min_scores=[threshold, threshold], limits=[20, 3], **kwargs)
+    model.detection_settings = replace(model.detection_settings, min_confidence=threshold)
+    own = detect_images(model, images, **kwargs)
+    assert trimmed[0] == own[0] and trimmed[1] == own[1][:3]
+    assert 0 < len(own[0]) + len(own[1]) < len(scores) and len(own[1]) > 3  # the threshold and the limit both cut

@@ -56,6 +56,11 @@ def registered(models, tmp_path_factory) -> tuple[str, str]:
     tracking.finish_run(uri, run_id)
     assert tracking.register_model(uri, run_id, "tiny", tags={"segm_AP": 0.5}) == 1
     assert tracking.register_model(uri, run_id, "tiny") == 2  # a second version takes the alias
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    assert int(client.get_model_version_by_alias("tiny", "champion").version) == 2
+    assert client.get_model_version("tiny", "1").tags["segm_AP"] == "0.5"
     return "models:/tiny@champion", uri
 
 
