@@ -75,7 +75,7 @@ def test_write_config_is_a_serve_deploy_config_whose_args_give_the_options_back(
     path = tmp_path / "serve.yaml"
     result = runner.invoke(app, ["serve", "--model-path", checkpoint, "--autoscale", "1:3", "--max-batch", "4",
                                  "--port", "8123", "--set", "detection.min_confidence=0.25",
-                                 "--write-config", str(path)])
+                                 "--tracking-uri", "http://mlflow:5000", "--write-config", str(path)])
     assert result.exit_code == 0, result.output
     data = yaml.safe_load(path.read_text())
     schema = ServeDeploySchema.parse_obj(data)  # what `serve deploy` validates
@@ -83,7 +83,7 @@ def test_write_config_is_a_serve_deploy_config_whose_args_give_the_options_back(
     assert application.import_path == "pipelines.serving.app:app_builder" and schema.http_options.port == 8123
     options = ServeOptions.from_args(application.args)
     assert options == ServeOptions(checkpoint, overrides=("detection.min_confidence=0.25",), autoscale=(1, 3),
-                                   max_batch=4, port=8123)
+                                   max_batch=4, port=8123, tracking_uri="http://mlflow:5000")
     assert options.spec().config.detection.min_confidence == 0.25
 
 
