@@ -292,3 +292,37 @@ def test_a_dataset_without_annotations_is_refused_naming_the_file(tmp_path):
 
     with pytest.raises(MissingInputError, match=f"{tmp_path}/annotations/instances_train2017.json: no annotations"):
         pipeline_stages(shapes(), PipelineRequest(dataset=str(tmp_path)), RunContext())
+
+
+def test_run_register_registers_the_trained_model_tagged_with_its_evaluation(synth_dataset, tmp_path, monkeypatch,
+                                                                                 ray_session):
+    """`run --register NAME`: the train stage's MLflow model becomes version 1 of NAME in the registry (a real
+    SQLite store), alias champion, tagged with evaluate's headline metrics. The DAG itself stands in (run_dag
+    returns the stages' outputs as they would be): what is checked is what run_pipeline does with them."""
+    import torch
+
+    from mrcnn.config import shapes
+    from mrcnn.model import build_model
+    from pipelines import dag
+    from pipelines.data.categories import CategoryMap
+    from pipelines.infra import tracking
+    from pipelines.training.checkpoints import save_checkpoint
+    from pipelines.training.train import log_final_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    torch.manual_seed(0)
+    categories = CategoryMap((1, 2, 3), ("circle", "square", "triangle")).to_dict()
+    checkpoint = save_checkpoint(tmp_path / "ckpt", model=build_model(shapes(), num_classes=4), optimizer=None,
+                                 scheduler=None, step=0, epoch=0, batch_in_epoch=0,
+                                 meta={"config": shapes().to_dict(), "categories": categories, "num_classes": 4})
+    run_id = tracking.create_run(uri, run_name="train")
+    log_final_model(uri, run_id, str(checkpoint), config=shapes(), num_classes=4)
+    metrics = {"segm/AP": 0.25, "segm/AP50": 0.5, "bbox/AP": 0.125, "bbox/AP50": 0.75}
+    outputs = {"train": {"run_id": run_id}, "evaluate": {"metrics": metrics}}
+    monkeypatch.setattr(dag, "run_dag", lambda *args, **kwargs: dag.DagResult(parent_run_id="p", outputs=outputs))
+    dag.run_pipeline(shapes(), dag.PipelineRequest(dataset=str(synth_dataset), register="shapes-champ"),
+                     RunContext(tracking_uri=uri))
+    version = MlflowClient(uri).get_model_version_by_alias("shapes-champ", tracking.CHAMPION)
+    assert int(version.version) == 1 and version.run_id == run_id
+    assert {k: float(v) for k, v in version.tags.items() if k in ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50")} \
+        == {"segm_AP": 0.25, "segm_AP50": 0.5, "bbox_AP": 0.125, "bbox_AP50": 0.75}
