@@ -40,7 +40,7 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1, cache_data=True, val_every=1)
     result = train(
         config,
-        TrainRequest(shards=synth_shards, run_name="two-workers", cpus_per_worker=1.0),
+        TrainRequest(shards=synth_shards, run_name="two-workers", cpus_per_worker=1.0, register="mrcnn-shapes-test"),
         RunContext(workers=2, use_gpu=False, storage=str(tmp_path / "ckpt"), tracking_uri=uri),
     )
     state = load_checkpoint(result.checkpoint)
@@ -90,10 +90,12 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     evaluated = evaluate(EvaluateRequest(shards=synth_shards, model_path=f"runs:/{result.run_id}/model", limit=2,
                                          out=str(tmp_path / "eval")), RunContext(tracking_uri=uri, use_gpu=False))
     assert -1.0 <= evaluated.metrics["segm/AP"] <= 1.0 and (tmp_path / "eval" / "metrics.json").exists()
-    version = mlflow.register_model(f"runs:/{result.run_id}/model", "mrcnn-shapes-test").version
+    # `train --register`: the final model is version 1 of the name, alias champion
+    version = client.get_model_version_by_alias("mrcnn-shapes-test", "champion").version
+    assert int(version) == 1 and client.get_model_version("mrcnn-shapes-test", version).run_id == result.run_id
     split = read_manifest(synth_shards)["splits"]["val2017"]
     image = read_split(split["annotations"], split["images_root"]).records[0]["path"]
-    predicted = predict_images([image], f"models:/mrcnn-shapes-test/{version}", tmp_path / "predicted",
+    predicted = predict_images([image], "models:/mrcnn-shapes-test@champion", tmp_path / "predicted",
                                device="cpu", threshold=0.0, tracking_uri=uri)
     assert len(predicted.images) == 1 and (tmp_path / "predicted" / "predictions.json").exists()
 
