@@ -117,3 +117,21 @@ def test_predict_takes_inference_settings_and_refuses_the_models_architecture(ch
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and "--set" in text and "backbone.depth=50 (the model's: 18)" in text, result.output
     assert not (tmp_path / "out2").exists()
+
+
+def test_evaluate_refuses_a_setting_that_contradicts_the_model_before_ray_starts(checkpoint, tmp_path):
+    import json
+
+    from pipelines.data.shards import SCHEMA_VERSION
+
+    config = shapes()
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({
+        "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
+        "splits": {"val2017": {"num_images": 4}},
+        "categories": CategoryMap((1, 2, 3), ("circle", "square", "triangle")).to_dict()}))
+    result = runner.invoke(app, ["evaluate", "--shards", str(shards), "--model-path", checkpoint,
+                                 "--set", "roi.fc_dim=1024", "--out", str(tmp_path / "eval")])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "--set" in text and "roi.fc_dim=1024 (the model's: 256)" in text, result.output
