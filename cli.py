@@ -333,7 +333,7 @@ def inspect_command(
     request = InspectRequest(
         stage=stage, out=out, shards=shards, dataset=dataset, split=split, image_id=image_id, index=index,
         model_path=model_path, config=load_config(config, set_ or []), threshold=threshold, step=step, seed=seed,
-        mlflow_run=mlflow_run,
+        mlflow_run=mlflow_run, model_overrides=tuple(set_ or ()) if model_path else (),
     )
     results = run_inspect(request, run_context(tracking_uri=tracking_uri, experiment=experiment))
     for name, info in results.items():

@@ -67,6 +67,8 @@ class InspectRequest:
     step: int = 0  # the train step whose flips `batch` shows
     seed: int = 0
     mlflow_run: str | None = None
+    # --set with a model: its inference settings (pipelines.models.model_spec refuses any other)
+    model_overrides: tuple[str, ...] = ()
 
 
 def run_inspect(request: InspectRequest, ctx: RunContext) -> dict[str, Any]:
@@ -85,7 +87,7 @@ def run_inspect(request: InspectRequest, ctx: RunContext) -> dict[str, Any]:
     if request.model_path and uses_model:
         # a torchvision file's classes are the shards' (COCO's 80 without shards)
         spec = model_spec(request.model_path, categories=manifest["categories"] if manifest else None,
-                          tracking_uri=ctx.tracking_uri)
+                          tracking_uri=ctx.tracking_uri, overrides=request.model_overrides)
         if manifest:
             check_model_fits(spec, manifest)
     # the shards' own config unless a model's (just checked to share their geometry)

@@ -20,6 +20,7 @@ from cli import app
 from mrcnn.config import shapes
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
+from pipelines.data.synth import CATEGORIES
 from pipelines.training.checkpoints import save_checkpoint
 from tests.support.http import free_port, request
 
@@ -29,9 +30,10 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    """A shapes model with seeded random weights (what is served does not matter here, only that it is)."""
+    """A shapes model with seeded random weights and the synthetic dataset's categories (what is served does not
+    matter here, only that it is)."""
     torch.manual_seed(0)
-    categories = CategoryMap((1, 2, 3), ("circle", "square", "triangle"))
+    categories = CategoryMap.from_coco(list(CATEGORIES))
     model = build_model(shapes(), num_classes=categories.num_classes).eval()
     meta = {"config": shapes().to_dict(), "categories": categories.to_dict(), "num_classes": categories.num_classes}
     return str(save_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", model=model, optimizer=None,
@@ -130,8 +132,18 @@ def test_evaluate_refuses_a_setting_that_contradicts_the_model_before_ray_starts
     (shards / "manifest.json").write_text(json.dumps({
         "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
         "splits": {"val2017": {"num_images": 4}},
-        "categories": CategoryMap((1, 2, 3), ("circle", "square", "triangle")).to_dict()}))
+        "categories": CategoryMap.from_coco(list(CATEGORIES)).to_dict()}))
     result = runner.invoke(app, ["evaluate", "--shards", str(shards), "--model-path", checkpoint,
                                  "--set", "roi.fc_dim=1024", "--out", str(tmp_path / "eval")])
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and "--set" in text and "roi.fc_dim=1024 (the model's: 256)" in text, result.output
+
+
+def test_inspect_with_a_model_takes_its_set_as_the_models_inference_settings(checkpoint, synth_dataset, tmp_path):
+    result = runner.invoke(app, ["inspect", "predictions", "--dataset", str(synth_dataset), "--model-path", checkpoint,
+                                 "--set", "rpn.anchor_stride=2", "--out", str(tmp_path / "p.png")])
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and "rpn.anchor_stride=2 (the model's: 1)" in text, result.output
+    result = runner.invoke(app, ["inspect", "predictions", "--dataset", str(synth_dataset), "--model-path", checkpoint,
+                                 "--set", "detection.min_confidence=0.0", "--out", str(tmp_path / "p.png")])
+    assert result.exit_code == 0 and (tmp_path / "p.png").is_file(), result.output
