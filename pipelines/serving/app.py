@@ -14,7 +14,8 @@ only itself. Every answer carries the header X-Batch-Size: the number of images 
 config file `mrcnn-cli serve --write-config` writes (import_path pipelines.serving.app:app_builder).
 """
 
-
+# No `from __future__ import annotations` here: FastAPI reads the route methods' annotations, and through
+# serve.ingress a postponed `request: Request` was not resolved (it became a required query parameter).
 import asyncio
 import hashlib
 import json
