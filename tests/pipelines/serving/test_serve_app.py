@@ -234,3 +234,35 @@ def test_health_and_openapi(server):
     assert {p["name"] for p in schema["paths"]["/v1/predict"]["post"]["parameters"]} == {"score_threshold",
                                                                                          "max_detections"}
     assert request(f"{url}/docs")[0] == 200
+
+
+def _model_replicas(app: str) -> set[str]:
+    import ray
+
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith(f"SERVE_REPLICA::{app}#ModelDeployment#")}
+
+
+def test_a_replica_that_dies_is_replaced_and_the_next_requests_succeed(server, synth_dataset):
+    """Last in this module (it kills the shapes model's replica): Serve starts another; until it is up a request
+    gets a 5xx or waits, never a 4xx; then the answer is the one before."""
+    import time
+
+    import ray
+
+    url = server["shapes"]
+    _, images = split_paths(str(synth_dataset), "val2017")
+    good = sorted(Path(images).glob("*.jpg"))[0].read_bytes()
+    status, before, _ = request(f"{url}/v1/predict", "POST", good, "image/jpeg", query={"score_threshold": 0})
+    (name,) = _model_replicas("shapes")
+    ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
+    statuses = []
+    for _ in range(300):  # a bound, not a deadline: Serve's health check finds the dead replica and replaces it
+        status, answer, _ = request(f"{url}/v1/predict", "POST", good, "image/jpeg", query={"score_threshold": 0})
+        statuses.append(status)
+        if status == 200:
+            break
+        time.sleep(1)
+    assert statuses[-1] == 200 and all(s >= 500 for s in statuses[:-1]), statuses
+    assert_same_detections(answer, before, "after the replacement")
+    assert _model_replicas("shapes") and name not in _model_replicas("shapes")
