@@ -1,0 +1,175 @@
+"""`mrcnn-cli export`: the whole network as one ONNX graph, and an onnxruntime runner with `run_model`'s contract.
+
+The graph goes from the uint8 canvas to the detections: normalisation, ResNet, FPN, RPN head, the proposal layer
+(top-k, NonMaxSuppression), RoiAlign, the box head, the detection layer (per-class NMS), the mask head on the
+detections. It is traced by torch.onnx's TorchScript-based exporter (`dynamo=False`; opset >= 16 for RoiAlign's
+`coordinate_transformation_mode`, which `roi.aligned` needs), with torchvision's symbolics for `roi_align` and `nms`.
+
+    inputs   images      uint8   [B, 3, S, S]   the canvases of `predict.network_input` (S = image.max_dim)
+             windows     int64   [B, 4]         (x1, y1, x2, y2) the image's region of each canvas
+    outputs  det_count   int64   [B]            detections of each image (rows past it are zero padding)
+             det_boxes   float32 [B, D, 4]      (x1, y1, x2, y2) padded-image pixels
+             det_scores  float32 [B, D]
+             det_classes int64   [B, D]         contiguous class ids (>= 1)
+             det_masks   float32 [B, D, M, M]   probabilities of the predicted class
+
+D = detection.max_detections and B (`--batch`) are fixed in the graph: these are exactly the packed outputs of
+`inference.run_model`, so the way back (mask pasting, RLE, COCO results) is the one predict and evaluate use.
+`OnnxModel` given fewer than B images pads the batch with empty canvases and drops their rows. The model's
+detection.min_confidence is fixed in the graph too; a higher threshold can be applied afterwards
+(`OnnxModel(min_confidence=...)`), which gives exactly what the model would at that threshold (a detection
+below it can only suppress detections below it).
+
+The file carries what predict needs besides the graph (metadata `mrcnn_meta`: config, categories, num_classes,
+the source it was exported from), so `predict --onnx model.onnx` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from mrcnn.config import Config
+from pipelines.data.errors import InputError
+from pipelines.evaluation.inference import PACKED
+from pipelines.infra.logs import get_logger
+from pipelines.infra.storage import write_bytes
+from pipelines.models import ModelSpec
+
+log = get_logger("export")
+
+MIN_OPSET = 16  # RoiAlign's coordinate_transformation_mode (half_pixel = roi.aligned)
+DEFAULT_OPSET = 17
+META_KEY = "mrcnn_meta"
+
+
+class OnnxModelError(InputError):
+    """A file that is not an exported model of ours, or images it cannot take."""
+
+
+class _Graph(nn.Module):
+    """The model with positional inputs and the packed outputs as a tuple (what the tracer takes and names)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.model({"images": images, "windows": windows})
+        return out["count"], out["boxes"], out["scores"], out["class_ids"], out["masks"]
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, *, batch: int = 1,
+                opset: int = DEFAULT_OPSET) -> int:
+    """Trace `model` (eval mode, CPU) for `batch` images of `spec.config`'s canvas, check the graph with
+    `onnx.checker` and write it to `out` atomically (a temporary name, then renamed); returns its size in bytes."""
+    import onnx
+
+    if batch < 1:
+        raise OnnxModelError(f"--batch must be at least 1, got {batch}")
+    if opset < MIN_OPSET:
+        raise OnnxModelError(f"--opset must be at least {MIN_OPSET} (RoiAlign with aligned pixels), got {opset}")
+    size = spec.config.image.max_dim
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen)
+    windows = torch.tensor([[0, 0, size, size]] * batch, dtype=torch.int64)
+    buffer = io.BytesIO()
+    # the wrapper in eval mode too: the exporter puts the module it is given back in its mode, recursively
+    graph = _Graph(model.eval()).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        # the tracer's warnings about Python values of the trace (the fixed batch, anchors and settings: constant by
+        # design) and torch.jit's deprecation notice say nothing to a user of the command
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.onnx.export(graph, (images, windows), buffer, dynamo=False, opset_version=opset,
+                          input_names=["images", "windows"], output_names=list(PACKED), do_constant_folding=True)
+    proto = onnx.load_from_string(buffer.getvalue())
+    meta = {"config": spec.config.to_dict(), "categories": spec.categories, "num_classes": spec.num_classes,
+            "source": spec.location}
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = META_KEY, json.dumps(meta)
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    write_bytes(out, data)
+    log.info("exported %s -> %s (%.1f MB, batch %d, opset %d)", spec.location, out, len(data) / 1e6, batch, opset)
+    return len(data)
+
+
+@dataclass(frozen=True)
+class OnnxMeta:
+    """What an exported file says of its model: config, categories, num_classes, the source it came from."""
+
+    config: Config
+    categories: dict[str, Any]
+    num_classes: int
+    source: str
+
+
+class OnnxModel:
+    """An exported model in onnxruntime: `(images uint8 [N, 3, S, S], windows int64 [N, 4]) -> packed outputs`
+    (`inference.run_model`'s), for any N (run in chunks of the graph's batch B, the last one padded)."""
+
+    def __init__(self, path: str | os.PathLike, *, min_confidence: float | None = None,
+                 providers: list[str] | None = None, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        options.log_severity_level = 3  # onnxruntime's own warnings (e.g. unused initializers) stay out of the console
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime raises its own Fail / InvalidProtobuf / NoSuchFile types
+            raise OnnxModelError(f"{path}: not an ONNX model onnxruntime can load ({exc})") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        if META_KEY not in props:
+            raise OnnxModelError(f"{path}: an ONNX model, but not one exported by mrcnn-cli export (no {META_KEY})")
+        raw = json.loads(props[META_KEY])
+        self.meta = OnnxMeta(Config.from_dict(raw["config"]), raw["categories"], int(raw["num_classes"]),
+                             raw["source"])
+        shape = self.session.get_inputs()[0].shape  # [B, 3, S, S]
+        self.batch, self.image_size = int(shape[0]), int(shape[2])
+        baked = self.meta.config.detection.min_confidence
+        if min_confidence is not None and min_confidence < baked:
+            raise OnnxModelError(f"{path}: exported at detection.min_confidence {baked:g}; a threshold below it "
+                                 f"({min_confidence:g}) needs a new export")
+        self.min_confidence = baked if min_confidence is None else float(min_confidence)
+
+    def __call__(self, images: np.ndarray, windows: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(images)
+        if images.shape[1:] != (3, self.image_size, self.image_size):
+            raise OnnxModelError(f"images of shape {tuple(images.shape[1:])}; the exported model takes "
+                                 f"(3, {self.image_size}, {self.image_size})")
+        parts = [self._run(images[i : i + self.batch], windows[i : i + self.batch]) for i in range(0, n, self.batch)]
+        packed = {key: np.concatenate([p[key] for p in parts]) for key in PACKED}
+        return _above(packed, self.min_confidence) if self.min_confidence > self.meta.config.detection.min_confidence \
+            else packed
+
+    def _run(self, images: np.ndarray, windows: np.ndarray) -> dict[str, np.ndarray]:
+        """One graph batch: fewer than B images padded with empty canvases (full window), their rows dropped."""
+        n, size = len(images), self.image_size
+        feed_images = np.zeros((self.batch, 3, size, size), np.uint8)
+        feed_windows = np.tile(np.asarray([0, 0, size, size], np.int64), (self.batch, 1))
+        feed_images[:n], feed_windows[:n] = images, windows
+        outputs = self.session.run(list(PACKED), {"images": feed_images, "windows": feed_windows})
+        return {key: value[:n] for key, value in zip(PACKED, outputs, strict=True)}
+
+
+def _above(packed: dict[str, np.ndarray], threshold: float) -> dict[str, np.ndarray]:
+    """The packed detections scoring at least `threshold`, still packed (rows are by decreasing score)."""
+    rows = np.arange(packed["det_scores"].shape[1])
+    valid = rows[None, :] < packed["det_count"][:, None]
+    count = ((packed["det_scores"] >= threshold) & valid).sum(1)
+    out = dict(packed, det_count=count.astype(np.int64))
+    for key in PACKED[1:]:
+        keep = (rows[None, :] < count[:, None]).reshape(count.shape[0], -1, *([1] * (packed[key].ndim - 2)))
+        out[key] = np.where(keep, packed[key], 0).astype(packed[key].dtype)
+    return out
