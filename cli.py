@@ -335,9 +335,11 @@ def inspect_command(
 @app.command("predict")
 def predict_command(
     images: Annotated[list[str], typer.Argument(help="JPEG / PNG files or folders of them.")],
-    model_path: Annotated[str, typer.Option(help="Checkpoint directory, MLflow model URI (runs:/ID/model) or "
-                                                 "torchvision:FILE (COCO's 80 categories).")],
     out: Annotated[str, typer.Option("--out", help="Folder for predictions.json, images.json and pictures.")],
+    model_path: Annotated[str | None, typer.Option(help="Checkpoint directory, MLflow model URI (runs:/ID/model) or "
+                                                        "torchvision:FILE (COCO's 80 categories).")] = None,
+    onnx: Annotated[str | None, typer.Option(help="A model exported by `mrcnn-cli export`, run in onnxruntime "
+                                                  "(CPU), instead of --model-path.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Minimum score; default the model's own.")] = None,
     gpu: GpuOpt = None,
     verbose: VerboseOpt = False,
@@ -348,9 +350,30 @@ def predict_command(
     """
     from pipelines.evaluation.predict import predict_images
 
+    if (model_path is None) == (onnx is None):
+        raise typer.BadParameter("give one of --model-path and --onnx", param_hint="--model-path/--onnx")
     device = None if gpu is None else ("cuda" if gpu else "cpu")
-    result = predict_images(images, model_path, out, threshold=threshold, device=device)
+    result = predict_images(images, model_path, out, threshold=threshold, device=device, onnx=onnx)
     typer.echo(f"{len(result.images)} images, {result.num_detections} detections -> {result.predictions}")
+
+
+@app.command("export")
+def export_command(
+    model_path: Annotated[str, typer.Option(help="Checkpoint directory, MLflow model URI (runs:/ID/model) or "
+                                                 "torchvision:FILE (COCO's 80 categories).")],
+    out: Annotated[str, typer.Option("--out", help="The ONNX file to write (complete or absent).")],
+    batch: Annotated[int, typer.Option(help="Images per run of the graph, fixed in it (fewer are padded).")] = 1,
+    opset: Annotated[int, typer.Option(help="ONNX opset, at least 16.")] = 17,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Export a model as one ONNX graph, uint8 canvas in, detections and mask probabilities out.
+
+    Example: mrcnn-cli export --model-path runs:/RUN_ID/model --out model.onnx --batch 2
+    """
+    from pipelines.evaluation.onnx_export import export_model
+
+    size = export_model(model_path, out, batch=batch, opset=opset)
+    typer.echo(f"{out} ({size / 1e6:.1f} MB, batch {batch}, opset {opset})")
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from pipelines.data.errors import InputError
 from pipelines.evaluation.inference import PACKED
 from pipelines.infra.logs import get_logger
 from pipelines.infra.storage import write_bytes
-from pipelines.models import ModelSpec
+from pipelines.models import ModelSpec, load_model, model_spec
 
 log = get_logger("export")
 
@@ -101,6 +101,14 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, *, ba
     write_bytes(out, data)
     log.info("exported %s -> %s (%.1f MB, batch %d, opset %d)", spec.location, out, len(data) / 1e6, batch, opset)
     return len(data)
+
+
+def export_model(model_path: str, out: str | os.PathLike, *, batch: int = 1, opset: int = DEFAULT_OPSET,
+                 tracking_uri: str | None = None) -> int:
+    """`mrcnn-cli export`: the model of `model_path` (any SOURCE predict takes) exported to `out`; its size in
+    bytes. A SOURCE that is not a model fails as in predict (`pipelines.models.model_spec`)."""
+    spec = model_spec(model_path, tracking_uri=tracking_uri)
+    return export_onnx(load_model(spec), spec, out, batch=batch, opset=opset)
 
 
 @dataclass(frozen=True)

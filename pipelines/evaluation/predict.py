@@ -90,25 +90,23 @@ def network_input(image: np.ndarray, *, min_dim: int, max_dim: int) -> tuple[np.
     return canvas, geo
 
 
-def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | os.PathLike, *,
+def predict_images(inputs: list[str | os.PathLike], model_path: str | None, out: str | os.PathLike, *,
                    threshold: float | None = None, device: str | torch.device | None = None,
-                   batch_size: int | None = None, tracking_uri: str | None = None) -> PredictResult:
-    """Run the model of `model_path` (checkpoint directory or MLflow model URI) on the images in `inputs`
-    (files or folders); write predictions.json, images.json and one picture per image into `out`.
+                   batch_size: int | None = None, tracking_uri: str | None = None,
+                   onnx: str | os.PathLike | None = None) -> PredictResult:
+    """Run the model of `model_path` (checkpoint directory or MLflow model URI), or the exported model `onnx` in
+    onnxruntime (`pipelines.evaluation.onnx_export`; then model_path is None), on the images in `inputs` (files or
+    folders); write predictions.json, images.json and one picture per image into `out`.
 
     threshold: keep detections scoring at least this (default the model's detection.min_confidence).
     """
 
     paths = find_images(inputs)
     ids = image_ids(paths)
-    spec = model_spec(model_path, tracking_uri=tracking_uri)
-    config = spec.config
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(spec, device=device, min_confidence=threshold)
-    categories = CategoryMap.from_dict(spec.categories)
+    config, categories, min_score, run = _runner(model_path, onnx, threshold=threshold, device=device,
+                                                 tracking_uri=tracking_uri)
     coco_ids = list(categories.coco_ids)
     names = dict(zip(coco_ids, categories.names, strict=True))
-    min_score = model.detection_settings.min_confidence
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -122,9 +120,7 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
         originals = [load_image_rgb(p) for p, _ in chunk]
         prepared = [network_input(im, min_dim=config.image.min_dim, max_dim=config.image.max_dim)
                     for im in originals]
-        packed = run_model(model, np.stack([c for c, _ in prepared]),
-                           np.asarray([g.window for _, g in prepared], np.int64), device,
-                           max_detections=int(model.detection_settings.max_detections))
+        packed = run(np.stack([c for c, _ in prepared]), np.asarray([g.window for _, g in prepared], np.int64))
         packed.update(image_id=np.asarray([i for _, i in chunk], np.int64),
                       scale=np.asarray([g.scale for _, g in prepared], np.float64),
                       window=np.asarray([g.window for _, g in prepared], np.int64),
@@ -145,6 +141,27 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
     write_bytes(predictions, json.dumps(results).encode())
     write_bytes(out / "images.json", json.dumps(images, indent=1).encode())
     return PredictResult(str(out), str(predictions), pictures, images, len(results))
+
+
+def _runner(model_path: str | None, onnx: str | os.PathLike | None, *, threshold: float | None,
+            device: str | torch.device | None, tracking_uri: str | None):
+    """(config, CategoryMap, minimum score, run: (images, windows) -> packed outputs) of the eager model of
+    `model_path` or of the exported `onnx` file (both give `inference.run_model`'s packed outputs)."""
+    if onnx is not None:
+        from pipelines.evaluation.onnx_export import OnnxModel
+
+        exported = OnnxModel(onnx, min_confidence=threshold)
+        meta = exported.meta
+        return meta.config, CategoryMap.from_dict(meta.categories), exported.min_confidence, exported
+    spec = model_spec(model_path, tracking_uri=tracking_uri)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(spec, device=device, min_confidence=threshold)
+    max_detections = int(model.detection_settings.max_detections)
+
+    def run(images: np.ndarray, windows: np.ndarray) -> dict[str, np.ndarray]:
+        return run_model(model, images, windows, device, max_detections=max_detections)
+
+    return spec.config, CategoryMap.from_dict(spec.categories), model.detection_settings.min_confidence, run
 
 
 def detections_picture(image: np.ndarray, results: list[dict[str, Any]], names: dict[int, str],
