@@ -89,6 +89,8 @@ def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, *, ba
         # design) and torch.jit's deprecation notice say nothing to a user of the command
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        # (about negative indices, which this graph's never are: they come from nonzero, arange and sorts)
+        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
         torch.onnx.export(graph, (images, windows), buffer, dynamo=False, opset_version=opset,
                           input_names=["images", "windows"], output_names=list(PACKED), do_constant_folding=True)
     proto = onnx.load_from_string(buffer.getvalue())

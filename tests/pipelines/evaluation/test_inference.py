@@ -24,7 +24,6 @@ from pipelines.evaluation.inference import (
 )
 from pipelines.infra.context import RunContext
 from pipelines.models import load_model, model_spec
-from tests.support.trained_shapes import train_shapes_checkpoint
 
 
 def _rows(shards: str, split: str = "val2017") -> dict[str, np.ndarray]:
@@ -91,11 +90,6 @@ def test_way_back_of_a_packed_batch_is_the_per_image_way_back():
                                  window=meta["window"][i].tolist(), height=int(meta["height"][i]),
                                  width=int(meta["width"][i]), coco_ids=[1, 3, 7, 9])
         assert ours[i] == theirs and len(ours[i]) == len(det["boxes"])
-
-
-@pytest.fixture(scope="module")
-def trained_shapes(synth_shards, tmp_path_factory) -> str:
-    return train_shapes_checkpoint(synth_shards, tmp_path_factory.mktemp("trained"), steps=150)
 
 
 def _one_loop_detections(shards: str, ckpt: str, min_confidence: float) -> tuple[list[dict], list[int]]:
