@@ -9,6 +9,7 @@ the same at 1024, the test a few times faster. Exports are shared by module-scop
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -106,7 +107,15 @@ def test_onnxruntime_gives_eagers_detections_on_photos(preset, coco_export, torc
 
 
 def _nodes(path, op: str) -> list:
-    return [n for n in onnx.load(str(path)).graph.node if n.op_type == op]
+    """The graph's `op` nodes, those in subgraphs too (torchvision's batched_nms puts its NMS under an If)."""
+    def walk(graph):
+        for node in graph.node:
+            yield node
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    yield from walk(attribute.g)
+
+    return [n for n in walk(onnx.load(str(path)).graph) if n.op_type == op]
 
 
 def test_the_graph_is_the_whole_network_checked_with_its_settings_and_fixed_output_shapes(coco_export,
@@ -158,10 +167,15 @@ def test_bad_settings_and_files_are_refused_clearly(coco_export, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------- a trained shapes model
+LOW = 0.05  # the shapes model's detections down to this score (COCO AP's usual threshold): dozens, not a handful
+
+
 @pytest.fixture(scope="module")
 def shapes_export(trained_shapes, tmp_path_factory):
+    """The trained shapes model exported for 2 images at detection.min_confidence LOW."""
     path = tmp_path_factory.mktemp("onnx") / "shapes.onnx"
     spec = model_spec(trained_shapes)
+    spec = replace(spec, config=spec.config.override([f"detection.min_confidence={LOW}"]))
     export_onnx(load_model(spec), spec, path, batch=2)
     return path
 
@@ -169,33 +183,50 @@ def shapes_export(trained_shapes, tmp_path_factory):
 def test_predict_onnx_scores_the_ap_of_eager_predict_on_the_validation_split(trained_shapes, shapes_export,
                                                                              synth_dataset, tmp_path):
     """predict --model-path and predict --onnx on the synthetic validation images: COCO segm and bbox AP within
-    0.001 (and the same detections, to rounding)."""
+    0.001, and result by result the same detections (boxes to predict's 0.01 px rounding, RLE masks IoU >= 0.99).
+    The shared 150-step model is weak (bbox AP50 about 0.07, segm AP about 0 on this split): the result-by-result
+    comparison is what makes the test tell."""
+    import pycocotools.mask as mask_util
+
     annotations, images = split_paths(str(synth_dataset), "val2017")
-    eager = predict_images([images], trained_shapes, tmp_path / "eager", device="cpu")
+    eager = predict_images([images], trained_shapes, tmp_path / "eager", device="cpu", threshold=LOW)
     ours = predict_images([images], None, tmp_path / "onnx", onnx=shapes_export)
-    assert ours.images == eager.images and ours.num_detections == eager.num_detections >= 6
+    assert ours.images == eager.images
+    assert ours.num_detections == eager.num_detections >= 2 * len(eager.images), ours.num_detections
     theirs, mine = (evaluate_detections(annotations, r.predictions) for r in (eager, ours))
-    assert theirs.metrics["segm/AP"] > 0.1, theirs.metrics  # a model that finds the shapes
+    assert theirs.metrics["bbox/AP50"] > 0.03, theirs.metrics  # some detections are right
     for key in ("segm/AP", "bbox/AP", "segm/AP50", "bbox/AP50"):
         assert abs(mine.metrics[key] - theirs.metrics[key]) <= 1e-3, (key, mine.metrics[key], theirs.metrics[key])
+    for a, b in zip(*(json.loads(Path(r.predictions).read_text()) for r in (eager, ours)), strict=True):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        np.testing.assert_allclose(b["bbox"], a["bbox"], rtol=0, atol=0.02)
+        assert abs(a["score"] - b["score"]) <= 2e-5
+        assert mask_util.iou([b["segmentation"]], [a["segmentation"]], [0])[0, 0] >= 0.99
     assert sorted(p.name for p in Path(ours.out).glob("*.png")) == sorted(p.name for p in Path(eager.out).glob("*.png"))
 
 
 def test_an_image_with_no_detection_and_a_higher_threshold(trained_shapes, shapes_export, synth_dataset):
-    """An empty canvas beside a shapes image: count 0 and all-zero rows for it, in both; and the graph's
-    detections above a higher threshold are what the model itself gives at that threshold."""
+    """A shapes image beside an empty canvas: the graph's count 0 and zero rows for the empty one, as the model; and a
+    threshold above the exported one, applied afterwards (`OnnxModel(min_confidence=...)`), gives the model's own
+    detections at that threshold."""
     _, folder = split_paths(str(synth_dataset), "val2017")
     size = shapes().image.max_dim
     images, windows = _canvases(sorted(Path(folder).glob("*.jpg"))[:1], size)
     images = np.concatenate([images, np.zeros_like(images)])
     windows = np.concatenate([windows, [[0, 0, size, size]]])
     spec = model_spec(trained_shapes)
-    model = load_model(spec)
-    eager = run_model(model, images, windows, CPU, max_detections=model.detection_settings.max_detections)
-    assert eager["det_count"][0] > 0 and eager["det_count"][1] == 0, eager["det_count"]
-    assert_same_detections(eager, OnnxModel(shapes_export)(images, windows), size=size)
-    stricter = load_model(spec, min_confidence=0.9)
-    eager = run_model(stricter, images, windows, CPU, max_detections=model.detection_settings.max_detections)
-    ours = OnnxModel(shapes_export, min_confidence=0.9)(images, windows)
-    assert 0 < eager["det_count"][0] < OnnxModel(shapes_export)(images, windows)["det_count"][0]
-    assert_same_detections(eager, ours, size=size)
+
+    def eager_at(threshold: float) -> dict[str, np.ndarray]:
+        model = load_model(spec, min_confidence=threshold)
+        return run_model(model, images, windows, CPU, max_detections=model.detection_settings.max_detections)
+
+    low = eager_at(LOW)
+    assert low["det_count"][0] >= 2 and low["det_count"][1] == 0, low["det_count"]
+    assert_same_detections(low, OnnxModel(shapes_export)(images, windows), size=size)
+    k = low["det_count"][0]
+    ranked = np.sort(low["det_scores"][0, :k])
+    # between two of image 0's scores (on one, float32 rounding would decide): keeps the better half
+    higher = float(ranked[k // 2 - 1] + ranked[k // 2]) / 2
+    high = eager_at(higher)
+    assert 0 < high["det_count"][0] < k, (high["det_count"], k)
+    assert_same_detections(high, OnnxModel(shapes_export, min_confidence=higher)(images, windows), size=size)
