@@ -30,7 +30,6 @@ def user_error(exc: BaseException, command: typer.core.TyperCommand) -> str | No
     from mrcnn.config import ConfigError
     from mrcnn.torchvision_weights import WeightsFormatError
     from pipelines.data.errors import InputError
-    from pipelines.evaluation.onnx_export import OnnxModelError
     from pipelines.models import ModelMismatchError
     from pipelines.training.checkpoints import CheckpointError
 
@@ -39,8 +38,7 @@ def user_error(exc: BaseException, command: typer.core.TyperCommand) -> str | No
     if not isinstance(exc, InputError | ConfigError | WeightsFormatError | BackboneWeightsError | FileNotFoundError):
         return None
     about = ((ConfigError, ("config", "set_")), (BackboneWeightsError, ("backbone_weights",)),
-             (WeightsFormatError | ModelMismatchError | CheckpointError, ("init", "model_path")),
-             (OnnxModelError, ("onnx",)))
+             (WeightsFormatError | ModelMismatchError | CheckpointError, ("init", "model_path")))
     names = next((names for kind, names in about if isinstance(exc, kind)), ())
     hint = "/".join(p.opts[0] for p in command.params if p.name in names and p.opts)
     message = str(exc) if " " in str(exc) else f"not found: {exc}"  # a bare path (FileNotFoundError(path))
