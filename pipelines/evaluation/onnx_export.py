@@ -1,43 +1,29 @@
-"""`mrcnn-cli export`: the whole network as one ONNX graph, and an onnxruntime runner with `run_model`'s contract.
+"""`mrcnn-cli export` and `predict --onnx`: the model as one ONNX file (`mrcnn.export`, where the graph's inputs and
+outputs are listed), and an onnxruntime runner with `inference.run_model`'s contract.
 
-The graph goes from the uint8 canvas to the detections: normalisation, ResNet, FPN, RPN head, the proposal layer
-(top-k, NonMaxSuppression), RoiAlign, the box head, the detection layer (per-class NMS), the mask head on the
-detections. It is traced by torch.onnx's TorchScript-based exporter (`dynamo=False`; opset >= 16 for RoiAlign's
-`coordinate_transformation_mode`, which `roi.aligned` needs), with torchvision's symbolics for `roi_align` and `nms`.
+The graph's outputs are exactly the packed outputs of `inference.run_model` (det_count, det_boxes, det_scores,
+det_classes, det_masks, padded to D = detection.max_detections), so the way back (mask pasting, RLE, COCO results)
+is the one predict and evaluate use. The batch B is fixed in the graph (`--batch`): `OnnxModel` runs any number of
+images in chunks of B, the last one padded with empty canvases whose rows are dropped. detection.min_confidence is
+fixed in the graph too; a higher threshold can be applied afterwards (`OnnxModel(min_confidence=...)`), which gives
+exactly what the model would at that threshold (a detection below it can only suppress detections below it).
 
-    inputs   images      uint8   [B, 3, S, S]   the canvases of `predict.network_input` (S = image.max_dim)
-             windows     int64   [B, 4]         (x1, y1, x2, y2) the image's region of each canvas
-    outputs  det_count   int64   [B]            detections of each image (rows past it are zero padding)
-             det_boxes   float32 [B, D, 4]      (x1, y1, x2, y2) padded-image pixels
-             det_scores  float32 [B, D]
-             det_classes int64   [B, D]         contiguous class ids (>= 1)
-             det_masks   float32 [B, D, M, M]   probabilities of the predicted class
-
-D = detection.max_detections and B (`--batch`) are fixed in the graph: these are exactly the packed outputs of
-`inference.run_model`, so the way back (mask pasting, RLE, COCO results) is the one predict and evaluate use.
-`OnnxModel` given fewer than B images pads the batch with empty canvases and drops their rows. The model's
-detection.min_confidence is fixed in the graph too; a higher threshold can be applied afterwards
-(`OnnxModel(min_confidence=...)`), which gives exactly what the model would at that threshold (a detection
-below it can only suppress detections below it).
-
-The file carries what predict needs besides the graph (metadata `mrcnn_meta`: config, categories, num_classes,
-the source it was exported from), so `predict --onnx model.onnx` needs nothing else.
+The file carries what predict needs besides the graph (metadata `mrcnn_meta`: config, categories, num_classes, the
+source it was exported from), so `predict --onnx model.onnx` needs nothing else.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from mrcnn.config import Config
+from mrcnn.export import DEFAULT_OPSET, META_KEY, MIN_OPSET, onnx_bytes
 from pipelines.data.errors import InputError
 from pipelines.evaluation.inference import PACKED
 from pipelines.infra.logs import get_logger
@@ -46,63 +32,28 @@ from pipelines.models import ModelSpec, load_model, model_spec
 
 log = get_logger("export")
 
-MIN_OPSET = 16  # RoiAlign's coordinate_transformation_mode (half_pixel = roi.aligned)
-DEFAULT_OPSET = 17
-META_KEY = "mrcnn_meta"
-
-
 class OnnxModelError(InputError):
-    """A file that is not an exported model of ours, or images it cannot take."""
-
-
-class _Graph(nn.Module):
-    """The model with positional inputs and the packed outputs as a tuple (what the tracer takes and names)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor, windows: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model({"images": images, "windows": windows})
-        return out["count"], out["boxes"], out["scores"], out["class_ids"], out["masks"]
+    """A file that is not an exported model of ours, images it cannot take, or export options out of range."""
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, out: str | os.PathLike, *, batch: int = 1,
                 opset: int = DEFAULT_OPSET) -> int:
-    """Trace `model` (eval mode, CPU) for `batch` images of `spec.config`'s canvas, check the graph with
+    """Trace `model` (put in eval mode, CPU) for `batch` images of `spec.config`'s canvas, check the graph with
     `onnx.checker` and write it to `out` atomically (a temporary name, then renamed); returns its size in bytes."""
-    import onnx
-
     if batch < 1:
         raise OnnxModelError(f"--batch must be at least 1, got {batch}")
     if opset < MIN_OPSET:
         raise OnnxModelError(f"--opset must be at least {MIN_OPSET} (RoiAlign with aligned pixels), got {opset}")
-    size = spec.config.image.max_dim
-    gen = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=gen)
-    windows = torch.tensor([[0, 0, size, size]] * batch, dtype=torch.int64)
-    buffer = io.BytesIO()
-    # the wrapper in eval mode too: the exporter puts the module it is given back in its mode, recursively
-    graph = _Graph(model.eval()).eval()
-    with torch.no_grad(), warnings.catch_warnings():
-        # the tracer's warnings about Python values of the trace (the fixed batch, anchors and settings: constant by
-        # design) and torch.jit's deprecation notice say nothing to a user of the command
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        # (about negative indices, which this graph's never are: they come from nonzero, arange and sorts)
-        warnings.filterwarnings("ignore", message="Exporting aten::index operator")
-        torch.onnx.export(graph, (images, windows), buffer, dynamo=False, opset_version=opset,
-                          input_names=["images", "windows"], output_names=list(PACKED), do_constant_folding=True)
-    proto = onnx.load_from_string(buffer.getvalue())
-    meta = {"config": spec.config.to_dict(), "categories": spec.categories, "num_classes": spec.num_classes,
-            "source": spec.location}
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(meta)
-    onnx.checker.check_model(proto)
-    data = proto.SerializeToString()
+    data = onnx_bytes(model, image_size=spec.config.image.max_dim, batch=batch, opset=opset,
+                      meta=onnx_meta(spec.config, spec.categories, spec.num_classes, spec.location))
     write_bytes(out, data)
     log.info("exported %s -> %s (%.1f MB, batch %d, opset %d)", spec.location, out, len(data) / 1e6, batch, opset)
     return len(data)
+
+
+def onnx_meta(config: Config, categories: dict[str, Any], num_classes: int, source: str) -> dict[str, Any]:
+    """What an exported file carries besides the graph (read back as `OnnxMeta`)."""
+    return {"config": config.to_dict(), "categories": categories, "num_classes": num_classes, "source": source}
 
 
 def export_model(model_path: str, out: str | os.PathLike, *, batch: int = 1, opset: int = DEFAULT_OPSET,
