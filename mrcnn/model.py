@@ -14,7 +14,8 @@ including background (0). Boxes: (x1, y1, x2, y2) in padded-image pixels.
 them, `rpn_pos_idx` [N, K] and `rpn_pos_deltas` [N, K, 4], scattered into the dense form here).
 Training returns {loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask}, each already multiplied by its
 train.loss_* weight. Eval returns one dict per image: boxes [D, 4] padded px, class_ids int64 [D], scores [D],
-masks [D, M, M] float probabilities of the predicted class (M = mask.mask_size).
+masks [D, M, M] float probabilities of the predicted class (M = mask.mask_size); under ONNX export the same padded to
+[N, D_max, ...] with a count (`mrcnn/export.py`).
 """
 
 from __future__ import annotations
