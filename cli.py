@@ -343,9 +343,11 @@ def inspect_command(
 @app.command("predict")
 def predict_command(
     images: Annotated[list[str], typer.Argument(help="JPEG / PNG files or folders of them.")],
-    model_path: Annotated[str, typer.Option(help="Checkpoint directory, MLflow model URI (runs:/ID/model) or "
-                                                 "torchvision:FILE (COCO's 80 categories).")],
     out: Annotated[str, typer.Option("--out", help="Folder for predictions.json, images.json and pictures.")],
+    model_path: Annotated[str | None, typer.Option(help="Checkpoint directory, MLflow model URI (runs:/ID/model) or "
+                                                        "torchvision:FILE (COCO's 80 categories).")] = None,
+    onnx: Annotated[str | None, typer.Option(help="A model exported by `mrcnn-cli export`, run in onnxruntime "
+                                                  "(CPU), instead of --model-path.")] = None,
     threshold: Annotated[float | None, typer.Option(help="Minimum score; default the model's own.")] = None,
     gpu: GpuOpt = None,
     config: ModelConfigOpt = None,
@@ -359,9 +361,14 @@ def predict_command(
     """
     from pipelines.evaluation.predict import predict_images
 
+    if (model_path is None) == (onnx is None):
+        raise typer.BadParameter("give one of --model-path and --onnx", param_hint="--model-path/--onnx")
     device = None if gpu is None else ("cuda" if gpu else "cpu")
+    if onnx is not None and (config or set_):
+        raise typer.BadParameter("an exported model carries its settings: --set / --config apply to --model-path",
+                                 param_hint="--set/--config")
     result = predict_images(images, model_path, out, threshold=threshold, device=device, tracking_uri=tracking_uri,
-                            overrides=set_ or [], config_path=config)
+                            overrides=set_ or [], config_path=config, onnx=onnx)
     typer.echo(f"{len(result.images)} images, {result.num_detections} detections -> {result.predictions}")
 
 
@@ -410,6 +417,29 @@ def serve_command(
     console("serve", verbose)
     serve_until_interrupted(options, run_context(address, tracking_uri, gpu=gpu),
                             lambda url: typer.echo(f"serving {model_path} at {url}  (Ctrl-C stops)"))
+
+
+@app.command("export")
+def export_command(
+    model_path: Annotated[str, typer.Option(help="Checkpoint directory, MLflow model URI (runs:/ID/model) or "
+                                                 "torchvision:FILE (COCO's 80 categories).")],
+    out: Annotated[str, typer.Option("--out", help="The ONNX file to write (complete or absent).")],
+    batch: Annotated[int, typer.Option(help="Images per run of the graph, fixed in it (fewer are padded).")] = 1,
+    opset: Annotated[int, typer.Option(help="ONNX opset, at least 16.")] = 17,
+    config: ModelConfigOpt = None,
+    set_: ModelSetOpt = None,
+    tracking_uri: TrackingOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Export a model as one ONNX graph, uint8 canvas in, detections and mask probabilities out.
+
+    Example: mrcnn-cli export --model-path runs:/RUN_ID/model --out model.onnx --batch 2
+    """
+    from pipelines.evaluation.onnx_export import export_model
+
+    size = export_model(model_path, out, batch=batch, opset=opset, tracking_uri=tracking_uri,
+                        overrides=tuple(set_ or ()), config_path=config)
+    typer.echo(f"{out} ({size / 1e6:.1f} MB, batch {batch}, opset {opset})")
 
 
 if __name__ == "__main__":

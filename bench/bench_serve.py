@@ -71,20 +71,20 @@ def load(port: int, prefix: str, bodies: list[bytes], clients: int, requests: in
 def in_process(checkpoint: str, paths: list[Path], requests: int, threads: int) -> dict[str, float]:
     from pipelines.data.categories import CategoryMap
     from pipelines.data.coco import load_image_rgb
-    from pipelines.evaluation.inference import detect_images
+    from pipelines.evaluation.inference import detect_images, eager_runner
     from pipelines.models import load_model, model_spec
 
     torch.set_num_threads(threads)
     spec = model_spec(checkpoint)
     model = load_model(spec, min_confidence=0.0)
+    run = eager_runner(model, torch.device("cpu"))
     coco_ids = list(CategoryMap.from_dict(spec.categories).coco_ids)
     latencies = []
     started = time.perf_counter()
     for i in range(requests):
         t = time.perf_counter()
         image = load_image_rgb(paths[i % len(paths)])  # decoding counts, as the server decodes
-        detect_images(model, [image], image_ids=[0], min_dim=128, max_dim=128, coco_ids=coco_ids,
-                      device=torch.device("cpu"))
+        detect_images(run, [image], image_ids=[0], min_dim=128, max_dim=128, coco_ids=coco_ids)
         latencies.append(time.perf_counter() - t)
     wall = time.perf_counter() - started
     latencies.sort()

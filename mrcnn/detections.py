@@ -44,13 +44,20 @@ class DetectionSettings:
     def detect(self, class_logits: Tensor, pred_deltas: Tensor, rois: Tensor, image_idx: Tensor,
                windows: Tensor) -> list[dict[str, Tensor]]:
         """`detect` with these settings (shapes there)."""
-        return detect(class_logits, pred_deltas, rois, image_idx, windows, bbox_std=self.bbox_std,
-                      min_confidence=self.min_confidence, nms_threshold=self.nms_threshold,
-                      max_detections=self.max_detections, min_size=self.min_size)
+        return detect(class_logits, pred_deltas, rois, image_idx, windows, **self._settings())
+
+    def detect_flat(self, class_logits: Tensor, pred_deltas: Tensor, rois: Tensor, image_idx: Tensor,
+                    windows: Tensor) -> dict[str, Tensor]:
+        """`flat_detections` with these settings (shapes there)."""
+        return flat_detections(class_logits, pred_deltas, rois, image_idx, windows, **self._settings())
+
+    def _settings(self) -> dict:
+        return dict(bbox_std=self.bbox_std, min_confidence=self.min_confidence, nms_threshold=self.nms_threshold,
+                    max_detections=self.max_detections, min_size=self.min_size)
 
 
 @torch.no_grad()
-def detect(
+def flat_detections(
     class_logits: Tensor,
     pred_deltas: Tensor,
     rois: Tensor,
@@ -62,12 +69,13 @@ def detect(
     nms_threshold: float,
     max_detections: int,
     min_size: float,
-) -> list[dict[str, Tensor]]:
-    """Detections per image.
+) -> dict[str, Tensor]:
+    """Detections of all images together, grouped by image.
 
     class_logits: [R, K]; pred_deltas: [R, K, 4] (divided by `bbox_std`); rois: [R, 4] padded px;
-    image_idx: int64 [R]; windows: [N, 4]. Returns N dicts: boxes [D, 4] padded px, class_ids int64 [D]
-    (>= 1), scores [D] softmax probabilities, roi_index int64 [D] (the RoI each came from), by decreasing score.
+    image_idx: int64 [R]; windows: [N, 4]. Returns one dict of T = sum D_i rows: boxes [T, 4] padded px,
+    class_ids int64 [T] (>= 1), scores [T] softmax probabilities, roi_index int64 [T] (the RoI each came from),
+    image_idx int64 [T]; by image, then by decreasing score, at most max_detections per image.
     """
     num_images, num_classes = windows.shape[0], class_logits.shape[1]
     scores = torch.softmax(class_logits.float(), dim=1)[:, 1:]  # [R, K-1], background dropped
@@ -83,10 +91,35 @@ def detect(
     # One NMS call for the batch, grouped by (image, class). float64: batched_nms offsets each group by
     # group * (max coordinate + 1), up to ~N*K*1000, where float32 would blur box edges.
     kept = batched_nms(boxes.double(), scores.double(), images * num_classes + class_ids, nms_threshold)
-    kept = kept[top_per_group(images[kept], max_detections)]
-    columns = {"boxes": boxes, "class_ids": class_ids, "scores": scores, "roi_index": roi_index}
-    per_image = {name: split_by_image(values[kept], images[kept], num_images) for name, values in columns.items()}
-    return [{name: per_image[name][i] for name in columns} for i in range(num_images)]
+    kept = kept[top_per_group(images[kept], max_detections, num_images)]
+    columns = {"boxes": boxes, "class_ids": class_ids, "scores": scores, "roi_index": roi_index, "image_idx": images}
+    return {name: values[kept] for name, values in columns.items()}
+
+
+def detect(class_logits: Tensor, pred_deltas: Tensor, rois: Tensor, image_idx: Tensor, windows: Tensor,
+           **settings) -> list[dict[str, Tensor]]:
+    """`flat_detections` (arguments there) split per image: N dicts of boxes [D, 4] padded px, class_ids int64 [D]
+    (>= 1), scores [D], roi_index int64 [D], by decreasing score."""
+    flat = flat_detections(class_logits, pred_deltas, rois, image_idx, windows, **settings)
+    num_images, images = windows.shape[0], flat.pop("image_idx")
+    per_image = {name: split_by_image(values, images, num_images) for name, values in flat.items()}
+    return [{name: per_image[name][i] for name in flat} for i in range(num_images)]
+
+
+def pad_per_image(columns: dict[str, Tensor], image_idx: Tensor, num_images: int, size: int) -> dict[str, Tensor]:
+    """Rows of all images, grouped by image (image_idx int64 [T], non-decreasing, at most `size` rows an image) ->
+    `count` int64 [N] and each column [T, ...] as [N, size, ...], zero past an image's count. Tensor ops only (no
+    Python ints of the data), so that a traced ONNX graph gets fixed-shape outputs."""
+    onehot = (image_idx.unsqueeze(1) == torch.arange(num_images, device=image_idx.device)).long()  # [T, N]
+    count = onehot.sum(0)
+    first = count.cumsum(0) - count  # row of each image's first detection
+    slot = image_idx * size + torch.arange(image_idx.shape[0], device=image_idx.device) - first[image_idx]
+    out = {"count": count}
+    for name, values in columns.items():
+        padded = values.new_zeros((num_images * size, *values.shape[1:]))
+        padded[slot] = values  # (T, ...) scattered into (N*D, ...)
+        out[name] = padded.view(num_images, size, *values.shape[1:])
+    return out
 
 
 def paste_masks_in_image(masks: Tensor, boxes: Tensor, height: int, width: int, threshold: float = 0.5) -> Tensor:

@@ -14,7 +14,8 @@ including background (0). Boxes: (x1, y1, x2, y2) in padded-image pixels.
 them, `rpn_pos_idx` [N, K] and `rpn_pos_deltas` [N, K, 4], scattered into the dense form here).
 Training returns {loss_rpn_cls, loss_rpn_box, loss_cls, loss_box, loss_mask}, each already multiplied by its
 train.loss_* weight. Eval returns one dict per image: boxes [D, 4] padded px, class_ids int64 [D], scores [D],
-masks [D, M, M] float probabilities of the predicted class (M = mask.mask_size).
+masks [D, M, M] float probabilities of the predicted class (M = mask.mask_size); under ONNX export the same padded to
+[N, D_max, ...] with a count (`mrcnn/export.py`).
 """
 
 from __future__ import annotations
@@ -25,10 +26,10 @@ from torch import Tensor, nn
 from mrcnn.anchors import anchors_from_config, flip_permutation_from_config
 from mrcnn.backbone import ResNetBackbone
 from mrcnn.detection_targets import DetectionTargetSettings
-from mrcnn.detections import DetectionSettings
+from mrcnn.detections import DetectionSettings, pad_per_image
 from mrcnn.fpn import FPN
 from mrcnn.losses import RPNSampleSettings, box_losses, mask_loss
-from mrcnn.proposals import ProposalSettings
+from mrcnn.proposals import ProposalSettings, split_by_image
 from mrcnn.roi_heads import BoxHead, MaskHead, PoolSettings
 from mrcnn.rpn import RPNHead
 from mrcnn.rpn_targets import scatter_positive_deltas
@@ -135,11 +136,13 @@ class MaskRCNN(nn.Module):
         pyramid, objectness, rpn_deltas = self.features(batch["images"])
         windows = batch["windows"]
         settings = self.proposal_settings
-        post_nms = settings.post_nms_train if self.training else settings.post_nms_test
-        proposals, _ = settings.propose(objectness, rpn_deltas, self.anchors, windows, post_nms_topk=post_nms)
         if self.training:
+            proposals, _ = settings.propose(objectness, rpn_deltas, self.anchors, windows,
+                                            post_nms_topk=settings.post_nms_train)
             return self._losses(batch, pyramid, objectness, rpn_deltas, proposals)
-        return self._detections(pyramid, proposals, windows)
+        rois, _, image_idx = settings.propose_flat(objectness, rpn_deltas, self.anchors, windows,
+                                                   post_nms_topk=settings.post_nms_test)
+        return self._detections(pyramid, rois, image_idx, windows)
 
     def _losses(
         self,
@@ -173,26 +176,26 @@ class MaskRCNN(nn.Module):
         return {key: value * self.loss_weights[key] for key, value in losses.items()}
 
     @torch.no_grad()
-    def _detections(self, pyramid: list[Tensor], proposals: list[Tensor], windows: Tensor) -> list[dict[str, Tensor]]:
-        rois = torch.cat(proposals)  # [R, 4]
-        image_idx = torch.cat([torch.full((len(p),), i, device=rois.device) for i, p in enumerate(proposals)])
+    def _detections(self, pyramid: list[Tensor], rois: Tensor, image_idx: Tensor,
+                    windows: Tensor) -> list[dict[str, Tensor]] | dict[str, Tensor]:
+        """rois: [R, 4] proposals of all images, image_idx int64 [R] -> per-image detections (or, in ONNX export,
+        the same padded to D = detection.max_detections: `mrcnn.detections.pad_per_image`)."""
         rois5 = torch.cat([image_idx.unsqueeze(1).to(rois.dtype), rois], dim=1)
         class_logits, box_deltas = self.box_head(self.pool(pyramid, rois5, self.pool_settings.pool_size))
-        detections = self.detection_settings.detect(class_logits, box_deltas, rois, image_idx.long(), windows)
+        det = self.detection_settings.detect_flat(class_logits, box_deltas, rois, image_idx, windows)
         # The mask head sees the refined detection boxes, as at test time in the paper.
-        boxes = torch.cat([d["boxes"] for d in detections])  # [D_total, 4]
-        det_image = torch.cat([torch.full((len(d["boxes"]),), i, device=rois.device) for i, d in enumerate(detections)])
-        det_rois = torch.cat([det_image.unsqueeze(1).to(boxes.dtype), boxes], dim=1)
-        # [D_total, K, M, M]
+        det_rois = torch.cat([det["image_idx"].unsqueeze(1).to(det["boxes"].dtype), det["boxes"]], dim=1)
+        # [T, K, M, M], T detections of all images
         mask_logits = self.mask_head(self.pool(pyramid, det_rois, self.pool_settings.mask_pool_size))
-        class_ids = torch.cat([d["class_ids"] for d in detections])
-        probs = torch.sigmoid(mask_logits[torch.arange(len(class_ids), device=rois.device), class_ids].float())
-        masks = torch.split(probs, [len(d["boxes"]) for d in detections])
-        return [
-            {"boxes": d["boxes"], "class_ids": d["class_ids"], "scores": d["scores"], "masks": m}
-            for d, m in zip(detections, masks, strict=True)
-        ]
-
+        class_ids = det["class_ids"]
+        rows = torch.arange(class_ids.shape[0], device=rois.device)
+        masks = torch.sigmoid(mask_logits[rows, class_ids].float())  # [T, M, M], the predicted class's
+        columns = {"boxes": det["boxes"], "class_ids": class_ids, "scores": det["scores"], "masks": masks}
+        num_images = windows.shape[0]
+        if torch.onnx.is_in_onnx_export():  # a graph cannot return N lists of data-dependent length: padded, counted
+            return pad_per_image(columns, det["image_idx"], num_images, self.detection_settings.max_detections)
+        per_image = {name: split_by_image(values, det["image_idx"], num_images) for name, values in columns.items()}
+        return [{name: per_image[name][i] for name in columns} for i in range(num_images)]
 
 
 def build_model(config: Config, num_classes: int) -> MaskRCNN:

@@ -38,20 +38,22 @@ def clip_to_window(boxes: Tensor, windows: Tensor) -> Tensor:
     return torch.minimum(torch.maximum(boxes, low), high)
 
 
-def top_per_group(groups: Tensor, k: int) -> Tensor:
+def top_per_group(groups: Tensor, k: int, num_groups: int | None = None) -> Tensor:
     """Indices of the first `k` items of each group, for items already sorted by decreasing score.
 
-    groups: int64 [M] (e.g. image index per kept box, in score order) -> int64 [M'] indices into it,
-    ordered by group, then by the original (score) order within a group.
+    groups: int64 [M] in 0..num_groups-1 (e.g. image index per kept box, in score order; num_groups default
+    max + 1) -> int64 [M'] indices into it, ordered by group, then by the original (score) order within a group.
+    Written with a one-hot running count and a sort on unique keys (no bincount, no stable sort), so that it exports
+    to ONNX as it runs here.
     """
-    if groups.numel() == 0:
-        return groups.new_zeros(0)
-    order = torch.argsort(groups, stable=True)
-    sorted_groups = groups[order]
-    counts = torch.bincount(sorted_groups)
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(groups.numel(), device=groups.device) - starts[sorted_groups]
-    return order[rank < k]
+    if num_groups is None:
+        num_groups = int(groups.max()) + 1 if groups.numel() else 1
+    # rank of each item within its group: the running count of its group's one-hot column, (M,) -> (M, G)
+    onehot = (groups.unsqueeze(1) == torch.arange(num_groups, device=groups.device)).long()
+    rank = onehot.cumsum(0).gather(1, groups.unsqueeze(1)).squeeze(1) - 1
+    keep = torch.nonzero(rank < k).squeeze(1)
+    # group first, then the original order: the key group * M + position is unique, so any sort is stable
+    return keep[torch.argsort(groups[keep] * groups.shape[0] + keep)]
 
 
 def split_by_image(values: Tensor, image_idx: Tensor, num_images: int) -> list[Tensor]:
@@ -61,7 +63,7 @@ def split_by_image(values: Tensor, image_idx: Tensor, num_images: int) -> list[T
 
 
 @torch.no_grad()
-def generate_proposals(
+def flat_proposals(
     objectness: Tensor,
     deltas: Tensor,
     anchors: Tensor,
@@ -81,8 +83,9 @@ def generate_proposals(
     objectness: [N, A] logits; deltas: [N, A, 4] (divided by `bbox_std`); anchors: [A, 4] padded pixels;
     windows: [N, 4] (x1, y1, x2, y2), the unpadded region of each image. level_sizes: anchors per level, in anchor
     order (sum A), needed by `pre_nms_per_level` and `nms_per_level`.
-    Returns (boxes, scores): N tensors [P_i, 4] padded pixels and [P_i] objectness probabilities, sorted by
-    decreasing score, P_i <= post_nms_topk.
+    Returns (boxes, scores, image_idx) of all images together, grouped by image: [P, 4] padded pixels, [P]
+    objectness probabilities by decreasing score within an image, int64 [P] image index; at most post_nms_topk
+    of an image (`generate_proposals` splits them per image).
 
     Proposals are detached (no_grad): the paper's approximate joint training ignores the gradient through
     the proposal coordinates; the RPN learns from its own losses only.
@@ -121,11 +124,17 @@ def generate_proposals(
     # The image index as NMS group: one call suppresses within each image only (within each of its levels with
     # nms_per_level); `keep` is in score order.
     keep = batched_nms(boxes, torch.sigmoid(scores) if nms_per_level else scores, groups, nms_threshold)
-    keep = keep[top_per_group(image_idx[keep], post_nms_topk)]  # grouped by image, best first in each
-    return (
-        split_by_image(boxes[keep], image_idx[keep], num_images),
-        split_by_image(torch.sigmoid(scores[keep]), image_idx[keep], num_images),
-    )
+    keep = keep[top_per_group(image_idx[keep], post_nms_topk, num_images)]  # grouped by image, best first in each
+    return boxes[keep], torch.sigmoid(scores[keep]), image_idx[keep]
+
+
+def generate_proposals(objectness: Tensor, deltas: Tensor, anchors: Tensor, windows: Tensor,
+                       **settings) -> tuple[list[Tensor], list[Tensor]]:
+    """`flat_proposals` (arguments there) split per image: (boxes, scores), N tensors [P_i, 4] padded pixels and
+    [P_i] objectness probabilities, sorted by decreasing score, P_i <= post_nms_topk."""
+    boxes, scores, image_idx = flat_proposals(objectness, deltas, anchors, windows, **settings)
+    num_images = objectness.shape[0]
+    return split_by_image(boxes, image_idx, num_images), split_by_image(scores, image_idx, num_images)
 
 
 @dataclass(frozen=True)
@@ -154,8 +163,14 @@ class ProposalSettings:
     def propose(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, windows: Tensor, *,
                 post_nms_topk: int) -> tuple[list[Tensor], list[Tensor]]:
         """`generate_proposals` with these settings (shapes there)."""
-        return generate_proposals(
-            objectness, deltas, anchors, windows, pre_nms_topk=self.pre_nms_topk, post_nms_topk=post_nms_topk,
-            nms_threshold=self.nms_threshold, bbox_std=self.bbox_std, min_size=self.min_size,
-            level_sizes=self.level_sizes, pre_nms_per_level=self.pre_nms_per_level, nms_per_level=self.nms_per_level,
-        )
+        return generate_proposals(objectness, deltas, anchors, windows, **self._settings(post_nms_topk))
+
+    def propose_flat(self, objectness: Tensor, deltas: Tensor, anchors: Tensor, windows: Tensor, *,
+                     post_nms_topk: int) -> tuple[Tensor, Tensor, Tensor]:
+        """`flat_proposals` with these settings (shapes there)."""
+        return flat_proposals(objectness, deltas, anchors, windows, **self._settings(post_nms_topk))
+
+    def _settings(self, post_nms_topk: int) -> dict:
+        return dict(pre_nms_topk=self.pre_nms_topk, post_nms_topk=post_nms_topk, nms_threshold=self.nms_threshold,
+                    bbox_std=self.bbox_std, min_size=self.min_size, level_sizes=self.level_sizes,
+                    pre_nms_per_level=self.pre_nms_per_level, nms_per_level=self.nms_per_level)

@@ -179,6 +179,9 @@ class TrainConfig:
     # epoch: for datasets that fit in memory (the demo's: an epoch then starts in under a second, not ~8 s). On one
     # node only: a lost node takes its cached blocks with it and training cannot restore (tests/cluster)
     cache_data: bool = setting(False)
+    # the logged MLflow model also holds the model as ONNX (`mrcnn-cli export`'s file, batch 1; `model.onnx` among
+    # its extra files): off by default, the trace takes tens of seconds at the coco preset
+    export_onnx: bool = setting(False)
     num_to_keep: int = setting(3, range=AT_LEAST_1)
     max_failures: int = setting(2, range=between(-1))  # -1: retry forever (Ray's meaning)
     max_nonfinite_in_a_row: int = setting(10, range=AT_LEAST_1)

@@ -24,8 +24,10 @@ where-the-time-goes report. Importable without Ray, MLflow or pycocotools (pycoc
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -40,6 +42,9 @@ from pipelines.models import ModelSpec, load_model
 PACKED = ("det_count", "det_boxes", "det_scores", "det_classes", "det_masks")
 CARRIED = ("image_id", "scale", "window", "height", "width")  # what the way back needs besides the outputs
 TIMINGS = ("decode_s", "model_s", "way_back_s")
+# (images uint8 [N, 3, S, S], windows int64 [N, 4]) -> the packed outputs: an eager model (`eager_runner`) or an
+# exported one (`pipelines.evaluation.onnx_export.OnnxModel`)
+Runner = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
 def decode_inputs(rows: dict[str, np.ndarray], *, image_size: int) -> dict[str, np.ndarray]:
@@ -220,16 +225,23 @@ def keep_detections(packed: dict[str, np.ndarray], *, min_scores: list[float], l
         packed["det_count"][i] = min(int((packed["det_scores"][i, :k] >= floor).sum()), limit)
 
 
-def detect_images(model: torch.nn.Module, originals: list[np.ndarray], *, image_ids: list[int], min_dim: int,
-                  max_dim: int, coco_ids: list[int], device: torch.device, min_scores: list[float] | None = None,
+def eager_runner(model: torch.nn.Module, device: torch.device) -> Runner:
+    """An eager model as a `Runner` (`run_model` with its device and detection limit), the contract that
+    `onnx_export.OnnxModel` keeps too."""
+    return functools.partial(run_model, model, device=device,
+                             max_detections=int(model.detection_settings.max_detections))
+
+
+def detect_images(run: Runner, originals: list[np.ndarray], *, image_ids: list[int], min_dim: int, max_dim: int,
+                  coco_ids: list[int], min_scores: list[float] | None = None,
                   limits: list[int] | None = None) -> list[list[dict[str, Any]]]:
     """Decoded images ([H, W, 3] uint8 RGB each, original size) -> each image's COCO results in original pixels:
-    `network_input`, `run_model`, `coco_results_of_batch` in one call, what `predict` and the server both run.
+    `network_input`, the model (`run`: an `eager_runner` or an exported model), `coco_results_of_batch` in one
+    call, what `predict` and the server both run.
     min_scores / limits: per image, `keep_detections` before the way back (default: the model's own)."""
     prepared = [network_input(im, min_dim=min_dim, max_dim=max_dim) for im in originals]
-    max_detections = int(model.detection_settings.max_detections)
-    packed = run_model(model, np.stack([c for c, _ in prepared]), np.asarray([g.window for _, g in prepared], np.int64),
-                       device, max_detections=max_detections)
+    packed = run(np.stack([c for c, _ in prepared]), np.asarray([g.window for _, g in prepared], np.int64))
+    max_detections = packed["det_scores"].shape[1]
     if min_scores is not None or limits is not None:
         n = len(originals)
         keep_detections(packed, min_scores=min_scores if min_scores is not None else [0.0] * n,

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
+from mrcnn.config import Config
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb
 from pipelines.data.errors import MissingInputError
-from pipelines.evaluation.inference import detect_images
+from pipelines.evaluation.inference import Runner, detect_images, eager_runner
 from pipelines.infra.storage import write_bytes
 from pipelines.models import load_model, model_spec
 from pipelines.pictures import draw_instances, save_figure
@@ -78,12 +79,14 @@ def image_ids(paths: list[Path]) -> list[int]:
     return list(range(1, len(paths) + 1))
 
 
-def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | os.PathLike, *,
+def predict_images(inputs: list[str | os.PathLike], model_path: str | None, out: str | os.PathLike, *,
                    threshold: float | None = None, device: str | torch.device | None = None,
                    batch_size: int | None = None, tracking_uri: str | None = None,
-                   overrides: list[str] | tuple[str, ...] = (), config_path: str | None = None) -> PredictResult:
-    """Run the model of `model_path` (checkpoint directory or MLflow model URI) on the images in `inputs`
-    (files or folders); write predictions.json, images.json and one picture per image into `out`.
+                   overrides: list[str] | tuple[str, ...] = (), config_path: str | None = None,
+                   onnx: str | os.PathLike | None = None) -> PredictResult:
+    """Run the model of `model_path` (checkpoint directory or MLflow model URI), or the exported model `onnx` in
+    onnxruntime (`pipelines.evaluation.onnx_export`; then model_path is None), on the images in `inputs` (files or
+    folders); write predictions.json, images.json and one picture per image into `out`.
 
     threshold: keep detections scoring at least this (default the model's detection.min_confidence).
     overrides / config_path: the command's --set / --config (inference settings only: `pipelines.models.model_spec`).
@@ -91,14 +94,11 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
 
     paths = find_images(inputs)
     ids = image_ids(paths)
-    spec = model_spec(model_path, tracking_uri=tracking_uri, overrides=overrides, config_path=config_path)
-    config = spec.config
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(spec, device=device, min_confidence=threshold)
-    categories = CategoryMap.from_dict(spec.categories)
+    config, categories, min_score, run = _runner(model_path, onnx, threshold=threshold, device=device,
+                                                 tracking_uri=tracking_uri, overrides=overrides,
+                                                 config_path=config_path)
     coco_ids = list(categories.coco_ids)
     names = dict(zip(coco_ids, categories.names, strict=True))
-    min_score = model.detection_settings.min_confidence
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -110,8 +110,8 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
     for first in range(0, len(paths), step):
         chunk = list(zip(paths[first : first + step], ids[first : first + step], strict=True))
         originals = [load_image_rgb(p) for p, _ in chunk]
-        found_each = detect_images(model, originals, image_ids=[i for _, i in chunk], min_dim=config.image.min_dim,
-                                   max_dim=config.image.max_dim, coco_ids=coco_ids, device=device)
+        found_each = detect_images(run, originals, image_ids=[i for _, i in chunk], min_dim=config.image.min_dim,
+                                   max_dim=config.image.max_dim, coco_ids=coco_ids)
         for (path, image_id), image, found in zip(chunk, originals, found_each, strict=True):
             height, width = image.shape[:2]
             results.extend(found)
@@ -126,6 +126,24 @@ def predict_images(inputs: list[str | os.PathLike], model_path: str, out: str | 
     write_bytes(predictions, json.dumps(results).encode())
     write_bytes(out / "images.json", json.dumps(images, indent=1).encode())
     return PredictResult(str(out), str(predictions), pictures, images, len(results))
+
+
+def _runner(model_path: str | None, onnx: str | os.PathLike | None, *, threshold: float | None,
+            device: str | torch.device | None, tracking_uri: str | None, overrides: list[str] | tuple[str, ...],
+            config_path: str | None) -> tuple[Config, CategoryMap, float, Runner]:
+    """(config, categories, minimum score, runner) of the eager model of `model_path` or of the exported `onnx`
+    file (an exported model carries its settings: --set / --config apply to `model_path` only)."""
+    if onnx is not None:
+        from pipelines.evaluation.onnx_export import OnnxModel
+
+        exported = OnnxModel(onnx, min_confidence=threshold)
+        meta = exported.meta
+        return meta.config, CategoryMap.from_dict(meta.categories), exported.min_confidence, exported
+    spec = model_spec(model_path, tracking_uri=tracking_uri, overrides=overrides, config_path=config_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = load_model(spec, device=device, min_confidence=threshold)
+    return (spec.config, CategoryMap.from_dict(spec.categories), model.detection_settings.min_confidence,
+            eager_runner(model, device))
 
 
 def detections_picture(image: np.ndarray, results: list[dict[str, Any]], names: dict[int, str],

@@ -90,13 +90,14 @@ class ModelDeployment:
     def __init__(self, spec: ModelSpec, *, max_batch: int, batch_wait_s: float, use_gpu: bool, threads: int | None):
         import torch
 
+        from pipelines.evaluation.inference import eager_runner
         from pipelines.models import load_model
 
-        self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if threads and self.device.type == "cpu":
+        device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+        if threads and device.type == "cpu":
             torch.set_num_threads(int(threads))
         self.spec = spec
-        self.model = load_model(spec, device=self.device, min_confidence=0.0)
+        self.run = eager_runner(load_model(spec, device=device, min_confidence=0.0), device)
         self.coco_ids = list(CategoryMap.from_dict(spec.categories).coco_ids)
         self.batch_sizes: Counter[int] = Counter()
         self.detect.set_max_batch_size(max_batch)
@@ -114,8 +115,8 @@ class ModelDeployment:
         from pipelines.evaluation.inference import detect_images
 
         image = self.spec.config.image
-        return detect_images(self.model, [r[0] for r in requests], image_ids=[0] * len(requests),
-                             min_dim=image.min_dim, max_dim=image.max_dim, coco_ids=self.coco_ids, device=self.device,
+        return detect_images(self.run, [r[0] for r in requests], image_ids=[0] * len(requests),
+                             min_dim=image.min_dim, max_dim=image.max_dim, coco_ids=self.coco_ids,
                              min_scores=[r[1] for r in requests], limits=[r[2] for r in requests])
 
     def stats(self) -> dict[str, Any]:

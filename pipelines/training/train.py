@@ -7,6 +7,7 @@ The per-worker loop is `pipelines.training.loop`.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -18,6 +19,7 @@ import mrcnn
 import pipelines
 from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config, ConfigError, check_flip, fingerprint_diff
+from mrcnn.export import onnx_bytes
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.errors import InputError
@@ -27,7 +29,7 @@ from pipelines.infra import tracking
 from pipelines.infra.context import RunContext
 from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_nodes
-from pipelines.infra.storage import absolute
+from pipelines.infra.storage import absolute, write_bytes
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
 from pipelines.training.loop import train_loop_per_worker
 from pipelines.training.model_source import ModelSource, check_init
@@ -298,7 +300,12 @@ def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, conf
     model.eval()
     model.mrcnn_meta = {"config": config.to_dict(), "categories": state.meta["categories"], "num_classes": num_classes}
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+        extra_files = []
+        if config.train.export_onnx:  # `mrcnn-cli export`'s file, carrying the same meta
+            extra_files.append(str(Path(tmp) / "model.onnx"))
+            meta = {**model.mrcnn_meta, "source": f"runs:/{run_id}/model"}
+            write_bytes(extra_files[0], onnx_bytes(model, image_size=config.image.max_dim, batch=1, meta=meta))
         mlflow.pytorch.log_model(
             model,
             name="model",
@@ -309,6 +316,7 @@ def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, conf
             # torch and torchvision as this process runs them, without a local tag (`2.11.0+cu130` -> 2.11.0)
             pip_requirements=[f"{name}=={version(name).split('+')[0]}" for name in ("torch", "torchvision")]
             + ["pycocotools>=2.0.11", "numpy>=2.4", "pyyaml>=6"],
+            extra_files=extra_files or None,
         )
 
 

@@ -168,6 +168,59 @@ def _manifest_only_shards(tmp_path: Path) -> Path:
     return shards
 
 
+def test_export_then_predict_onnx_writes_what_predict_writes(synth_dataset, tmp_path, one_thread):
+    """`export` an (untrained, threshold 0) shapes checkpoint for 2 images, then `predict --onnx` on 3 images (a full
+    graph batch and a padded one): the same pictures and, result by result, the same COCO results as
+    `predict --model-path`."""
+    annotations, images = split_paths(str(synth_dataset), "val2017")
+    categories = read_split(annotations, images).categories
+    config = shapes().override(["detection.min_confidence=0.0"])
+    torch.manual_seed(0)
+    model = build_model(config, num_classes=categories.num_classes)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model=model, optimizer=None, scheduler=None, step=0, epoch=0,
+                           batch_in_epoch=0, meta={"config": config.to_dict(), "categories": categories.to_dict(),
+                                                   "num_classes": categories.num_classes})
+    onnx_file = tmp_path / "model.onnx"
+    result = runner.invoke(app, ["export", "--model-path", str(ckpt), "--out", str(onnx_file), "--batch", "2"])
+    assert result.exit_code == 0 and f"{onnx_file} (" in result.output and "batch 2, opset 17" in result.output, \
+        result.output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("model")] == ["model.onnx"]  # no temporary left
+    files = sorted(str(p) for p in (synth_dataset / "val2017").glob("*.jpg"))[:3]
+    outputs = {}
+    for name, how in (("eager", ["--model-path", str(ckpt), "--no-gpu"]), ("onnx", ["--onnx", str(onnx_file)])):
+        result = runner.invoke(app, ["predict", *files, *how, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0 and "3 images" in result.output, result.output
+        outputs[name] = json.loads((tmp_path / name / "predictions.json").read_text())
+        assert sorted(p.name for p in (tmp_path / name).glob("*.png")) == sorted(
+            p.rsplit("/", 1)[1].replace(".jpg", ".png") for p in files)
+    eager, ours = outputs["eager"], outputs["onnx"]
+    assert len(eager) == len(ours) == 3 * config.detection.max_detections
+    for a, b in zip(eager, ours, strict=True):
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert max(abs(x - y) for x, y in zip(a["bbox"], b["bbox"], strict=True)) <= 0.02
+        assert abs(a["score"] - b["score"]) <= 2e-5
+
+
+def test_export_and_predict_refuse_a_source_that_is_not_a_model_alike(tmp_path):
+    """A SOURCE that is not a model: `export` ends in predict's message, naming --model-path and the folder, and writes
+    nothing; `predict` wants exactly one of --model-path and --onnx; a file that is not an export is named."""
+    (tmp_path / "ckpt").mkdir()
+    image = tmp_path / "1.png"
+    Image.new("RGB", (40, 30)).save(image)
+    source = str(tmp_path / "ckpt")
+    exported = runner.invoke(app, ["export", "--model-path", source, "--out", str(tmp_path / "m.onnx")])
+    predicted = runner.invoke(app, ["predict", str(image), "--model-path", source, "--out", str(tmp_path / "p")])
+    line = _short_error(exported, "--model-path", source, "not a checkpoint").splitlines()[0]
+    assert line == _short_error(predicted, "--model-path", source).splitlines()[0]
+    assert exported.output == predicted.output
+    assert not (tmp_path / "m.onnx").exists()
+    for how in ([], ["--model-path", source, "--onnx", str(tmp_path / "m.onnx")]):
+        result = runner.invoke(app, ["predict", str(image), *how, "--out", str(tmp_path / "p")])
+        assert result.exit_code == 2 and "one of --model-path and --onnx" in result.output, result.output
+    result = runner.invoke(app, ["predict", str(image), "--onnx", str(image), "--out", str(tmp_path / "p")])
+    _short_error(result, f"{image}: not an ONNX model onnxruntime can load")
+
+
 def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys(tmp_path):
     """`predict --model-path torchvision:FILE` and `train --init torchvision:FILE` (on the driver, before Ray starts)
     refuse a state dict that is neither torchvision's Mask R-CNN nor its ResNet, naming its first keys."""

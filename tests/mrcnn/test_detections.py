@@ -91,3 +91,17 @@ def test_detections_to_original_maps_boxes_and_pastes_masks():
     assert out["masks"].shape == (2, 40, 50) and torch.equal(out["masks"][0], expected)
     assert out["masks"][1].sum().item() == 10 * 10  # rows 30..39, columns 40..49
     assert out["class_ids"].tolist() == [3, 1] and out["scores"].tolist() == pytest.approx([0.9, 0.8])
+
+
+def test_pad_per_image_puts_each_images_rows_first_and_counts_them():
+    """Rows of images 0, 0, 2 (image 1 has none) padded to 2 an image: counts 2, 0, 1 and zeros after each count."""
+    from mrcnn.detections import pad_per_image
+
+    columns = {"scores": torch.tensor([0.9, 0.8, 0.7]), "boxes": torch.arange(12.0).view(3, 4)}
+    out = pad_per_image(columns, torch.tensor([0, 0, 2]), num_images=3, size=2)
+    torch.testing.assert_close(out["count"], torch.tensor([2, 0, 1]))
+    torch.testing.assert_close(out["scores"], torch.tensor([[0.9, 0.8], [0.0, 0.0], [0.7, 0.0]]))
+    expected = torch.zeros(3, 2, 4)
+    expected[0] = columns["boxes"][:2]
+    expected[2, 0] = columns["boxes"][2]
+    torch.testing.assert_close(out["boxes"], expected)

@@ -83,6 +83,8 @@ def test_clip_to_window_per_image():
 def test_top_per_group_keeps_the_first_k_of_each_group_in_order():
     groups = torch.tensor([1, 0, 1, 1, 0, 2, 1])
     torch.testing.assert_close(top_per_group(groups, 2), torch.tensor([1, 4, 0, 2, 5]))
+    torch.testing.assert_close(top_per_group(groups, 2, num_groups=4), torch.tensor([1, 4, 0, 2, 5]))
+    assert top_per_group(groups[:0], 2, num_groups=3).tolist() == []  # nothing kept: an image without detections
 
 
 # two levels: a0..a2 on level 0, a3, a4 on level 1; a3 overlaps a0 (IoU 0.82), a4 is far from everything

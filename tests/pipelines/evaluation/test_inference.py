@@ -24,7 +24,6 @@ from pipelines.evaluation.inference import (
 )
 from pipelines.infra.context import RunContext
 from pipelines.models import load_model, model_spec
-from tests.support.trained_shapes import train_shapes_checkpoint
 
 
 def _rows(shards: str, split: str = "val2017") -> dict[str, np.ndarray]:
@@ -93,11 +92,6 @@ def test_way_back_of_a_packed_batch_is_the_per_image_way_back():
         assert ours[i] == theirs and len(ours[i]) == len(det["boxes"])
 
 
-@pytest.fixture(scope="module")
-def trained_shapes(synth_shards, tmp_path_factory) -> str:
-    return train_shapes_checkpoint(synth_shards, tmp_path_factory.mktemp("trained"), steps=150)
-
-
 def _one_loop_detections(shards: str, ckpt: str, min_confidence: float) -> tuple[list[dict], list[int]]:
     """The evaluation as it was before the stages (one actor doing everything in turn), in-process: the
     training decoder (RPN targets built and unused, float32 scales), the model, the way back and RLE."""
@@ -147,18 +141,19 @@ def test_a_threshold_applied_after_the_model_equals_the_models_own(one_thread):
     """`detect_images` of a model loaded at min_confidence 0 with min_scores t (and a limit) gives exactly what the
     same model at min_confidence t gives: the server's one model serves every request's threshold."""
     from mrcnn.model import build_model
-    from pipelines.evaluation.inference import detect_images
+    from pipelines.evaluation.inference import detect_images, eager_runner
 
     torch.manual_seed(0)
     model = build_model(shapes().override(["detection.min_confidence=0.0"]), num_classes=4).eval()
     rng = np.random.default_rng(1)
     images = [rng.integers(0, 256, (90, 120, 3), dtype=np.uint8), rng.integers(0, 256, (128, 64, 3), dtype=np.uint8)]
-    kwargs = {"image_ids": [1, 2], "min_dim": 128, "max_dim": 128, "coco_ids": [1, 2, 3], "device": torch.device("cpu")}
-    everything = detect_images(model, images, **kwargs)
+    kwargs = {"image_ids": [1, 2], "min_dim": 128, "max_dim": 128, "coco_ids": [1, 2, 3]}
+    run = eager_runner(model, torch.device("cpu"))
+    everything = detect_images(run, images, **kwargs)
     scores = sorted(r["score"] for found in everything for r in found)
     threshold = scores[len(scores) // 2]
-    trimmed = detect_images(model, images, min_scores=[threshold, threshold], limits=[20, 3], **kwargs)
+    trimmed = detect_images(run, images, min_scores=[threshold, threshold], limits=[20, 3], **kwargs)
     model.detection_settings = replace(model.detection_settings, min_confidence=threshold)
-    own = detect_images(model, images, **kwargs)
+    own = detect_images(run, images, **kwargs)
     assert trimmed[0] == own[0] and trimmed[1] == own[1][:3]
     assert 0 < len(own[0]) + len(own[1]) < len(scores) and len(own[1]) > 3  # the threshold and the limit both cut

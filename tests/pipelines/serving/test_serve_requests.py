@@ -13,7 +13,7 @@ from PIL import Image
 
 from mrcnn.config import shapes
 from mrcnn.model import build_model
-from pipelines.evaluation.inference import detect_images
+from pipelines.evaluation.inference import detect_images, eager_runner
 from pipelines.serving.app import answer_batch
 from pipelines.serving.options import ServeOptionError, ServeOptions
 from pipelines.serving.requests import RequestError, check_query, decode_request, image_bytes
@@ -88,8 +88,9 @@ def test_a_request_the_model_cannot_take_fails_alone_in_its_batch(one_thread):
     thin = np.zeros((1, 2000, 3), np.uint8)
 
     def run(requests):
-        return detect_images(model, [r[0] for r in requests], image_ids=[0] * len(requests), min_dim=128,
-                             max_dim=128, coco_ids=[1, 2, 3], device=torch.device("cpu"),
+        return detect_images(eager_runner(model, torch.device("cpu")), [r[0] for r in requests],
+                             image_ids=[0] * len(requests), min_dim=128,
+                             max_dim=128, coco_ids=[1, 2, 3],
                              min_scores=[r[1] for r in requests], limits=[r[2] for r in requests])
 
     requests = [(good[0], 0.0, 20), (thin, 0.0, 20), (good[1], 0.0, 5)]

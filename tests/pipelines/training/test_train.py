@@ -5,6 +5,7 @@ parts are tested without Ray Train in test_trainer.py and test_loop.py."""
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
@@ -37,7 +38,9 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     # epoch starts a new Ray Data stream, ~10 s of fixed cost on 2 cores)
     # train.cache_data as the demo runs: the splits decoded once into the object store, not streamed per epoch
     # val_every=1: the validation loss after each of the 2 epochs, through train() (the shapes preset has 0)
-    config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1, cache_data=True, val_every=1)
+    # train.export_onnx: the logged model also holds its ONNX export
+    config = _config(steps=10, checkpoint_every=5, lr=0.01, batch_size=1, cache_data=True, val_every=1,
+                     export_onnx=True)
     result = train(
         config,
         TrainRequest(shards=synth_shards, run_name="two-workers", cpus_per_worker=1.0, register="mrcnn-shapes-test"),
@@ -79,6 +82,19 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
     with torch.no_grad():
         detections = model.eval()({k: torch.as_tensor(v) for k, v in batch.items()})
     assert len(detections) == 2 and set(detections[0]) >= {"boxes", "class_ids", "scores", "masks"}
+    # train.export_onnx: model.onnx among the model's files, giving the logged model's detections in onnxruntime
+    from pipelines.evaluation.inference import run_model
+    from pipelines.evaluation.onnx_export import OnnxModel
+
+    files = Path(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/model", dst_path=str(tmp_path / "dl")))
+    [onnx_file] = files.rglob("model.onnx")
+    exported = OnnxModel(onnx_file)
+    assert exported.meta.source == f"runs:/{result.run_id}/model" and exported.meta.config == config
+    eager = run_model(model, batch["images"], batch["windows"], torch.device("cpu"),
+                      max_detections=config.detection.max_detections)
+    ours = exported(batch["images"], batch["windows"])
+    np.testing.assert_array_equal(ours["det_count"], eager["det_count"])
+    np.testing.assert_allclose(ours["det_scores"], eager["det_scores"], rtol=0, atol=1e-4)
     assert len(client.get_metric_history(result.run_id, "val_loss")) == 2  # one per epoch (val_every=1)
 
     # evaluate and predict take MLflow model URIs: runs:/ (evaluate, in Ray actors) and models:/ (predict)
