@@ -18,6 +18,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,35 @@ def resolve_tracking_uri(explicit: str | None = None) -> str:
     if uri:
         return uri
     return f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+_FLUENT_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def fluent_store(tracking_uri: str | None) -> Iterator[None]:
+    """MLflow's fluent API (log_model, register_model, loading runs:/ and models:/ URIs) pointed at `tracking_uri`,
+    tracking and registry, for the block; then as before. `mlflow.set_tracking_uri` also writes
+    MLFLOW_TRACKING_URI into os.environ, which would otherwise become the default store of every later stage of
+    this process (`resolve_tracking_uri`). None: nothing changes."""
+    if not tracking_uri:
+        yield
+        return
+    import mlflow
+
+    saved = {name: os.environ.get(name) for name in _FLUENT_ENV}
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+        for name, value in saved.items():  # set_registry_uri(None) leaves its variable behind
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def ui_command(tracking_uri: str) -> str:
@@ -145,12 +176,11 @@ def register_model(tracking_uri: str, run_id: str, name: str, *, tags: dict[str,
     import mlflow
 
     client = _client(tracking_uri)
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     # mlflow.register_model resolves runs:/ID/model to the logged model (MLflow 3 keeps it outside the run's
     # artifacts); a version created by the client from the runs:/ URI would point at no MLmodel
-    version = mlflow.register_model(f"runs:/{run_id}/model", name,
-                                    tags={k: _param_value(v) for k, v in (tags or {}).items()})
+    with fluent_store(tracking_uri):
+        version = mlflow.register_model(f"runs:/{run_id}/model", name,
+                                        tags={k: _param_value(v) for k, v in (tags or {}).items()})
     client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
 

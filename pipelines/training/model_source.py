@@ -23,6 +23,7 @@ from torch import nn
 from mrcnn.config import Config
 from pipelines.data.categories import CategoryMap
 from pipelines.data.errors import InputError
+from pipelines.infra import tracking
 from pipelines.infra.storage import absolute
 from pipelines.training.checkpoints import CheckpointError, load_checkpoint, load_model_state, read_meta
 from pipelines.training.pretrained import (
@@ -114,9 +115,8 @@ def load_mlflow_model(uri: str, tracking_uri: str | None):
     process: a Ray actor does not inherit the driver's MLflow state)."""
     import mlflow.pytorch
 
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    return mlflow.pytorch.load_model(uri, map_location="cpu")
+    with tracking.fluent_store(tracking_uri):
+        return mlflow.pytorch.load_model(uri, map_location="cpu")
 
 
 def check_init(source: ModelSource | None, *, config: Config, categories: CategoryMap, num_classes: int,

@@ -299,8 +299,7 @@ def log_final_model(tracking_uri: str, run_id: str, checkpoint_dir: str, *, conf
     load_model_state(model, state.model)
     model.eval()
     model.mrcnn_meta = {"config": config.to_dict(), "categories": state.meta["categories"], "num_classes": num_classes}
-    mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
+    with tracking.fluent_store(tracking_uri), mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory() as tmp:
         extra_files = []
         if config.train.export_onnx:  # `mrcnn-cli export`'s file, carrying the same meta
             extra_files.append(str(Path(tmp) / "model.onnx"))

@@ -89,3 +89,35 @@ def test_experiments_carry_the_runs_table_view_and_the_ui_address_opens_it(tmp_p
     address = tracking.ui_url(uri, "older")
     assert address == (f"http://127.0.0.1:5000/#/experiments/{older}/runs?workflowType=machine_learning"
                        "&viewStateShareKey=pipelines")
+
+
+def test_the_fluent_store_is_set_for_its_block_and_the_environment_left_as_it_was(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri writes MLFLOW_TRACKING_URI into os.environ: without `fluent_store` putting it back,
+    registering or logging a model would make that store every later stage's default in the process."""
+    import os
+
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for before in (None, f"sqlite:///{tmp_path / 'other.db'}"):
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+            if before is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, before)
+        with tracking.fluent_store(uri):
+            assert (mlflow.get_tracking_uri(), mlflow.get_registry_uri()) == (uri, uri)
+            assert os.environ["MLFLOW_TRACKING_URI"] == uri
+        assert [os.environ.get(n) for n in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")] == [before, before]
+        assert tracking.resolve_tracking_uri() != uri
+
+
+def test_only_the_fluent_store_points_mlflow_at_a_store():
+    """Every other module goes through `tracking.fluent_store` (or a client bound to its URI)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    sources = [p for folder in ("mrcnn", "pipelines") for p in (root / folder).rglob("*.py")]
+    callers = sorted(str(p.relative_to(root)) for p in sources
+                     if "set_tracking_uri(" in p.read_text() or "set_registry_uri(" in p.read_text())
+    assert callers == ["pipelines/infra/tracking.py"], callers
