@@ -1,3 +1,4 @@
+import math
 import time
 
 import pytest
@@ -45,10 +46,57 @@ def test_positive_ignored_negative_by_iou():
 
 
 def test_thresholds_are_inclusive_and_configurable():
+    # anchor 0 (IoU 1) is the gt box's best anchor, so the others are labelled by their IoU alone; the IoUs are
+    # exact in float32 (areas 1:2 and 1:4 nested): 0.5 is positive at positive_iou 0.5, 0.25 ignored at
+    # negative_iou 0.25
     gt = [[0, 0, 10, 10]]
-    anchors = [[0, 0, 10, 20], [0, 0, 10, 40], [0, 0, 10, 100]]  # IoU 0.5, 0.25, 0.1
+    anchors = [[0, 0, 10, 10], [0, 0, 10, 20], [0, 0, 10, 40], [0, 0, 10, 100]]  # IoU 1, 0.5, 0.25, 0.1
     t = _targets(anchors, gt, positive_iou=0.5, negative_iou=0.25)
+    assert t.pos_idx.tolist() == [0, 1] and t.ignore_idx.tolist() == [2]
+    # just above each threshold the same anchors fall one class lower
+    t = _targets(anchors, gt, positive_iou=0.51, negative_iou=0.26)
     assert t.pos_idx.tolist() == [0] and t.ignore_idx.tolist() == [1]
+
+
+def test_the_coco_thresholds_met_exactly():
+    # the preset's 0.7 / 0.3 / 0.001: IoU 70 / 100, 30 / 100 and (crowd) 1 / 1000, each the float32 of the
+    # threshold; anchor 0 is the best anchor of the gt box, so no other anchor is positive by that rule
+    gt = [[0, 0, 10, 10]]
+    crowd = [[200, 0, 201, 1]]
+    anchors = [
+        [0, 0, 10, 10],  # IoU 1: positive (best)
+        [0, 0, 10, 7],  # 0.7: positive (>= positive_iou)
+        [0, 0, 10, 3],  # 0.3: ignored (>= negative_iou)
+        [0, 0, 10, 2],  # 0.2: negative
+        [200, 0, 210, 100],  # crowd IoU 1 / 1000 = crowd_iou: ignored
+        [200, 0, 210, 101],  # crowd IoU 1 / 1010 < crowd_iou: negative
+    ]
+    t = _targets(anchors, gt, crowd)
+    assert t.pos_idx.tolist() == [0, 1] and t.ignore_idx.tolist() == [2, 4]
+    # the positive at the threshold gets its deltas to the gt box: dy = (5 - 3.5) / 7 / 0.1, dh = log(10 / 7) / 0.2
+    torch.testing.assert_close(t.pos_deltas[1], torch.tensor([0.0, 1.5 / 7 / 0.1, 0.0, math.log(10 / 7) / 0.2]))
+
+
+def test_settings_reach_compute_rpn_targets():
+    from mrcnn.rpn_targets import RPNTargetSettings
+
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    crowd = torch.tensor([[200.0, 0.0, 201.0, 1.0]])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 40.0],
+                            [200.0, 0.0, 210.0, 10.0], [1.0, 0.0, 10.0, 10.0]])  # IoU 1, .5, .25, crowd .01, .9
+
+    def run(*overrides):
+        config = coco().override(["rpn.positive_iou=0.7", "rpn.negative_iou=0.3", "rpn.crowd_iou=0.001",
+                                  "rpn.bbox_std=[0.1,0.1,0.2,0.2]", *overrides])
+        t = RPNTargetSettings.from_config(config).compute(anchors=anchors, gt_boxes=gt, crowd_boxes=crowd)
+        return t.pos_idx.tolist(), t.ignore_idx.tolist(), round(t.pos_deltas[-1, 2].item(), 4)
+
+    dw = round(math.log(10 / 9) / 0.2, 4)
+    assert run() == ([0, 4], [1, 3], dw)
+    assert run("rpn.positive_iou=0.5") == ([0, 1, 4], [3], dw)
+    assert run("rpn.negative_iou=0.25") == ([0, 4], [1, 2, 3], dw)
+    assert run("rpn.crowd_iou=0.02") == ([0, 4], [1], dw)
+    assert run("rpn.bbox_std=[0.1,0.1,0.1,0.2]") == ([0, 4], [1, 3], round(math.log(10 / 9) / 0.1, 4))
 
 
 def test_best_anchor_rule_keeps_every_tie():
