@@ -164,3 +164,24 @@ def test_every_detection_setting_reaches_detect():
     assert run("detection.max_detections=1") == ([0], [0.0])
     assert run("detection.min_size=11") == ([0], [0.0])  # the 10 px high box is dropped
     assert run("roi.bbox_std=[0.2,0.1,0.2,0.2]") == ([0, 1], [0.0, 12.0])
+
+
+def test_paste_threshold_is_inclusive():
+    # a constant 0.5 mask: every pixel inside the box samples exactly 0.5, which is in the mask
+    pasted = paste_masks_in_image(torch.full((1, 28, 28), 0.5), torch.tensor([[2.0, 2.0, 10.0, 10.0]]), 12, 12)
+    assert pasted[0, 3:9, 3:9].all() and not pasted[0, :2].any()
+
+
+def test_paste_in_chunks_reaches_every_mask():
+    # a 4096 x 2049 image: one mask per chunk (2**24 // (4096 * 2049) = 1), so the second is in the second chunk
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [100.0, 200.0, 108.0, 208.0]])
+    pasted = paste_masks_in_image(torch.ones(2, 28, 28), boxes, 2049, 4096)
+    assert pasted[0, :8, :8].all() and pasted[1, 200:208, 100:108].all()
+    assert pasted.sum().item() == 2 * 64
+
+
+def test_detections_to_original_clips_a_box_past_the_origin_to_zero():
+    det = {"boxes": torch.tensor([[-6.0, -4.0, 20.0, 30.0]]), "class_ids": torch.tensor([1]),
+           "scores": torch.tensor([0.9]), "masks": torch.ones(1, 28, 28)}
+    out = detections_to_original(det, scale=2.0, window=(0, 0, 100, 80), height=40, width=50)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0.0, 10.0, 15.0]]))
