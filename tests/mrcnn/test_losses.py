@@ -125,3 +125,30 @@ def test_mask_loss_with_non_zero_logits_by_hand():
     logits[0, 1, 0] = torch.tensor([1.5, -0.5])
     loss = mask_loss(logits, torch.tensor([1]), torch.tensor([[[1.0, 0.0]]]))
     assert loss.item() == pytest.approx((_softplus(-1.5) + _softplus(-0.5)) / 2, rel=1e-6)
+
+
+def test_rpn_losses_sample_with_the_given_generator():
+    # 8 positives and 8 negatives with distinct logits, 4 sampled: the loss depends on the draw, and the same
+    # seed gives the same draw
+    match = torch.tensor([[1] * 8 + [0] * 8], dtype=torch.int8)
+    logits = torch.linspace(-3, 3, 16)[None]
+
+    def loss(seed):
+        return rpn_losses(logits, torch.zeros(1, 16, 4), match, torch.zeros(1, 16, 4), num_samples=4,
+                          positive_fraction=0.5, generator=torch.Generator().manual_seed(seed))[0].item()
+
+    values = {loss(seed) for seed in range(6)}
+    assert len(values) > 1
+    assert all(loss(seed) == loss(seed) for seed in range(3))
+    torch.manual_seed(0)  # the global generator moved between the calls: a seeded draw must not follow it
+    first = loss(7)
+    torch.manual_seed(1)
+    assert loss(7) == first
+
+
+def test_rpn_losses_of_a_single_sampled_anchor_divide_by_one():
+    match = torch.tensor([[1, -1]], dtype=torch.int8)
+    targets = torch.zeros(1, 2, 4)
+    targets[0, 0, 0] = 2.0
+    loss_cls, loss_box = rpn_losses(torch.zeros(1, 2), torch.zeros(1, 2, 4), match, targets, **SAMPLE)
+    assert loss_cls.item() == pytest.approx(math.log(2)) and loss_box.item() == pytest.approx(_smooth_l1(2.0))
