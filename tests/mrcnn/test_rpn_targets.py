@@ -263,3 +263,15 @@ def test_sampler_is_uniform_and_seeded():
     assert frac[16:].sum() == 0
     again = sample_anchors(match, num_samples=4, positive_fraction=0.5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again[0], pos) and torch.equal(again[1], neg)
+
+
+def test_sampler_all_positive_fraction_takes_no_negative():
+    # positive_fraction 1 with positives enough for the whole sample: no room left for a negative
+    match = torch.tensor([[1] * 6 + [0] * 6], dtype=torch.int8)
+    pos, neg = sample_anchors(match, num_samples=4, positive_fraction=1.0)
+    assert pos.sum().item() == 4 and neg.sum().item() == 0
+
+
+def test_sampler_on_an_empty_batch():
+    pos, neg = sample_anchors(torch.zeros(0, 5, dtype=torch.int8), num_samples=4, positive_fraction=0.5)
+    assert pos.shape == neg.shape == (0, 5)
