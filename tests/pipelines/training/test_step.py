@@ -35,7 +35,7 @@ def test_the_in_a_row_counter_resets_on_a_good_step():
     assert runner.nonfinite_in_a_row == 1 and runner.nonfinite_total == 4
     # two more bad ones make three in a row: stop, naming the count
     runner({"x": torch.tensor([BAD])}, 6)
-    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row .*; lower train.lr or check the data$"):
         runner({"x": torch.tensor([BAD])}, 7)
     assert runner.nonfinite_total == 6
 
@@ -74,3 +74,13 @@ def test_finite_flag_without_a_process_group():
     assert finite_flag_on_every_rank(torch.tensor(2.0)).tolist() == [1]
     assert finite_flag_on_every_rank(torch.tensor(float("inf"))).tolist() == [0]
     assert finite_flag_on_every_rank(torch.tensor(float("nan")), collective=False).tolist() == [0]
+
+
+def test_flip_without_a_flip_permutation_is_refused_with_the_way_out():
+    runner = StepRunner(model=OneWeight(), optimizer=None, scheduler=None, device=torch.device("cpu"), grad_clip=0.0,
+                        flip=True, flip_perm=None)
+    message = ("flip augmentation needs the anchors' flip permutation (model.flip_perm), and this model has none: "
+               "its anchors are not mirror-symmetric; train with train.flip=false")
+    with pytest.raises(ValueError) as raised:
+        runner({"x": torch.tensor([GOOD])}, 0)
+    assert str(raised.value) == message
