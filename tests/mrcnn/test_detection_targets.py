@@ -144,3 +144,18 @@ def test_settings_reach_sample_detection_targets():
     base, doubled = run(*everything)[3], run(*everything, "roi.bbox_std=[0.2,0.2,0.4,0.4]")[3]
     assert base.deltas.abs().sum() > 0
     torch.testing.assert_close(doubled.deltas * 2, base.deltas)
+
+
+def test_nonempty_boxes_needs_positive_width_and_height():
+    from mrcnn.detection_targets import nonempty_boxes
+
+    boxes = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],  # a box
+        [5.0, 0.0, 5.0, 10.0],  # zero width
+        [0.0, 5.0, 10.0, 5.0],  # zero height
+        [0.0, 0.0, 0.0, 0.0],  # padding
+        [20.0, 0.0, 30.0, 10.0],  # right of the origin: x1 > y2
+        [0.0, 20.0, 10.0, 30.0],  # below it: y1 > x2
+        [10.0, 0.0, 5.0, 10.0],  # x2 < x1
+    ])
+    assert nonempty_boxes(boxes).tolist() == [True, False, False, False, True, True, False]

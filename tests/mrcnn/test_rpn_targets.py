@@ -275,3 +275,18 @@ def test_sampler_all_positive_fraction_takes_no_negative():
 def test_sampler_on_an_empty_batch():
     pos, neg = sample_anchors(torch.zeros(0, 5, dtype=torch.int8), num_samples=4, positive_fraction=0.5)
     assert pos.shape == neg.shape == (0, 5)
+
+
+def test_scatter_positive_deltas_equals_the_dense_targets_per_image():
+    from mrcnn.rpn_targets import scatter_positive_deltas
+
+    # image 0: positives 3 and 0, one padding slot; image 1: positive 4 only
+    pos_idx = torch.tensor([[3, 0, -1], [4, -1, -1]])
+    pos_deltas = torch.arange(24, dtype=torch.float64).reshape(2, 3, 4) + 1
+    dense = scatter_positive_deltas(6, pos_idx, pos_deltas)
+    assert dense.shape == (2, 6, 4) and dense.dtype == torch.float32
+    for i in range(2):
+        valid = pos_idx[i] >= 0
+        _, expected = dense_rpn_targets(6, pos_idx[i][valid], pos_deltas[i][valid], [])
+        torch.testing.assert_close(dense[i], expected)
+    assert dense[0, 3].tolist() == [1.0, 2.0, 3.0, 4.0] and dense[1, 4].tolist() == [13.0, 14.0, 15.0, 16.0]
