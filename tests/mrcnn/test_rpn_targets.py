@@ -290,3 +290,5 @@ def test_scatter_positive_deltas_equals_the_dense_targets_per_image():
         _, expected = dense_rpn_targets(6, pos_idx[i][valid], pos_deltas[i][valid], [])
         torch.testing.assert_close(dense[i], expected)
     assert dense[0, 3].tolist() == [1.0, 2.0, 3.0, 4.0] and dense[1, 4].tolist() == [13.0, 14.0, 15.0, 16.0]
+    # the shards store the indices as int32 (scatter_ needs int64: converted inside)
+    torch.testing.assert_close(scatter_positive_deltas(6, pos_idx.to(torch.int32), pos_deltas), dense)
