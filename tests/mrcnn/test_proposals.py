@@ -180,3 +180,10 @@ def test_every_proposal_setting_reaches_generate_proposals():
         torch.testing.assert_close(got, expected, msg=str(overrides))
     settings = ProposalSettings.from_config(shapes().override(["rpn.post_nms_train=123", "rpn.post_nms_test=45"]))
     assert (settings.post_nms_train, settings.post_nms_test) == (123, 45)
+
+
+def test_top_per_group_keeps_score_order_in_long_runs_of_ties():
+    # thousands of items in three groups: an unstable sort (torch's default) reorders ties at this size
+    groups = torch.randint(0, 3, (5000,), generator=torch.Generator().manual_seed(0))
+    expected = [i for g in range(3) for i in [j for j, v in enumerate(groups.tolist()) if v == g][:700]]
+    assert top_per_group(groups, 700).tolist() == expected
