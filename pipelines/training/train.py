@@ -7,6 +7,7 @@ The per-worker loop is `pipelines.training.loop`.
 
 from __future__ import annotations
 
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -241,7 +242,7 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
     # Ray's Checkpoint.path is a path inside its storage filesystem (no scheme): made a URI again here, so
     # that the DAG's later stages, evaluate and predict read it from wherever they run
     latest = checkpoint_uri(result.checkpoint, storage)
-    best = checkpoint_uri(min(result.best_checkpoints, key=lambda cm: cm[1].get("val_loss", float("inf")))[0], storage)
+    best = checkpoint_uri(lowest_val_loss(result.best_checkpoints), storage)
     if request.log_model:
         log_final_model(tracking_uri, run_id, latest, config=config, num_classes=num_classes)
         if request.register:
@@ -259,6 +260,18 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
         metrics=dict(result.metrics or {}),
         total_steps=total_steps,
     )
+
+
+def lowest_val_loss(checkpoints: list[tuple[Any, dict[str, Any]]]) -> Any:
+    """The checkpoint of (checkpoint, metrics) pairs (Ray's `Result.best_checkpoints`) with the lowest `val_loss`;
+    one without a finite `val_loss` (saved before the first validation, or a non-finite one) ranks last, and among
+    equals the earliest wins."""
+
+    def loss(pair: tuple[Any, dict[str, Any]]) -> float:
+        value = pair[1].get("val_loss")
+        return float(value) if value is not None and math.isfinite(value) else math.inf
+
+    return min(checkpoints, key=loss)[0]
 
 
 def resume_refusal(meta: dict[str, Any], config: Config, fingerprint: str) -> str | None:

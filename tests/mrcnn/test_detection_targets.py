@@ -93,3 +93,69 @@ def test_batch_of_two_images_keeps_images_apart():
     t = _sample([FAR, FAR[:2]], two)
     assert t.image_idx.tolist() == [0] * 5 + [1] * 2
     assert t.class_ids[5:].tolist() == [0, 0] and (t.class_ids[:5] > 0).sum().item() == 2
+
+
+def test_a_roi_exactly_at_positive_iou_is_positive():
+    # GT[0] is 36 x 36; the RoI holds it and is twice its area (36 x 72): IoU exactly 0.5
+    at_threshold = torch.tensor([[16.0, 20.0, 52.0, 92.0]])
+    t = _sample([at_threshold], _batch(gt=GT[:1], classes=(1,)), rois_per_image=4, positive_fraction=1.0)
+    assert sorted(t.class_ids.tolist()) == [1, 1]  # the RoI and the appended gt box
+    # a positive threshold just above 0.5 makes it a negative
+    t = _sample([at_threshold], _batch(gt=GT[:1], classes=(1,)), rois_per_image=4, positive_fraction=1.0,
+                positive_iou=0.51)
+    assert t.class_ids.tolist() == [1, 0] and torch.equal(t.rois[1], at_threshold[0])
+
+
+def test_a_roi_exactly_at_crowd_iou_is_never_negative():
+    crowd = [100.0, 100.0, 110.0, 110.0]
+    at_threshold = torch.tensor([[100.0, 100.0, 110.0, 120.0]])  # IoU with the crowd box exactly 0.5
+    t = _sample([at_threshold], _batch(crowd=crowd), rois_per_image=8, crowd_iou=0.5)
+    assert not any(torch.equal(r, at_threshold[0]) for r in t.rois)
+    t = _sample([at_threshold], _batch(crowd=crowd), rois_per_image=8, crowd_iou=0.51)
+    assert any(torch.equal(r, at_threshold[0]) for r in t.rois)
+
+
+def test_settings_reach_sample_detection_targets():
+    from mrcnn.config import shapes
+    from mrcnn.detection_targets import DetectionTargetSettings
+
+    crowd = [100.0, 100.0, 110.0, 110.0]
+    proposals = torch.cat([_jitter(GT[0], 6), torch.tensor([[16.0, 20.0, 52.0, 92.0]]), FAR.repeat(3, 1),
+                           torch.tensor([[100.0, 100.0, 110.0, 120.0]])])  # IoU 0.5 with GT[0]; 0.5 with the crowd
+
+    def run(*overrides):
+        config = shapes().override(["roi.rois_per_image=8", "roi.positive_fraction=0.25", "roi.positive_iou=0.5",
+                                    "rpn.crowd_iou=0.001", "roi.bbox_std=[0.1,0.1,0.2,0.2]", "mask.mask_size=28",
+                                    *overrides])
+        t = DetectionTargetSettings.from_config(config).sample([proposals], **_batch(crowd=crowd),
+                                                               generator=torch.Generator().manual_seed(0))
+        return t.rois.shape[0], int((t.class_ids > 0).sum()), tuple(t.masks.shape[1:]), t
+
+    assert run()[:3] == (8, 2, (28, 28))
+    assert run("roi.rois_per_image=4")[:2] == (4, 1)
+    assert run("roi.positive_fraction=0.5")[:2] == (8, 4)
+    assert run("mask.mask_size=14")[2] == (14, 14)
+    # 9 positives at 0.5 (6 jittered, the 0.5 RoI, 2 gt boxes); at 0.6 the 0.5 RoI is not one, and fills as negative
+    everything = ["roi.rois_per_image=32", "roi.positive_fraction=1.0"]
+    assert run(*everything)[1] == 9 and run(*everything, "roi.positive_iou=0.6")[1] == 8
+    # the crowd threshold comes from the rpn section: at 0.6 the RoI half over the crowd box becomes a negative
+    assert run(*everything)[0] == 9 + 9 and run(*everything, "rpn.crowd_iou=0.6")[0] == 9 + 10
+    # same sample (same generator), the deltas divided by twice the std: half of them
+    base, doubled = run(*everything)[3], run(*everything, "roi.bbox_std=[0.2,0.2,0.4,0.4]")[3]
+    assert base.deltas.abs().sum() > 0
+    torch.testing.assert_close(doubled.deltas * 2, base.deltas)
+
+
+def test_nonempty_boxes_needs_positive_width_and_height():
+    from mrcnn.detection_targets import nonempty_boxes
+
+    boxes = torch.tensor([
+        [0.0, 0.0, 10.0, 10.0],  # a box
+        [5.0, 0.0, 5.0, 10.0],  # zero width
+        [0.0, 5.0, 10.0, 5.0],  # zero height
+        [0.0, 0.0, 0.0, 0.0],  # padding
+        [20.0, 0.0, 30.0, 10.0],  # right of the origin: x1 > y2
+        [0.0, 20.0, 10.0, 30.0],  # below it: y1 > x2
+        [10.0, 0.0, 5.0, 10.0],  # x2 < x1
+    ])
+    assert nonempty_boxes(boxes).tolist() == [True, False, False, False, True, True, False]

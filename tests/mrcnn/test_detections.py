@@ -105,3 +105,97 @@ def test_pad_per_image_puts_each_images_rows_first_and_counts_them():
     expected[0] = columns["boxes"][:2]
     expected[2, 0] = columns["boxes"][2]
     torch.testing.assert_close(out["boxes"], expected)
+
+
+# Boundaries and wiring (issue 31): thresholds met exactly, and settings that reach `detect`.
+# Two classes (background, 1) with equal logits: softmax gives exactly 0.5 to each.
+HALF = torch.zeros(1, 2)
+WINDOW = torch.tensor([[0, 0, 100, 100]])
+STD = (0.1, 0.1, 0.2, 0.2)
+
+
+def _detect_rois(rois, logits=None, **kw):
+    rois = torch.tensor(rois, dtype=torch.float32)
+    logits = torch.zeros(rois.shape[0], 2) if logits is None else logits
+    settings = dict(bbox_std=STD, min_confidence=0.5, nms_threshold=0.3, max_detections=10, min_size=0.01)
+    settings.update(kw)
+    return detect(logits, torch.zeros(rois.shape[0], 2, 4), rois, torch.zeros(rois.shape[0], dtype=torch.int64),
+                  WINDOW, **settings)[0]
+
+
+def test_a_score_exactly_at_min_confidence_is_kept():
+    assert torch.softmax(HALF, dim=1)[0, 1].item() == 0.5  # the premise: exactly representable
+    kept = _detect_rois([[10, 10, 50, 50]], min_confidence=0.5)
+    assert kept["scores"].tolist() == [0.5]
+    assert _detect_rois([[10, 10, 50, 50]], min_confidence=0.5001)["scores"].numel() == 0
+
+
+def test_nms_just_above_and_below_the_overlap():
+    # same class, IoU exactly 1/3 (100 px shared of 300); the second has the lower score
+    rois = [[0, 0, 20, 10], [10, 0, 30, 10]]
+    logits = torch.tensor([[0.0, 2.0], [0.0, 1.0]])
+    assert _detect_rois(rois, logits, nms_threshold=0.34)["roi_index"].tolist() == [0, 1]  # IoU below: both stay
+    assert _detect_rois(rois, logits, nms_threshold=0.33)["roi_index"].tolist() == [0]  # above: suppressed
+
+
+def test_boxes_on_the_window_edge_kept_as_they_are_and_zero_size_dropped():
+    # a box touching all four window edges; one reaching past it (clipped onto the edge); one wholly right of the
+    # window (clipped to zero width) and one wholly below it (zero height): those two are dropped
+    rois = [[0, 0, 100, 100], [50, 50, 120, 130], [100, 10, 140, 30], [10, 100, 30, 140]]
+    logits = torch.tensor([[0.0, 4.0], [0.0, 3.0], [0.0, 2.0], [0.0, 1.0]])
+    kept = _detect_rois(rois, logits, nms_threshold=0.9)
+    torch.testing.assert_close(kept["boxes"], torch.tensor([[0.0, 0.0, 100.0, 100.0], [50.0, 50.0, 100.0, 100.0]]))
+    assert kept["roi_index"].tolist() == [0, 1]
+    # min_size 0 keeps the zero-size boxes too (sizes >= min_size): the rule is inclusive
+    assert _detect_rois(rois, logits, nms_threshold=0.9, min_size=0.0)["roi_index"].tolist() == [0, 1, 2, 3]
+    # a box exactly min_size wide is kept, one a little narrower is not
+    assert _detect_rois([[10, 10, 12, 50]], min_size=2.0)["roi_index"].tolist() == [0]
+    assert _detect_rois([[10, 10, 11.9, 50]], min_size=2.0)["roi_index"].numel() == 0
+
+
+def test_every_detection_setting_reaches_detect():
+    from mrcnn.config import shapes
+    from mrcnn.detections import DetectionSettings
+
+    # two same-class boxes overlapping at IoU 1/3, scores 0.88 and 0.73; the second 20 x 10, shifted by its dx,
+    # the first 20 x 12
+    rois = torch.tensor([[0.0, 0.0, 20.0, 12.0], [10.0, 0.0, 30.0, 10.0]])
+    logits = torch.tensor([[0.0, 2.0], [0.0, 1.0]])
+    deltas = torch.zeros(2, 2, 4)
+    deltas[1, 1, 0] = 0.5  # dx 0.5 * std_x * width 20
+
+    def run(*overrides):
+        config = shapes().override(["roi.bbox_std=[0.1,0.1,0.2,0.2]", "detection.min_confidence=0.5",
+                                    "detection.nms_threshold=0.5", "detection.max_detections=10",
+                                    "detection.min_size=0.01", *overrides])
+        out = DetectionSettings.from_config(config).detect(logits, deltas, rois, torch.zeros(2, dtype=torch.int64),
+                                                           WINDOW)[0]
+        return out["roi_index"].tolist(), [box[0] for box in out["boxes"].tolist()]
+
+    assert run() == ([0, 1], [0.0, 11.0])
+    assert run("detection.nms_threshold=0.2") == ([0], [0.0])  # the config's NMS threshold, not a fixed one
+    assert run("detection.min_confidence=0.8") == ([0], [0.0])
+    assert run("detection.max_detections=1") == ([0], [0.0])
+    assert run("detection.min_size=11") == ([0], [0.0])  # the 10 px high box is dropped
+    assert run("roi.bbox_std=[0.2,0.1,0.2,0.2]") == ([0, 1], [0.0, 12.0])
+
+
+def test_paste_threshold_is_inclusive():
+    # a constant 0.5 mask: every pixel inside the box samples exactly 0.5, which is in the mask
+    pasted = paste_masks_in_image(torch.full((1, 28, 28), 0.5), torch.tensor([[2.0, 2.0, 10.0, 10.0]]), 12, 12)
+    assert pasted[0, 3:9, 3:9].all() and not pasted[0, :2].any()
+
+
+def test_paste_in_chunks_reaches_every_mask():
+    # a 4096 x 2049 image: one mask per chunk (2**24 // (4096 * 2049) = 1), so the second is in the second chunk
+    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [100.0, 200.0, 108.0, 208.0]])
+    pasted = paste_masks_in_image(torch.ones(2, 28, 28), boxes, 2049, 4096)
+    assert pasted[0, :8, :8].all() and pasted[1, 200:208, 100:108].all()
+    assert pasted.sum().item() == 2 * 64
+
+
+def test_detections_to_original_clips_a_box_past_the_origin_to_zero():
+    det = {"boxes": torch.tensor([[-6.0, -4.0, 20.0, 30.0]]), "class_ids": torch.tensor([1]),
+           "scores": torch.tensor([0.9]), "masks": torch.ones(1, 28, 28)}
+    out = detections_to_original(det, scale=2.0, window=(0, 0, 100, 80), height=40, width=50)
+    torch.testing.assert_close(out["boxes"], torch.tensor([[0.0, 0.0, 10.0, 15.0]]))

@@ -137,3 +137,55 @@ def test_min_size_is_a_setting():
                                   **kwargs)[0][0]) == 0
     kept = generate_proposals(torch.zeros(1, 1), torch.zeros(1, 1, 4), thin, window, min_size=1e-3, **kwargs)[0][0]
     torch.testing.assert_close(kept, thin)
+
+
+def test_every_proposal_setting_reaches_generate_proposals():
+    """ProposalSettings.from_config + propose: each rpn setting, set away from the base, changes the proposals,
+    and they are generate_proposals' with that value (a setting read from the config but not passed on fails)."""
+    from mrcnn.anchors import AnchorSettings, anchors_from_config, anchors_per_level
+    from mrcnn.config import shapes
+    from mrcnn.proposals import ProposalSettings
+
+    base = ["rpn.pre_nms_topk=300", "rpn.nms_threshold=0.7", "rpn.min_size=1.0", "rpn.bbox_std=[0.1,0.1,0.2,0.2]",
+            "rpn.pre_nms_per_level=false", "rpn.nms_per_level=false"]
+    config = shapes().override(base)
+    anchors = anchors_from_config(config)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, anchors.shape[0], generator=g) * 3
+    deltas = torch.randn(1, anchors.shape[0], 4, generator=g) * 0.5
+    size = config.image.max_dim
+    windows = torch.tensor([[0, 0, size, size]])
+    direct = dict(pre_nms_topk=300, post_nms_topk=1000, nms_threshold=0.7, bbox_std=(0.1, 0.1, 0.2, 0.2),
+                  min_size=1.0, level_sizes=tuple(anchors_per_level(AnchorSettings.from_config(config))),
+                  pre_nms_per_level=False, nms_per_level=False)
+
+    def proposals(*overrides):
+        settings = ProposalSettings.from_config(shapes().override([*base, *overrides]))
+        return settings.propose(logits, deltas, anchors, windows, post_nms_topk=1000)[0][0]
+
+    reference = proposals()
+    torch.testing.assert_close(reference, generate_proposals(logits, deltas, anchors, windows, **direct)[0][0])
+    for overrides, changed in [
+        (["rpn.pre_nms_topk=40"], {"pre_nms_topk": 40}),
+        (["rpn.nms_threshold=0.3"], {"nms_threshold": 0.3}),
+        (["rpn.min_size=12"], {"min_size": 12.0}),
+        (["rpn.bbox_std=[0.2,0.2,0.4,0.4]"], {"bbox_std": (0.2, 0.2, 0.4, 0.4)}),
+        # against the run with the first override only: 40 per level vs 40 in all; NMS in levels vs over the image
+        (["rpn.pre_nms_topk=40", "rpn.pre_nms_per_level=true"], {"pre_nms_topk": 40, "pre_nms_per_level": True}),
+        (["rpn.nms_threshold=0.3", "rpn.nms_per_level=true"], {"nms_threshold": 0.3, "nms_per_level": True}),
+    ]:
+        got = proposals(*overrides)
+        expected = generate_proposals(logits, deltas, anchors, windows, **{**direct, **changed})[0][0]
+        # the premise: the setting changes the result (against the base, or the pre_nms_topk=40 run)
+        plain = proposals(*overrides[:1]) if len(overrides) > 1 else reference
+        assert got.shape != plain.shape or not torch.equal(got, plain), overrides
+        torch.testing.assert_close(got, expected, msg=str(overrides))
+    settings = ProposalSettings.from_config(shapes().override(["rpn.post_nms_train=123", "rpn.post_nms_test=45"]))
+    assert (settings.post_nms_train, settings.post_nms_test) == (123, 45)
+
+
+def test_top_per_group_keeps_score_order_in_long_runs_of_ties():
+    # thousands of items in three groups: an unstable sort (torch's default) reorders ties at this size
+    groups = torch.randint(0, 3, (5000,), generator=torch.Generator().manual_seed(0))
+    expected = [i for g in range(3) for i in [j for j, v in enumerate(groups.tolist()) if v == g][:700]]
+    assert top_per_group(groups, 700).tolist() == expected

@@ -1,3 +1,4 @@
+import math
 import time
 
 import pytest
@@ -45,10 +46,57 @@ def test_positive_ignored_negative_by_iou():
 
 
 def test_thresholds_are_inclusive_and_configurable():
+    # anchor 0 (IoU 1) is the gt box's best anchor, so the others are labelled by their IoU alone; the IoUs are
+    # exact in float32 (areas 1:2 and 1:4 nested): 0.5 is positive at positive_iou 0.5, 0.25 ignored at
+    # negative_iou 0.25
     gt = [[0, 0, 10, 10]]
-    anchors = [[0, 0, 10, 20], [0, 0, 10, 40], [0, 0, 10, 100]]  # IoU 0.5, 0.25, 0.1
+    anchors = [[0, 0, 10, 10], [0, 0, 10, 20], [0, 0, 10, 40], [0, 0, 10, 100]]  # IoU 1, 0.5, 0.25, 0.1
     t = _targets(anchors, gt, positive_iou=0.5, negative_iou=0.25)
+    assert t.pos_idx.tolist() == [0, 1] and t.ignore_idx.tolist() == [2]
+    # just above each threshold the same anchors fall one class lower
+    t = _targets(anchors, gt, positive_iou=0.51, negative_iou=0.26)
     assert t.pos_idx.tolist() == [0] and t.ignore_idx.tolist() == [1]
+
+
+def test_the_coco_thresholds_met_exactly():
+    # the preset's 0.7 / 0.3 / 0.001: IoU 70 / 100, 30 / 100 and (crowd) 1 / 1000, each the float32 of the
+    # threshold; anchor 0 is the best anchor of the gt box, so no other anchor is positive by that rule
+    gt = [[0, 0, 10, 10]]
+    crowd = [[200, 0, 201, 1]]
+    anchors = [
+        [0, 0, 10, 10],  # IoU 1: positive (best)
+        [0, 0, 10, 7],  # 0.7: positive (>= positive_iou)
+        [0, 0, 10, 3],  # 0.3: ignored (>= negative_iou)
+        [0, 0, 10, 2],  # 0.2: negative
+        [200, 0, 210, 100],  # crowd IoU 1 / 1000 = crowd_iou: ignored
+        [200, 0, 210, 101],  # crowd IoU 1 / 1010 < crowd_iou: negative
+    ]
+    t = _targets(anchors, gt, crowd)
+    assert t.pos_idx.tolist() == [0, 1] and t.ignore_idx.tolist() == [2, 4]
+    # the positive at the threshold gets its deltas to the gt box: dy = (5 - 3.5) / 7 / 0.1, dh = log(10 / 7) / 0.2
+    torch.testing.assert_close(t.pos_deltas[1], torch.tensor([0.0, 1.5 / 7 / 0.1, 0.0, math.log(10 / 7) / 0.2]))
+
+
+def test_settings_reach_compute_rpn_targets():
+    from mrcnn.rpn_targets import RPNTargetSettings
+
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    crowd = torch.tensor([[200.0, 0.0, 201.0, 1.0]])
+    anchors = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 20.0], [0.0, 0.0, 10.0, 40.0],
+                            [200.0, 0.0, 210.0, 10.0], [1.0, 0.0, 10.0, 10.0]])  # IoU 1, .5, .25, crowd .01, .9
+
+    def run(*overrides):
+        config = coco().override(["rpn.positive_iou=0.7", "rpn.negative_iou=0.3", "rpn.crowd_iou=0.001",
+                                  "rpn.bbox_std=[0.1,0.1,0.2,0.2]", *overrides])
+        t = RPNTargetSettings.from_config(config).compute(anchors=anchors, gt_boxes=gt, crowd_boxes=crowd)
+        return t.pos_idx.tolist(), t.ignore_idx.tolist(), round(t.pos_deltas[-1, 2].item(), 4)
+
+    dw = round(math.log(10 / 9) / 0.2, 4)
+    assert run() == ([0, 4], [1, 3], dw)
+    assert run("rpn.positive_iou=0.5") == ([0, 1, 4], [3], dw)
+    assert run("rpn.negative_iou=0.25") == ([0, 4], [1, 2, 3], dw)
+    assert run("rpn.crowd_iou=0.02") == ([0, 4], [1], dw)
+    assert run("rpn.bbox_std=[0.1,0.1,0.1,0.2]") == ([0, 4], [1, 3], round(math.log(10 / 9) / 0.1, 4))
 
 
 def test_best_anchor_rule_keeps_every_tie():
@@ -215,3 +263,32 @@ def test_sampler_is_uniform_and_seeded():
     assert frac[16:].sum() == 0
     again = sample_anchors(match, num_samples=4, positive_fraction=0.5, generator=torch.Generator().manual_seed(1))
     assert torch.equal(again[0], pos) and torch.equal(again[1], neg)
+
+
+def test_sampler_all_positive_fraction_takes_no_negative():
+    # positive_fraction 1 with positives enough for the whole sample: no room left for a negative
+    match = torch.tensor([[1] * 6 + [0] * 6], dtype=torch.int8)
+    pos, neg = sample_anchors(match, num_samples=4, positive_fraction=1.0)
+    assert pos.sum().item() == 4 and neg.sum().item() == 0
+
+
+def test_sampler_on_an_empty_batch():
+    pos, neg = sample_anchors(torch.zeros(0, 5, dtype=torch.int8), num_samples=4, positive_fraction=0.5)
+    assert pos.shape == neg.shape == (0, 5)
+
+
+def test_scatter_positive_deltas_equals_the_dense_targets_per_image():
+    from mrcnn.rpn_targets import scatter_positive_deltas
+
+    # image 0: positives 3 and 0, one padding slot; image 1: positive 4 only
+    pos_idx = torch.tensor([[3, 0, -1], [4, -1, -1]])
+    pos_deltas = torch.arange(24, dtype=torch.float64).reshape(2, 3, 4) + 1
+    dense = scatter_positive_deltas(6, pos_idx, pos_deltas)
+    assert dense.shape == (2, 6, 4) and dense.dtype == torch.float32
+    for i in range(2):
+        valid = pos_idx[i] >= 0
+        _, expected = dense_rpn_targets(6, pos_idx[i][valid], pos_deltas[i][valid], [])
+        torch.testing.assert_close(dense[i], expected)
+    assert dense[0, 3].tolist() == [1.0, 2.0, 3.0, 4.0] and dense[1, 4].tolist() == [13.0, 14.0, 15.0, 16.0]
+    # the shards store the indices as int32 (scatter_ needs int64: converted inside)
+    torch.testing.assert_close(scatter_positive_deltas(6, pos_idx.to(torch.int32), pos_deltas), dense)

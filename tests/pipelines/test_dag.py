@@ -326,3 +326,55 @@ def test_run_register_registers_the_trained_model_tagged_with_its_evaluation(syn
     assert int(version.version) == 1 and version.run_id == run_id
     assert {k: float(v) for k, v in version.tags.items() if k in ("segm_AP", "segm_AP50", "bbox_AP", "bbox_AP50")} \
         == {"segm_AP": 0.25, "segm_AP50": 0.5, "bbox_AP": 0.125, "bbox_AP50": 0.75}
+
+
+# What each request field (and each of the context's compared settings) reruns: a field missing from here fails the
+# test below, so a new input is placed on purpose. Not keyed: where the outputs go (work_dir), what to redo (force),
+# how the training is placed on the cluster (cpus_per_worker, placement_strategy: the same model either way), and
+# the registry name the trained model gets (register).
+ALL_STAGES = ["preprocess", "train", "evaluate"]
+REQUEST_RERUNS = {
+    "dataset": ALL_STAGES, "train_split": ALL_STAGES, "val_split": ALL_STAGES, "eval_limit": ["evaluate"],
+    "init": ["train", "evaluate"], "work_dir": [], "force": [], "cpus_per_worker": [], "placement_strategy": [],
+    "register": [],  # the Model Registry entry is made after the stages, from train's run
+}
+
+
+def test_every_request_field_is_in_the_keys_of_the_stages_it_changes(synth_dataset, tmp_path):
+    """The request's fields as well as the config's: each one changed reruns exactly the stages it can change."""
+    import shutil
+
+    import torch
+
+    from mrcnn.config import shapes
+    from pipelines.dag import PipelineRequest, pipeline_stages, stage_keys
+
+    assert {f.name for f in dataclasses.fields(PipelineRequest)} == set(REQUEST_RERUNS)
+    other = tmp_path / "other"  # the same images and annotations elsewhere (and under other split names)
+    shutil.copytree(synth_dataset, other)
+    for split in ("train2017", "val2017"):
+        shutil.copy(other / f"annotations/instances_{split}.json", other / f"annotations/instances_{split}b.json")
+        (other / f"{split}b").symlink_to(other / split)
+    weights = tmp_path / "w.pth"
+    torch.save({"conv1.weight": torch.zeros(1)}, weights)
+    changed = {"dataset": str(synth_dataset), "train_split": "train2017b", "val_split": "val2017b", "eval_limit": 3,
+               "init": f"torchvision:{weights}", "work_dir": str(tmp_path / "elsewhere"), "force": "train",
+               "cpus_per_worker": 3.0, "placement_strategy": "SPREAD", "register": "shapes-champ"}
+    ctx = RunContext(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+
+    def keys(request, context=ctx):
+        return [s.key for s in stage_keys(pipeline_stages(shapes(), request, context))]
+
+    base = PipelineRequest(dataset=str(other), train_split="train2017", val_split="val2017")
+    before = keys(base)
+    wrong = []
+    for name, expected in REQUEST_RERUNS.items():
+        after = keys(dataclasses.replace(base, **{name: changed[name]}))
+        rerun = [stage for stage, a, b in zip(ALL_STAGES, before, after, strict=True) if a != b]
+        if rerun != expected:
+            wrong.append(f"{name}: reruns {rerun or 'nothing'}, expected {expected}")
+    # the context's compared settings: the number of workers changes the training (the global batch)
+    after = keys(base, dataclasses.replace(ctx, workers=ctx.workers + 1))
+    if [stage for stage, a, b in zip(ALL_STAGES, before, after, strict=True) if a != b] != ["train", "evaluate"]:
+        wrong.append("workers: expected to rerun train and evaluate")
+    assert not wrong, "\n".join(wrong)

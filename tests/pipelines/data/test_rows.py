@@ -60,3 +60,36 @@ def test_a_truncated_file_is_still_skipped_and_named(tmp_path):
     path.write_bytes(path.read_bytes()[:300])
     row, reports = RowMaker(shapes().to_dict(), torch_threads=None).make(_record(path, 40, 60))
     assert row is None and reports[0]["reason"].startswith("corrupt_image") and reports[0]["file"] == "cut.jpg"
+
+
+def test_every_setting_the_row_maker_reads_reaches_the_row(tmp_path):
+    """Each image / roi / mask / rpn setting RowMaker reads, set away from the base, changes the row as it should."""
+    path = tmp_path / "cmyk.jpg"  # CMYK: re-encoded, so the encoding settings apply
+    Image.fromarray(_photo(40, 60)).convert("CMYK").save(path, "JPEG")
+    record = _record(path, 40, 60)
+    small = {"id": 2, "category_id": 2, "iscrowd": 0, "area": 36.0, "bbox": [30.0, 20.0, 6.0, 6.0],
+             "segmentation": [[30, 20, 36, 20, 36, 26, 30, 26]]}
+    record["annotations"].append(small)  # the larger first (area 100), then this one
+
+    def row(*overrides):
+        config = shapes().override(["image.min_dim=128", "image.max_dim=128", "roi.max_gt_instances=10",
+                                    "mask.mini_mask_size=56", "image.encoding=jpeg", "image.jpeg_quality=95",
+                                    "rpn.positive_iou=0.7", *overrides])
+        made, reports = RowMaker(config.to_dict(), torch_threads=None).make(record)
+        assert reports == []
+        return made
+
+    base = row()
+    assert base["window"] == [0, 0, 128, 85] and base["num_instances"] == 2 and base["_dropped"] == 0
+    assert base["image"][:2] == b"\xff\xd8" and len(base["mini_masks"]) == 2 * 56 * 56 // 8
+    # the resize: 64 px (the pipeline keeps max_dim a multiple of 64)
+    assert row("image.min_dim=64", "image.max_dim=64")["window"] == [0, 0, 64, 43]
+    assert row("image.min_dim=32")["window"] == [0, 0, 48, 32]  # the short side to min_dim: scale 0.8
+    # the larger instance kept when only one may be
+    one = row("roi.max_gt_instances=1")
+    assert one["num_instances"] == 1 and one["_dropped"] == 1 and one["gt_class_ids"].tolist() == [1]
+    assert len(row("mask.mini_mask_size=24")["mini_masks"]) == 2 * 24 * 24 // 8
+    assert row("image.encoding=png")["image"][:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(row("image.jpeg_quality=20")["image"]) < len(base["image"])
+    # the RPN labelling: a lower positive IoU makes more positives
+    assert len(row("rpn.positive_iou=0.3")["rpn_pos_idx"]) > len(base["rpn_pos_idx"])

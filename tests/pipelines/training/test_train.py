@@ -231,3 +231,17 @@ def test_cpus_per_worker_defaults_to_two_on_gpus_and_one_on_cpus():
     assert default_cpus_per_worker(3, use_gpu=True) == 3  # what was asked for wins
     with pytest.raises(ValueError, match="--cpus-per-worker 0"):
         default_cpus_per_worker(0, use_gpu=False)
+
+
+def test_the_best_checkpoint_is_the_one_of_the_lowest_validation_loss():
+    from pipelines.training.train import lowest_val_loss
+
+    # in Ray's order (oldest first); the lowest is neither the first nor the last
+    pairs = [("a", {"val_loss": 2.0}), ("b", {"val_loss": 0.5}), ("c", {"val_loss": 1.0}), ("d", {"val_loss": 3.0})]
+    assert lowest_val_loss(pairs) == "b"
+    # a checkpoint saved before any validation, or with a non-finite loss, ranks last
+    assert lowest_val_loss([("early", {}), ("nan", {"val_loss": float("nan")}), ("x", {"val_loss": 9.0})]) == "x"
+    assert lowest_val_loss([("nan", {"val_loss": float("nan")}), ("y", {"val_loss": 9.0})]) == "y"
+    # ties: the earliest; nothing validated at all: the first
+    assert lowest_val_loss([("p", {"val_loss": 1.0}), ("q", {"val_loss": 1.0})]) == "p"
+    assert lowest_val_loss([("first", {}), ("second", {})]) == "first"
