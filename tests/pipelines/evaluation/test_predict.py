@@ -105,3 +105,31 @@ def test_find_images_takes_files_and_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no .jpg"):
         find_images([tmp_path / "empty"])
+
+
+def test_a_pictures_mask_pixels_have_the_masks_colour(tmp_path):
+    """What the picture shows, not only that it exists: a detection's RLE mask drawn on a grey 40 x 60 image (shown
+    4x under the title band) tints exactly its own pixels with the instance's colour."""
+    import pycocotools.mask as mask_util
+
+    from pipelines.evaluation.predict import detections_picture
+    from pipelines.pictures import overlay_color
+
+    grey = 128
+    image = np.full((40, 60, 3), grey, np.uint8)
+    mask = np.zeros((40, 60), np.uint8)
+    mask[10:30, 20:45] = 1  # rows 10..29, columns 20..44
+    mask[20:30, 20:26] = 0  # a notch: no flip or shift of the mask keeps it where it was
+    rle = mask_util.encode(np.asfortranarray(mask))
+    rle["counts"] = rle["counts"].decode()
+    result = {"image_id": 1, "category_id": 1, "bbox": [15.0, 5.0, 35.0, 30.0], "score": 0.9, "segmentation": rle}
+    png = np.asarray(Image.open(detections_picture(image, [result], {1: "circle"}, tmp_path / "p.png")).convert("RGB"))
+    assert png.shape == (HEADER_PX + 160, 240, 3)
+    shown = png[HEADER_PX:].astype(int)
+    tint = np.rint(grey * 0.55 + np.asarray(overlay_color(0)) * 0.45)
+    centres = shown[2::4, 2::4]  # one PNG pixel at the centre of each image pixel (4 x 4 PNG pixels each)
+    # clear of the box outline (x 15..50, y 5..35) and of its tag (the top rows inside the box)
+    rows, cols = slice(12, 33), slice(17, 48)
+    np.testing.assert_array_equal(np.abs(centres[rows, cols] - tint).max(axis=2) <= 1, mask[rows, cols] == 1)
+    np.testing.assert_array_equal(np.abs(centres[rows, cols] - grey).max(axis=2) <= 1, mask[rows, cols] == 0)
+    assert (np.abs(centres[37:, :10] - grey).max(axis=2) <= 1).all()  # outside the box: the image as it was
