@@ -96,7 +96,7 @@ def check_request(request: TuneRequest, config: Config) -> dict[str, SearchSpec]
     if request.metric not in METRICS:
         raise InputError(f"--metric {request.metric!r}: one of {', '.join(METRICS)} (segm_AP is not supported yet)")
     for option, value in (("--samples", request.samples), ("--grace-period", request.grace_period),
-                          ("--max-concurrent", request.max_concurrent or 1)):
+                          ("--max-concurrent", 1 if request.max_concurrent is None else request.max_concurrent)):
         if value < 1:
             raise InputError(f"{option} {value}: must be at least 1")
     if request.reduction_factor < 2:

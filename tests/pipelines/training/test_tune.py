@@ -9,10 +9,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from mrcnn.config import shapes
+from pipelines.data.errors import InputError
 from pipelines.infra.context import RunContext
 from pipelines.training.checkpoints import load_checkpoint
 from pipelines.training.search_space import SearchSpecError
-from pipelines.training.tune import TuneRequest, format_table, tune
+from pipelines.training.tune import TuneRequest, check_request, format_table, max_concurrent, sweep_config, tune
 
 
 def test_bad_specs_are_refused_before_ray_starts(tmp_path):
@@ -75,3 +76,45 @@ def test_a_sweep_stops_the_losing_trial_early_and_logs_every_trial_to_mlflow(syn
     assert bad["val_loss"] > good["val_loss"]
     view = client.get_experiment(parent.info.experiment_id).tags["mlflow.sharedViewState.tune-sweep"]
     assert "params.`train.lr`" in view and "metrics.`val_loss`" in view
+
+
+@pytest.mark.parametrize(("changes", "words"), [
+    ({"scheduler": "hyperband"}, "--scheduler 'hyperband': one of asha, fifo"),
+    ({"metric": "segm_AP"}, "--metric 'segm_AP': one of val_loss (segm_AP is not supported yet)"),
+    ({"samples": 0}, "--samples 0: must be at least 1"),
+    ({"grace_period": 0}, "--grace-period 0: must be at least 1"),
+    ({"max_concurrent": 0}, "--max-concurrent 0: must be at least 1"),
+    ({"resume": True}, "--resume: give the --name of the sweep to continue"),
+])
+def test_the_sweeps_own_settings_are_checked_before_any_work(changes, words):
+    request = replace(TuneRequest(shards="unused", searches=("train.lr=choice(0.01)",)), **changes)
+    with pytest.raises(InputError) as err:
+        check_request(request, shapes())
+    assert str(err.value) == words
+
+
+def test_a_sweep_validates_every_epoch():
+    """ASHA compares the trials' validation loss at each rung: a config that validates only at the end (the shapes
+    preset's train.val_every=0) is swept with 1; another value is kept."""
+    assert shapes().train.val_every == 0 and sweep_config(shapes()).train.val_every == 1
+    every_2 = shapes().override(["train.val_every=2"])
+    assert sweep_config(every_2) is every_2
+
+
+def test_concurrency_follows_the_clusters_cpus_and_the_limit(ray_session):
+    """The session's Ray has 6 logical CPUs and no GPU."""
+    assert max_concurrent(1, 1.0, use_gpu=False, limit=None) == 6
+    assert max_concurrent(2, 1.0, use_gpu=False, limit=None) == 3
+    assert max_concurrent(1, 1.0, use_gpu=False, limit=2) == 2
+    assert max_concurrent(4, 2.0, use_gpu=False, limit=None) == 1  # one trial even when none fits: Ray waits
+    assert max_concurrent(1, 2.0, use_gpu=True, limit=None) == 1  # no GPU in the cluster
+
+
+def test_the_table_has_one_line_per_trial():
+    rows = [{"trial": "a_00000", "train.lr": 0.0123456, "val_loss": 1.5, "epoch": 2, "stopped_early": False,
+             "error": None},
+            {"trial": "a_00001", "train.lr": 0.5, "val_loss": None, "epoch": 1, "stopped_early": True, "error": None}]
+    lines = format_table(rows, ["train.lr"], "val_loss").splitlines()
+    assert lines[0].split() == ["trial", "train.lr", "val_loss", "epoch", "ended"]
+    assert lines[1].split() == ["a_00000", "0.01235", "1.5000", "2", "finished"]
+    assert lines[2].split() == ["a_00001", "0.5", "-", "1", "stopped", "early"]
