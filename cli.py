@@ -192,7 +192,7 @@ def tune(
 ) -> None:
     """Hyperparameter sweep on Ray Tune: every trial our training, ASHA early stopping, one MLflow run per trial.
 
-    Example: mrcnn-cli tune --shards shards --config shapes --set train.epochs=4 --no-gpu
+    Example: mrcnn-cli tune --shards shards --config shapes --set train.steps=0 --set train.epochs=4 --no-gpu
     --search 'train.lr=loguniform(1e-4,1e-2)' --search 'roi.rois_per_image=choice(32,64,128)' --samples 8
     """
     from pipelines.infra.tracking import ui_command, ui_url

@@ -4,6 +4,7 @@ and the checks that refuse a sweep before Ray starts."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -118,3 +119,55 @@ def test_the_table_has_one_line_per_trial():
     assert lines[0].split() == ["trial", "train.lr", "val_loss", "epoch", "ended"]
     assert lines[1].split() == ["a_00000", "0.01235", "1.5000", "2", "finished"]
     assert lines[2].split() == ["a_00001", "0.5", "-", "1", "stopped", "early"]
+
+
+@pytest.mark.slow
+def test_a_sweep_whose_driver_was_killed_resumes_without_rerunning_or_duplicating(synth_shards, ray_session,
+                                                                                   tmp_path):
+    """`mrcnn-cli tune` (a subprocess on the session's Ray) is killed once its first trial finished and the second
+    one validated; `--resume` ends the sweep: the first trial is not run again (its validation loss logged twice,
+    as one run), the second trial logs into the run it made before, one run a trial."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pipelines.infra import tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    sets = ["train.epochs=2", "train.steps=0", "train.batch_size=2", "train.warmup_steps=1",
+            "train.checkpoint_every=100", "train.cache_data=true", "train.val_every=1"]
+    args = [sys.executable, "-m", "cli", "tune", "--shards", synth_shards, "--config", "shapes", "--no-gpu",
+            "--search", "train.lr=grid(0.02, 0.01)", "--scheduler", "fifo", "--max-concurrent", "1", "--name", "sw",
+            "--storage", str(tmp_path / "tune"), "--tracking-uri", uri,
+            "--address", ray_session.get_runtime_context().gcs_address, *(a for s in sets for a in ("--set", s))]
+    tracking.ensure_experiment(uri)  # the store made here: the polling below and the driver never both create it
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # the sweep's state saved every second
+    driver = subprocess.Popen(args, cwd=Path(__file__).resolve().parents[3], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 600  # a bound for a hung sweep, not a timing the test relies on
+        while True:
+            assert driver.poll() is None, "the sweep ended before it was killed"
+            assert time.monotonic() < deadline, "the second trial never validated"
+            runs = tracking.find_runs(uri, "mrcnn-pipeline", {"stage": "tune-trial"})
+            if len(runs) == 2 and tracking.metric_history(uri, runs[1], "val_loss"):
+                break
+            time.sleep(2)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    first, second = runs
+    assert len(tracking.metric_history(uri, first, "val_loss")) == 2  # finished before the kill
+
+    config = shapes().override(sets)
+    request = TuneRequest(shards=synth_shards, searches=("train.lr=grid(0.02, 0.01)",), scheduler="fifo",
+                          max_concurrent=1, name="sw", resume=True)
+    result = tune(config, request, RunContext(workers=1, use_gpu=False, storage=str(tmp_path / "tune"),
+                                              tracking_uri=uri))
+    assert sorted(r["run_id"] for r in result.rows) == sorted(runs)
+    assert tracking.find_runs(uri, "mrcnn-pipeline", {"stage": "tune-trial"}) == runs  # none added
+    assert len(tracking.metric_history(uri, first, "val_loss")) == 2  # not run again
+    assert all(r["step"] == 10 and not r["stopped_early"] for r in result.rows), result.rows
+    assert MlflowClient(uri).get_run(result.parent_run_id).info.status == "FINISHED"
