@@ -27,10 +27,13 @@ from pipelines.cli_options import (
     CpusOpt,
     ExperimentOpt,
     GpuOpt,
+    MetricOpt,
     ModelConfigOpt,
     ModelSetOpt,
     PlacementOpt,
     RegisterOpt,
+    SchedulerOpt,
+    SearchOpt,
     SetOpt,
     TrackingOpt,
     VerboseOpt,
@@ -164,6 +167,56 @@ def train(
     )
     result = run_train(cfg, request, run_context(address, tracking_uri, experiment, workers, gpu, storage))
     typer.echo(f"checkpoint: {result.checkpoint}\nbest: {result.best_checkpoint}\nmlflow run: {result.run_id}")
+
+
+@app.command()
+def tune(
+    shards: Annotated[str, typer.Option(help="Shards folder or URI written by preprocess.")],
+    search: SearchOpt,
+    samples: Annotated[int, typer.Option(help="Draws of the search space (each grid value this many times).")] = 1,
+    workers_per_trial: Annotated[int, typer.Option(help="Data-parallel workers of each trial.")] = 1,
+    gpu: GpuOpt = None,
+    scheduler: SchedulerOpt = "asha",
+    metric: MetricOpt = "val_loss",
+    grace_period: Annotated[int, typer.Option(help="Epochs every trial runs before ASHA may stop it.")] = 1,
+    max_concurrent: Annotated[int | None, typer.Option(
+        help="Trials at once, at most (default: as many as the cluster's GPUs or CPUs hold).")] = None,
+    split: Annotated[str, typer.Option(help="Training split.")] = "train2017",
+    val_split: Annotated[str, typer.Option(help="Validation split (the metric, every epoch).")] = "val2017",
+    name: Annotated[str | None, typer.Option(help="Sweep name: its folder under --storage, its MLflow run.")] = None,
+    storage: Annotated[str | None, typer.Option(help="Sweep storage path or URI (default ./tune_results).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the sweep --name under --storage.")] = False,
+    experiment: ExperimentOpt = DEFAULT_EXPERIMENT,
+    cpus_per_worker: CpusOpt = None,
+    config: ConfigOpt = "coco",
+    set_: SetOpt = None,
+    address: AddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Hyperparameter sweep on Ray Tune: every trial our training, ASHA early stopping, one MLflow run per trial.
+
+    Example: mrcnn-cli tune --shards shards --config shapes --set train.steps=0 --set train.epochs=4 --no-gpu
+    --search 'train.lr=loguniform(1e-4,1e-2)' --search 'roi.rois_per_image=choice(32,64,128)' --samples 8
+    """
+    from pipelines.infra.tracking import ui_command, ui_url
+    from pipelines.training.tune import TuneRequest, format_table, view_key
+    from pipelines.training.tune import tune as run_tune
+
+    cfg = load_config(config, set_ or [])
+    console("tune", verbose)
+    request = TuneRequest(shards=shards, searches=tuple(search), samples=samples, scheduler=scheduler, metric=metric,
+                          grace_period=grace_period, max_concurrent=max_concurrent, name=name, resume=resume,
+                          split=split, val_split=val_split, cpus_per_worker=cpus_per_worker)
+    ctx = run_context(address, tracking_uri, experiment, workers_per_trial, gpu, storage)
+    result = run_tune(cfg, request, ctx)
+    keys = [s.partition("=")[0].strip() for s in search]
+    typer.echo(format_table(result.rows, keys, metric))
+    best = result.best
+    typer.echo(f"best: {best['trial']} {metric}={best[metric]:.4f}\ncheckpoint: {best['checkpoint']}\n"
+               f"mlflow run: {best['run_id']} (sweep {result.parent_run_id})\nsweep: {result.path}")
+    uri = ctx.mlflow_uri()
+    typer.echo(f"MLflow UI: {ui_command(uri)}\n  then {ui_url(uri, experiment, view=view_key(result.name))}")
 
 
 @app.command()

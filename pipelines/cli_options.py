@@ -11,7 +11,7 @@ MLflow and pyarrow are imported inside the functions that need them.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 import typer.core
@@ -101,6 +101,15 @@ PlacementOpt = Annotated[
 ]
 CpusOpt = Annotated[float | None, typer.Option(
     help="CPUs reserved per train worker (default: 2 with GPUs, 1 without).")]
+SearchOpt = Annotated[list[str], typer.Option(
+    "--search", help="Searched setting, repeatable: section.field=kind(args), kind choice | grid | uniform | "
+                     "loguniform | randint, e.g. 'train.lr=loguniform(1e-4,1e-2)'.")]
+# pipelines.training.tune.SCHEDULERS and METRICS (tests/cli checks): Literal here for a fast --help
+TuneScheduler = Literal["asha", "fifo"]
+TuneMetric = Literal["val_loss"]
+SchedulerOpt = Annotated[TuneScheduler, typer.Option(
+    help="asha (stops poor trials at each rung) | fifo (every trial to the end).")]
+MetricOpt = Annotated[TuneMetric, typer.Option(help="The metric trials are compared by, each epoch: val_loss.")]
 DEFAULT_EXPERIMENT = "mrcnn-pipeline"  # pipelines.infra.tracking.DEFAULT_EXPERIMENT (tests/cli checks)
 
 

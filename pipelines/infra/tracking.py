@@ -95,7 +95,8 @@ def ui_command(tracking_uri: str) -> str:
     return f"{program} ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
 
 
-def ui_url(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, base: str = "http://127.0.0.1:5000") -> str:
+def ui_url(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, base: str = "http://127.0.0.1:5000",
+           view: str = RUNS_VIEW_KEY) -> str:
     """The address of the experiment's runs table, in our shared view (the headline metrics as columns), in the
     UI `ui_command` starts (`base`: the server for an http(s) store). MLflow 3.17's UI picks the page's view
     from the address (`workflowType`, remembered by the browser afterwards), not from the experiment's tag;
@@ -104,7 +105,7 @@ def ui_url(tracking_uri: str, experiment: str = DEFAULT_EXPERIMENT, base: str = 
     experiment_id = ensure_experiment(tracking_uri, experiment)
     # the shared view applies on the runs page's own address (`/runs`), not on the experiment's
     return (f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
-            f"&viewStateShareKey={RUNS_VIEW_KEY}")
+            f"&viewStateShareKey={view}")
 
 
 def artifact_root(tracking_uri: str) -> str | None:
@@ -161,8 +162,29 @@ def create_run(
     return run.info.run_id
 
 
-def finish_run(tracking_uri: str, run_id: str, *, failed: bool = False) -> None:
-    _client(tracking_uri).set_terminated(run_id, status="FAILED" if failed else "FINISHED")
+def finish_run(tracking_uri: str, run_id: str, *, failed: bool = False, status: str | None = None) -> None:
+    """End a run: FINISHED, FAILED (`failed`) or `status` (KILLED: a sweep's trial its scheduler stopped)."""
+    _client(tracking_uri).set_terminated(run_id, status=status or ("FAILED" if failed else "FINISHED"))
+
+
+def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list[str]:
+    """The ids of the runs of `experiment` that carry every one of `tags` (oldest first)."""
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    runs = client.search_runs([found.experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
+    return [r.info.run_id for r in runs]
+
+
+def set_runs_view(tracking_uri: str, experiment: str, key: str, *, params: list[str], metrics: list[str]) -> None:
+    """A shared view of the runs table named `key` (opened by `ui_url(..., view=key)`): `params` and `metrics` as
+    its columns (a sweep's searched settings and its metric)."""
+    columns = [*(f"params.`{p}`" for p in params), *(f"metrics.`{m}`" for m in metrics)]
+    experiment_id = ensure_experiment(tracking_uri, experiment)
+    _client(tracking_uri).set_experiment_tag(experiment_id, SHARED_VIEW_TAG_PREFIX + key,
+                                             json.dumps({"selectedColumns": columns}, separators=(",", ":")))
 
 
 CHAMPION = "champion"  # the alias `register_model` moves to the version it registers
@@ -284,11 +306,13 @@ __all__ = [
     "code_version",
     "create_run",
     "ensure_experiment",
+    "find_runs",
     "finish_run",
     "log_artifact",
     "log_metrics",
     "log_params",
     "metric_history",
+    "set_runs_view",
     "set_tag",
     "resolve_tracking_uri",
     "runs_view_state",

@@ -60,6 +60,8 @@ class TrainRequest:
     log_model: bool = True
     register: str | None = None  # register the final MLflow model under this name (alias `champion`)
     stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
+    # an MLflow run made beforehand to log into (a sweep's trial run, reused when the trial restarts); None: a new one
+    mlflow_run_id: str | None = None
 
 
 @dataclass
@@ -108,13 +110,14 @@ def default_cpus_per_worker(requested: float | None, *, use_gpu: bool) -> float:
 
 
 def train(config: Config, request: TrainRequest, ctx: RunContext, *,
-          after_step: Callable[[int, int], None] | None = None) -> TrainResult:
+          after_step: Callable[[int, int], None] | None = None, callbacks: list[Any] | None = None) -> TrainResult:
     """Train `config` as `request` says, on `ctx`'s cluster (`ctx.workers` workers, checkpoints under
     `ctx.storage`, the MLflow run in `ctx.experiment` under `ctx.parent_run_id`); returns the checkpoints and the
     MLflow run.
 
     after_step: called by every worker after each step as `after_step(step, rank)` (`WorkerPlan.after_step`);
     for tests (fault drills), None otherwise. It is pickled to the workers.
+    callbacks: Ray Train callbacks of the run (a sweep's trial: `TuneReportCallback`, rank 0's reports to Tune).
     """
     # Ray is imported when training starts: `mrcnn-cli --help` and the GPU tests import this module without it
     from ray.data import ExecutionOptions
@@ -164,8 +167,8 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
     run_name = request.run_name or f"train-{manifest['fingerprint'][:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     tracking_uri = ctx.mlflow_uri()
-    run_id = ctx.create_run(run_name, {"stage": "train", "shards": request.shards,
-                                       "fingerprint": manifest["fingerprint"]})
+    run_id = request.mlflow_run_id or ctx.create_run(run_name, {"stage": "train", "shards": request.shards,
+                                                                 "fingerprint": manifest["fingerprint"]})
     tracking.log_params(
         tracking_uri,
         run_id,
@@ -226,6 +229,7 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
                 checkpoint_score_order="min",
             ),
             failure_config=FailureConfig(max_failures=config.train.max_failures),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # order preserved so that a resumed run sees the batches an uninterrupted one would

@@ -27,7 +27,7 @@ def _commands() -> list[str]:
 
 
 def test_the_new_commands_are_registered():
-    assert {"inspect", "predict", "train", "evaluate", "preprocess"} <= set(_commands())
+    assert {"inspect", "predict", "train", "evaluate", "preprocess", "tune"} <= set(_commands())
 
 
 @pytest.mark.parametrize("command", _commands())
@@ -93,6 +93,10 @@ def test_the_cli_choices_are_the_codes_own():
     assert typing.get_args(cli.Backend) == BACKENDS
     assert typing.get_args(cli.InspectStage) == (*STAGES, "all")
     assert typing.get_args(cli.DagStage) == tuple(stage_config_fields(shapes()))
+    from pipelines.cli_options import TuneMetric, TuneScheduler
+    from pipelines.training.tune import METRICS, SCHEDULERS
+
+    assert typing.get_args(TuneScheduler) == SCHEDULERS and typing.get_args(TuneMetric) == tuple(METRICS)
     from pipelines.cli_options import DEFAULT_EXPERIMENT
     from pipelines.infra.tracking import DEFAULT_EXPERIMENT as TRACKING_DEFAULT
 
@@ -103,6 +107,7 @@ def test_the_cli_choices_are_the_codes_own():
     (["train", "--shards", "s", "--layers", "x"], "'heads', '3+', '4+', '5+', 'all'"),
     (["evaluate", "--shards", "s", "--model-path", "m", "--backend", "cocoapi"], "'pycocotools', 'faster-coco-eval'"),
     (["run", "--dataset", "d", "--force", "trian"], "'preprocess', 'train', 'evaluate'"),
+    (["tune", "--shards", "s", "--search", "train.lr=choice(0.1)", "--scheduler", "hyperband"], "'asha', 'fifo'"),
     (["inspect", "gtt", "--out", "o.png"], "'gt', 'anchors'"),
     (["train", "--shards", "s", "--config", "shapes", "--set", "train.optimizer=lamb"], "'sgd', 'adamw'"),
 ])
@@ -281,6 +286,10 @@ def _short_error(result, *words: str) -> str:
     ("run", ["--dataset", "{tmp}/absent", "--work-dir", "{tmp}/work", "--config", "shapes"],
      ["{tmp}/absent/annotations/instances_train2017.json: no annotations file"]),
     ("demo", ["--out", "{tmp}/demo", "--set", "train.lrr=1"], ["unknown config key 'train.lrr'", "--set"]),
+    ("tune", ["--shards", "{tmp}/absent", "--config", "shapes", "--search", "train.lr=uniform(-1,0.1)"],
+     ["--search train.lr=uniform(-1.0, 0.1): config key 'train.lr': -1.0 is out of range (must be > 0)"]),
+    ("tune", ["--shards", "{tmp}/absent", "--config", "shapes", "--search", "roi.rois_per_image=choice(32,64)"],
+     ["{tmp}/absent", "not preprocessed"]),
 ])
 def test_every_command_ends_a_users_error_in_a_short_message(command, args, words, tmp_path):
     """Each command, with input that is wrong (a missing path, a bad setting), fails before any Ray work with a few
