@@ -28,6 +28,7 @@ ALLOWED = {
     "pipelines.serving": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.models", "pipelines.evaluation"},
     "pipelines.dag": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.training", "pipelines.evaluation"},
     "pipelines.cli_options": {"mrcnn", "pipelines.infra", "pipelines.data", "pipelines.training", "pipelines.models"},
+    "pipelines.cli_deploy": {"pipelines.cli_options", "pipelines.evaluation", "pipelines.serving"},
     "pipelines": set(),
 }
 # modules the GPU machine imports (tests/gpu, bench/bench_gpu.py): it has no Ray, MLflow or pycocotools
