@@ -4,7 +4,6 @@ run end to end on the synthetic dataset without shards or Ray."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from mrcnn.model import build_model
 from pipelines.data.coco import read_split, split_paths
 from pipelines.inspection.panels import panel_px, picture_size
 from pipelines.training.checkpoints import save_checkpoint
+from tests.support.manifest_only import manifest_only_shards
 
 runner = CliRunner()
 
@@ -157,22 +157,6 @@ def test_demo_short_variant_then_run_skips_every_stage(ray_session, tmp_path, mo
     assert "ran: nothing; skipped: preprocess, train, evaluate" in rerun.output
 
 
-def _manifest_only_shards(tmp_path: Path) -> Path:
-    """A shards folder holding only the manifest of the shapes preset (two categories, a 4-image train split):
-    enough for `train` to get as far as loading --init / --backbone-weights on the driver, before Ray starts."""
-    from pipelines.data.categories import CategoryMap
-    from pipelines.data.shards import SCHEMA_VERSION
-
-    config = shapes()
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({
-        "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
-        "splits": {"train2017": {"num_images": 4}},
-        "categories": CategoryMap((1, 3), ("circle", "square")).to_dict()}))
-    return shards
-
-
 def test_export_then_predict_onnx_writes_what_predict_writes(synth_dataset, tmp_path, one_thread):
     """`export` an (untrained, threshold 0) shapes checkpoint for 2 images, then `predict --onnx` on 3 images (a full
     graph batch and a padded one): the same pictures and, result by result, the same COCO results as
@@ -238,7 +222,7 @@ def test_torchvision_files_that_fit_neither_format_are_refused_naming_their_keys
                                  str(tmp_path / "out"), "--no-gpu"])
     text = " ".join(result.output.replace("│", " ").split())
     assert result.exit_code == 2 and words in text and "first keys encoder.weight, decoder.bias" in text, result.output
-    shards = _manifest_only_shards(tmp_path)
+    shards = manifest_only_shards(tmp_path)
     result = runner.invoke(app, ["train", "--shards", str(shards), "--config", "shapes",
                                  "--init", f"torchvision:{bad}"])
     text = " ".join(result.output.replace("│", " ").split())
@@ -250,7 +234,7 @@ def test_backbone_weights_that_do_not_fit_are_a_users_error_naming_the_file(tmp_
     Ray starts, in a short message naming --backbone-weights and the file (mrcnn's BackboneWeightsError)."""
     bad = tmp_path / "resnet.pth"
     torch.save({"encoder.weight": torch.zeros(2)}, bad)
-    shards = _manifest_only_shards(tmp_path)
+    shards = manifest_only_shards(tmp_path)
     result = runner.invoke(app, ["train", "--shards", str(shards), "--config", "shapes",
                                  "--backbone-weights", str(bad)])
     _short_error(result, "--backbone-weights", str(bad))

@@ -122,17 +122,9 @@ def test_predict_takes_inference_settings_and_refuses_the_models_architecture(ch
 
 
 def test_evaluate_refuses_a_setting_that_contradicts_the_model_before_ray_starts(checkpoint, tmp_path):
-    import json
+    from tests.support.manifest_only import manifest_only_shards
 
-    from pipelines.data.shards import SCHEMA_VERSION
-
-    config = shapes()
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    (shards / "manifest.json").write_text(json.dumps({
-        "schema_version": SCHEMA_VERSION, "fingerprint": config.fingerprint(), "shard_fields": config.shard_fields(),
-        "splits": {"val2017": {"num_images": 4}},
-        "categories": CategoryMap.from_coco(list(CATEGORIES)).to_dict()}))
+    shards = manifest_only_shards(tmp_path, split="val2017", categories=CategoryMap.from_coco(list(CATEGORIES)))
     result = runner.invoke(app, ["evaluate", "--shards", str(shards), "--model-path", checkpoint,
                                  "--set", "roi.fc_dim=1024", "--out", str(tmp_path / "eval")])
     text = " ".join(result.output.replace("│", " ").split())
