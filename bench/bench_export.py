@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _canvases(folder: Path, count: int, size: int) -> tuple[np.ndarray, np.ndarray, str]:
     from pipelines.data.coco import load_image_rgb
-    from pipelines.evaluation.predict import network_input
+    from pipelines.evaluation.inference import network_input
     from tests.support.torchvision_reference import sample_images
 
     paths = sorted(folder.glob("*.jpg"))[:count] if folder.is_dir() else []
