@@ -207,12 +207,6 @@ def register_model(tracking_uri: str, run_id: str, name: str, *, tags: dict[str,
     return int(version.version)
 
 
-def set_model_version_tags(tracking_uri: str, name: str, version: int, tags: dict[str, Any]) -> None:
-    client = _client(tracking_uri)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, str(version), key, _param_value(value))
-
-
 def set_tag(tracking_uri: str, run_id: str, key: str, value: str) -> None:
     _client(tracking_uri).set_tag(run_id, key, value)
 

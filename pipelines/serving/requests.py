@@ -10,7 +10,6 @@ more pixels than the limit is refused from its header, before its pixels are dec
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
 
@@ -31,16 +30,6 @@ class RequestError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-@dataclass(frozen=True)
-class ImageRequest:
-    """One prediction request, checked: the image ([H, W, 3] uint8 RGB, original size) and its options (None: the
-    model's own detection.min_confidence / detection.max_detections)."""
-
-    pixels: np.ndarray
-    score_threshold: float | None
-    max_detections: int | None
 
 
 def check_query(score_threshold: float | None, max_detections: int | None) -> None:
