@@ -159,6 +159,9 @@ class TrainConfig:
     decay_factor: float = setting(0.1, range=OPEN_FRACTION)
     checkpoint_every: int = setting(500, range=AT_LEAST_1)
     log_every: int = setting(20, range=AT_LEAST_1)
+    # seconds between samples of the run's system metrics in MLflow (CPU, memory, each GPU's utilisation and
+    # memory; pipelines/infra/system_metrics.py); 0: none
+    system_metrics_interval: float = setting(10.0, range=AT_LEAST_0)
     # validation loss after every this many epochs and after the last step; 0: the last only
     val_every: int = setting(1, range=AT_LEAST_0)
     grad_compression: GradCompression = setting("none")  # "fp16": DDP all-reduces gradients in half precision

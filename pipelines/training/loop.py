@@ -22,6 +22,7 @@ from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger, setup_logging
+from pipelines.infra.system_metrics import SystemMetrics, node_label
 from pipelines.training.checkpoints import restore
 from pipelines.training.hooks.averaging import LocalSGDHook
 from pipelines.training.hooks.checkpointing import CheckpointHook
@@ -53,7 +54,7 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)  # all_gather_object over NCCL uses the current device
-    record_placement(plan, rank, world)  # MLflow from rank 0 only
+    nodes = record_placement(plan, rank, world)  # MLflow from rank 0 only
     torch.manual_seed(tc.seed)  # identical initial weights on every rank
 
     model = build_model(config, num_classes=plan.num_classes)
@@ -114,7 +115,19 @@ def train_loop_per_worker(plan: WorkerPlan) -> None:
                                                 pin_memory=device.type == "cuda")
 
     hooks = worker_hooks(plan, local_sgd=local_sgd, val_batches=val_batches, device=device, rank=rank, world=world)
-    Trainer(runner, batches, last_step=plan.last_step, batch_size=tc.batch_size, hooks=hooks, state=state).train()
+    with node_system_metrics(plan, nodes, rank=rank, local_rank=ctx.get_local_rank(), resume=state.step > 0):
+        Trainer(runner, batches, last_step=plan.last_step, batch_size=tc.batch_size, hooks=hooks, state=state).train()
+
+
+def node_system_metrics(plan: WorkerPlan, nodes: list[str], *, rank: int, local_rank: int, resume: bool
+                        ) -> SystemMetrics:
+    """This node's system metrics in the run (`train.system_metrics_interval`), sampled by its local rank 0 only:
+    psutil and NVML see the whole node. Keys `system/<metric>`, or `system/node<i>/<metric>` when the run spans
+    several nodes. `resume`: a restored worker continues the run's steps."""
+    interval = plan.config.train.system_metrics_interval if local_rank == 0 else 0
+    mine = nodes[rank] if rank < len(nodes) else nodes[0]
+    return SystemMetrics(plan.tracking_uri, plan.mlflow_run_id, interval=interval, node_id=node_label(nodes, mine),
+                         resume=resume)
 
 
 def worker_hooks(plan: WorkerPlan, *, local_sgd: LocalSGD, val_batches: Callable[[], Iterable[dict]] | None,

@@ -65,6 +65,12 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
         assert all(0 <= m.value for m in client.get_metric_history(result.run_id, key)), key
     assert all(m.value <= 1 for m in client.get_metric_history(result.run_id, "input_bound_fraction"))
     assert run.data.tags["amp"] == "off"  # train.amp=auto on CPU workers
+    # the node's system metrics, sampled by one of the two workers on it (local rank 0): one value a step, no
+    # node label on a one-node run
+    cpu = client.get_metric_history(result.run_id, "system/cpu_utilization_percentage")
+    assert cpu and len({m.step for m in cpu}) == len(cpu)
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+    assert not [k for k in run.data.metrics if k.startswith("system/node")]
     assert "checkpoint" in {a.path for a in client.list_artifacts(result.run_id)}
     # MLflow 3 keeps the model as a logged model linked to the run
     assert [m.name for m in client.search_logged_models([run.info.experiment_id])] == ["model"]
