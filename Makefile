@@ -37,7 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 test: $(STAMP) lint
-	$(VENV)/bin/python -m pytest tests -q; rc=$$?; \
+	$(VENV)/bin/python -m pytest tests -q --durations=25; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo 'pytest collected no tests: failing' >&2; exit 1; fi; exit $$rc
 
 # mutation testing (not in CI: ~20 minutes on two cores): mutmut over pyproject.toml's [tool.mutmut] modules against
