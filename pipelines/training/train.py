@@ -63,6 +63,9 @@ class TrainRequest:
     stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
     # an MLflow run made beforehand to log into (a sweep's trial run, reused when the trial restarts); None: a new one
     mlflow_run_id: str | None = None
+    # False: that run holds the params already (a sweep's restarted trial; MLflow refuses a changed value, and
+    # `code_version` changes with a commit between)
+    log_params: bool = True
 
 
 @dataclass
@@ -185,7 +188,7 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
             "use_gpu": use_gpu,
             "cpus_per_worker": cpus_per_worker,
             "code_version": tracking.code_version(),
-        },
+        } if request.log_params else {},
     )
 
     datasets = {"train": batches_dataset(shards, request.split, config, _num_anchors(config))}

@@ -239,21 +239,24 @@ def run_trial(sampled: dict[str, Any], *, plan: TrialPlan) -> None:
     context = ray_tune.get_context()
     trial_id = context.get_trial_id()
     config = trial_config(plan.config, sampled)
-    run_id = trial_run(plan.ctx, plan.sweep, trial_id, context.get_trial_name(), sampled)
-    request = replace(plan.train_request, run_name=trial_id, mlflow_run_id=run_id)
+    run_id, restarted = trial_run(plan.ctx, plan.sweep, trial_id, context.get_trial_name(), sampled)
+    request = replace(plan.train_request, run_name=trial_id, mlflow_run_id=run_id, log_params=not restarted)
     # the trainer's own failure handling (`train.max_failures`) restores a trial whose worker died from its checkpoint
     train(config, request, plan.ctx, callbacks=[TuneReportCallback()], after_step=plan.after_step)
 
 
-def trial_run(ctx: RunContext, sweep: str, trial_id: str, trial_name: str, sampled: dict[str, Any]) -> str:
-    """The trial's MLflow run, nested under the sweep's (`ctx.parent_run_id`): the one it made before (found by its
-    `tune.trial_id` tag: a restarted trial) or a new one; its sampled values as params `sampled.<key>`."""
+def trial_run(ctx: RunContext, sweep: str, trial_id: str, trial_name: str, sampled: dict[str, Any]
+              ) -> tuple[str, bool]:
+    """The trial's MLflow run, nested under the sweep's (`ctx.parent_run_id`), and whether the trial made it
+    before (found by its `tune.trial_id` tag: a restarted trial, whose params are logged already) or it is new
+    (its sampled values logged as params `sampled.<key>`)."""
     runs = tracking.find_runs(ctx.mlflow_uri(), ctx.experiment,
                               {"mlflow.parentRunId": ctx.parent_run_id, TRIAL_TAG: trial_id})
-    run_id = runs[0] if runs else ctx.create_run(trial_name, {"stage": "tune-trial", TRIAL_TAG: trial_id,
-                                                              "tune.sweep": sweep})
+    if runs:
+        return runs[0], True
+    run_id = ctx.create_run(trial_name, {"stage": "tune-trial", TRIAL_TAG: trial_id, "tune.sweep": sweep})
     tracking.log_params(ctx.mlflow_uri(), run_id, {f"sampled.{k}": v for k, v in sampled.items()})
-    return run_id
+    return run_id, False
 
 
 def trial_rows(grid: Any, plan: TrialPlan, specs: dict[str, SearchSpec], *, train_images: int,

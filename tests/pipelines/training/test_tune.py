@@ -24,6 +24,7 @@ from pipelines.training.tune import (
     format_table,
     max_concurrent,
     sweep_config,
+    trial_run,
     tune,
 )
 
@@ -92,6 +93,19 @@ def test_the_best_trial_follows_the_metrics_direction(metric, best, tmp_path):
     assert run.data.params["best.train.lr"] == str(values[best][0]) and run.info.status == "FINISHED"
 
 
+def test_a_restarted_trial_finds_the_run_it_made(tmp_path):
+    """A trial's MLflow run is found again by its trial id under the sweep's run (the trial then logs no params
+    again: MLflow refuses a changed value); another trial, or the same id in another sweep, gets a new run."""
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    ctx = RunContext(tracking_uri=uri)
+    sweeps = [replace(ctx, parent_run_id=ctx.create_run(name, {"stage": "tune"})) for name in ("a", "b")]
+    first, restarted = trial_run(sweeps[0], "a", "t_00000", "trial 0", {"train.lr": 0.01})
+    assert not restarted and trial_run(sweeps[0], "a", "t_00000", "trial 0", {"train.lr": 0.01}) == (first, True)
+    assert trial_run(sweeps[0], "a", "t_00001", "trial 1", {"train.lr": 0.02})[0] != first
+    assert trial_run(sweeps[1], "b", "t_00000", "trial 0", {"train.lr": 0.01})[0] != first
+    assert MlflowClient(uri).get_run(first).data.params == {"sampled.train.lr": "0.01"}
+
+
 def test_concurrency_follows_the_clusters_cpus_and_the_limit(ray_session):
     """The session's Ray has 6 logical CPUs and no GPU."""
     assert max_concurrent(1, 1.0, use_gpu=False, limit=None) == 6
@@ -117,7 +131,8 @@ def test_the_table_has_one_line_per_trial():
 # to lose: 0.16 per 16 images diverges here, val_loss in the thousands after an epoch; a tiny lr's loss after 5
 # steps was not reliably above lr 0.02's), then 0.01.
 SWEEP_SETS = ["train.epochs=2", "train.steps=0", "train.batch_size=2", "train.warmup_steps=1",
-              "train.checkpoint_every=100", "train.log_every=3", "train.cache_data=true", "train.val_every=1"]
+              "train.checkpoint_every=100", "train.log_every=3", "train.cache_data=true", "train.val_every=1",
+              "train.val_ap_images=3"]  # the quick COCO evaluation's way through train() and the workers too
 SWEEP_SEARCH = "train.lr=grid(0.02, 0.16, 0.01)"
 
 
@@ -253,5 +268,7 @@ def test_one_sweep_stops_the_loser_survives_a_dead_worker_and_resumes_after_its_
         assert run.data.tags["tune.stopped_at_epoch"] == str(epochs)
         # one a epoch: the first trial's restore after its worker died ran its second epoch once
         assert len(client.get_metric_history(row["run_id"], "val_loss")) == epochs, row
+        ap = [m.value for m in client.get_metric_history(row["run_id"], "segm_AP")]
+        assert len(ap) == epochs and all(0.0 <= v <= 1.0 for v in ap), (row, ap)
     view = client.get_experiment(parent.info.experiment_id).tags["mlflow.sharedViewState.tune-sw"]
     assert "params.`train.lr`" in view and "metrics.`val_loss`" in view

@@ -41,7 +41,8 @@ def sweep(mlflow_server) -> tuple[str, dict[str, str]]:
     parent = start_parent_run(ctx, "sw-view", specs, request, concurrent=1, max_epochs=2)
     trials, rows = replace(ctx, parent_run_id=parent), []
     for trial, lr, losses in TRIALS:
-        run_id = trial_run(trials, "sw-view", trial, f"run_trial_{trial}", {"train.lr": lr})
+        run_id, restarted = trial_run(trials, "sw-view", trial, f"run_trial_{trial}", {"train.lr": lr})
+        assert not restarted
         tracking.log_params(uri, run_id, trial_config(shapes(), {"train.lr": lr}).flat())  # as train() does
         for epoch, loss in enumerate(losses, start=1):
             tracking.log_metrics(uri, run_id, {"val_loss": loss}, step=5 * epoch)
