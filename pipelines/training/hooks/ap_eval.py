@@ -7,9 +7,9 @@ The subset (`ApSubset`, made once by the driver, `subset_of_split`): the first `
 the split by id and the ground truth of those images only. The driver hands the workers a dataset of those rows
 alone (the "val_ap" dataset, `batches_dataset(image_ids=...)`), not split between the ranks (a split of equal
 parts may leave rows out, and an image left out would count as all misses). Rank 0 alone detects on it, with
-the evaluation's own path (`inference.run_model` -> `coco_results_of_batch`, at the evaluation's score threshold
-`evaluate.min_confidence`), and runs COCOeval (`coco_eval.evaluate_detections`); Ray Train and Tune take rank
-0's reports, and the other ranks wait at the checkpoint's barrier meanwhile.
+the evaluation's own path (`coco_results.run_model` -> `coco_results_of_batch`, at the evaluation's score
+threshold `evaluate.min_confidence`), and runs COCOeval (`coco_metrics.evaluate_detections`); Ray Train and Tune
+take rank 0's reports, and the other ranks wait at the checkpoint's barrier meanwhile.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipelines.evaluation.coco_eval import evaluate_detections
-from pipelines.evaluation.inference import coco_results_of_batch, run_model
+from pipelines.data.coco_metrics import evaluate_detections
+from pipelines.data.coco_results import coco_results_of_batch, run_model
 from pipelines.infra.storage import read_bytes
 from pipelines.training.hooks.validation import validation_due
 from pipelines.training.trainer import Hook, Trainer
