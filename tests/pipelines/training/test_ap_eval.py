@@ -63,26 +63,33 @@ def _imperfect_detections(coco) -> list[dict]:
     return results
 
 
+def _pycocotools_ap(coco, results: list[dict], image_ids, iou_type: str) -> float:
+    """COCOeval's AP alone on the whole ground truth told `image_ids`: segm without the boxes, bbox without the
+    masks, as coco_metrics does."""
+    from pycocotools.cocoeval import COCOeval
+
+    drop = "bbox" if iou_type == "segm" else "segmentation"
+    evaluator = COCOeval(coco, coco.loadRes([{k: v for k, v in r.items() if k != drop} for r in results]), iou_type)
+    evaluator.params.imgIds = sorted(image_ids)
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    return float(evaluator.stats[0])
+
+
 def test_the_quick_ap_is_pycocotools_own_on_the_subset(synth_dataset):
     """Known detections on all six images; the quick evaluation sees the four-image subset (its detections, its
     cut ground truth) and gives what pycocotools' COCOeval gives on the whole file told those four images (segm
-    without the boxes, bbox without the masks, as coco_eval does)."""
+    without the boxes, bbox without the masks, as coco_metrics does)."""
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     path = _val_annotations(synth_dataset)
     coco = COCO(path)
     subset = ap_subset(json.loads(open(path).read()), coco.getImgIds(), count=4, coco_ids=coco.getCatIds())
     results = _imperfect_detections(coco)
     ours = subset_ap([r for r in results if r["image_id"] in subset.image_ids], subset)
-    for iou_type, key, drop in (("segm", "segm_AP", "bbox"), ("bbox", "bbox_AP", "segmentation")):
-        evaluator = COCOeval(coco, coco.loadRes([{k: v for k, v in r.items() if k != drop} for r in results]),
-                             iou_type)
-        evaluator.params.imgIds = sorted(subset.image_ids)
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-        assert ours[key] == pytest.approx(evaluator.stats[0], abs=1e-12), iou_type
+    for iou_type, key in (("segm", "segm_AP"), ("bbox", "bbox_AP")):
+        assert ours[key] == pytest.approx(_pycocotools_ap(coco, results, subset.image_ids, iou_type), abs=1e-12)
     assert 0.0 < ours["segm_AP"] < 1.0 and 0.0 < ours["bbox_AP"] < 1.0, ours
 
 
@@ -103,7 +110,6 @@ def test_the_hook_puts_segm_ap_into_the_epochs_report(synth_shards, one_thread, 
     segm_AP -1, the epoch's end the quick evaluation's numbers with the validation loss, equal to pycocotools'
     own on the model's detections; the model is left in training mode with its own detection threshold."""
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     config = shapes()
     subset = subset_of_split(ShardSet.open(synth_shards), "val2017", count=4)
@@ -129,9 +135,4 @@ def test_the_hook_puts_segm_ap_into_the_epochs_report(synth_shards, one_thread, 
     assert results and {r["image_id"] for r in results} <= subset.image_ids
     assert model.training and model.detection_settings.min_confidence == threshold  # left as it was
     coco = COCO(str(ShardSet.open(synth_shards).splits["val2017"]["annotations"]))
-    evaluator = COCOeval(coco, coco.loadRes([{k: v for k, v in r.items() if k != "bbox"} for r in results]), "segm")
-    evaluator.params.imgIds = sorted(subset.image_ids)
-    evaluator.evaluate()
-    evaluator.accumulate()
-    evaluator.summarize()
-    assert reports[1]["segm_AP"] == pytest.approx(evaluator.stats[0], abs=1e-12)
+    assert reports[1]["segm_AP"] == pytest.approx(_pycocotools_ap(coco, results, subset.image_ids, "segm"), abs=1e-12)
