@@ -29,7 +29,7 @@ from pipelines.infra.storage import read_bytes
 from pipelines.training.hooks.validation import validation_due
 from pipelines.training.trainer import Hook, Trainer
 
-AP_METRICS = {"bbox_AP": "bbox/AP", "segm_AP": "segm/AP"}  # state.val's key: coco_eval's metric
+AP_METRICS = {"bbox_AP": "bbox/AP", "segm_AP": "segm/AP"}  # state.val key: evaluate_detections metric
 
 
 @dataclass(frozen=True)
