@@ -199,6 +199,9 @@ def tune(
 
     Example: mrcnn-cli tune --shards shards --config shapes --set train.steps=0 --set train.epochs=4 --no-gpu
     --search 'train.lr=loguniform(1e-4,1e-2)' --search 'roi.rois_per_image=choice(32,64,128)' --samples 8
+
+    By segm AP (a quick COCO evaluation of the first 100 validation images each epoch): add --metric segm_AP
+    (--set train.val_ap_images=N for another count).
     """
     from pipelines.infra.tracking import ui_command, ui_url
     from pipelines.training.tune import TuneRequest, format_table, view_key

@@ -164,6 +164,10 @@ class TrainConfig:
     system_metrics_interval: float = setting(10.0, range=AT_LEAST_0)
     # validation loss after every this many epochs and after the last step; 0: the last only
     val_every: int = setting(1, range=AT_LEAST_0)
+    # with each validation loss, the COCO bbox and segm AP (`bbox_AP`, `segm_AP`) of a quick evaluation on the first
+    # this many validation images by id (pipelines/training/hooks/ap_eval.py; `mrcnn-cli tune --metric segm_AP`);
+    # 0: none
+    val_ap_images: int = setting(0, range=AT_LEAST_0)
     grad_compression: GradCompression = setting("none")  # "fp16": DDP all-reduces gradients in half precision
     # post-local SGD (pipelines/training/local_sgd.py): after the warm-up each worker steps on its own gradients and
     # the workers' weights are averaged every this many steps; 0: off, DDP all-reduces the gradients every step.

@@ -2,7 +2,9 @@
 
     infra/        storage (local paths and URIs), MLflow tracking, the Ray connection, logging, the run context
     data/         COCO splits, the synthetic dataset, shard rows, the shard format, the shard set, the loader,
-                  `preprocess`, the input errors
+                  `preprocess`, the input errors; COCO results from the model's detections and COCOeval
+                  (coco_results, coco_metrics: under training, whose quick evaluation at each validation uses
+                  them, and evaluation)
     training/     `train` (the Ray Train driver), the per-worker loop, optimisation, checkpoints, model sources
     models.py     a trained model from any model source: what it is and the model loaded (evaluation, predict,
                   inspect)

@@ -106,10 +106,12 @@ SearchOpt = Annotated[list[str], typer.Option(
                      "loguniform | randint, e.g. 'train.lr=loguniform(1e-4,1e-2)'.")]
 # pipelines.training.tune.SCHEDULERS and METRICS (tests/cli checks): Literal here for a fast --help
 TuneScheduler = Literal["asha", "fifo"]
-TuneMetric = Literal["val_loss"]
+TuneMetric = Literal["val_loss", "segm_AP"]
 SchedulerOpt = Annotated[TuneScheduler, typer.Option(
     help="asha (stops poor trials at each rung) | fifo (every trial to the end).")]
-MetricOpt = Annotated[TuneMetric, typer.Option(help="The metric trials are compared by, each epoch: val_loss.")]
+MetricOpt = Annotated[TuneMetric, typer.Option(
+    help="The metric trials are compared by, each epoch: val_loss (lower is better) | segm_AP (higher; COCO segm AP "
+         "of the first train.val_ap_images validation images by id, 100 when unset).")]
 DEFAULT_EXPERIMENT = "mrcnn-pipeline"  # pipelines.infra.tracking.DEFAULT_EXPERIMENT (tests/cli checks)
 
 

@@ -29,6 +29,7 @@ uniformly, so it draws them from a uniform subset instead of from all (`ShardBat
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -131,11 +132,15 @@ def decoder_for(config: Any, num_anchors: int) -> dict[str, Any]:
     }
 
 
-def batches_dataset(shards: ShardSet, split: str, config: Any, num_anchors: int, *, decode_batch_size: int = 4):
-    """A split of the shard set -> a dataset of decoded, fixed-shape rows (what `iter_torch_batches` then stacks)."""
+def batches_dataset(shards: ShardSet, split: str, config: Any, num_anchors: int, *, decode_batch_size: int = 4,
+                    image_ids: frozenset[int] | None = None):
+    """A split of the shard set -> a dataset of decoded, fixed-shape rows (what `iter_torch_batches` then stacks);
+    only the rows of `image_ids` when given (left out before they are decoded)."""
     from pipelines.infra.ray_env import one_node_task_concurrency
 
     ds = shards.dataset(split)
+    if image_ids is not None:
+        ds = ds.filter(partial(_row_in, ids=image_ids))
     # stateless tasks, not an actor pool: the decoder has nothing to set up, and tasks run in Ray's reused
     # worker processes, so each epoch's new stream does not pay an actor start (a torch import) again
     return ds.map_batches(
@@ -146,6 +151,10 @@ def batches_dataset(shards: ShardSet, split: str, config: Any, num_anchors: int,
         num_cpus=0.5,
         concurrency=one_node_task_concurrency(),
     )
+
+
+def _row_in(row: dict[str, Any], *, ids: frozenset[int]) -> bool:
+    return int(row["image_id"]) in ids
 
 
 def decode_batch(rows: dict[str, np.ndarray], **decoder_kwargs: Any) -> dict[str, np.ndarray]:

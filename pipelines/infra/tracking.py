@@ -178,13 +178,22 @@ def find_runs(tracking_uri: str, experiment: str, tags: dict[str, str]) -> list[
     return [r.info.run_id for r in runs]
 
 
-def set_runs_view(tracking_uri: str, experiment: str, key: str, *, params: list[str], metrics: list[str]) -> None:
+def set_runs_view(tracking_uri: str, experiment: str, key: str, *, params: list[str], metrics: list[str],
+                  search_filter: str = "", order_by: str = "", ascending: bool = True) -> None:
     """A shared view of the runs table named `key` (opened by `ui_url(..., view=key)`): `params` and `metrics` as
-    its columns (a sweep's searched settings and its metric)."""
+    its columns (a sweep's searched settings and its metric); where given, the runs `search_filter` finds
+    (MLflow's search syntax, the table's search box) as its rows, sorted by column `order_by`. Sorted by a column
+    the table lists nested runs on their own rows; by date (the default) it folds them under their parent run,
+    and a shared view cannot unfold it (MLflow's UI leaves `runsExpanded` out of one)."""
     columns = [*(f"params.`{p}`" for p in params), *(f"metrics.`{m}`" for m in metrics)]
+    state: dict[str, Any] = {"selectedColumns": columns}
+    if search_filter:
+        state["searchFilter"] = search_filter
+    if order_by:
+        state.update(orderByKey=order_by, orderByAsc=ascending)
     experiment_id = ensure_experiment(tracking_uri, experiment)
     _client(tracking_uri).set_experiment_tag(experiment_id, SHARED_VIEW_TAG_PREFIX + key,
-                                             json.dumps({"selectedColumns": columns}, separators=(",", ":")))
+                                             json.dumps(state, separators=(",", ":")))
 
 
 CHAMPION = "champion"  # the alias `register_model` moves to the version it registers

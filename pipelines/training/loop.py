@@ -24,6 +24,7 @@ from pipelines.infra import tracking
 from pipelines.infra.logs import get_logger, setup_logging
 from pipelines.infra.system_metrics import SystemMetrics, node_label
 from pipelines.training.checkpoints import restore
+from pipelines.training.hooks.ap_eval import ApEvalHook
 from pipelines.training.hooks.averaging import LocalSGDHook
 from pipelines.training.hooks.checkpointing import CheckpointHook
 from pipelines.training.hooks.progress import ProgressHook
@@ -133,12 +134,16 @@ def node_system_metrics(plan: WorkerPlan, nodes: list[str], *, rank: int, local_
 def worker_hooks(plan: WorkerPlan, *, local_sgd: LocalSGD, val_batches: Callable[[], Iterable[dict]] | None,
                  device: torch.device, rank: int, world: int) -> list[Hook]:
     """The trainer's hooks on this worker, in the order they run at each point: local SGD averages before the
-    validation loss and the checkpoints read the weights; the validation loss before the progress line and the
-    checkpoint that carry it; the tests' callback after the step's checkpoint. A new hook is added here."""
+    validation loss and the checkpoints read the weights; the validation loss, then the quick COCO AP (rank 0,
+    where `plan.ap_subset`), before the progress line and the checkpoint that carry them; the tests' callback
+    after the step's checkpoint. A new hook is added here."""
     tc = plan.config.train
     hooks: list[Hook] = [LocalSGDHook(local_sgd)]
     if val_batches is not None:
         hooks.append(ValidationHook(val_batches, device=device, every=tc.val_every))
+    if plan.ap_subset is not None and rank == 0:
+        hooks.append(ApEvalHook(ap_batches(device, tc.batch_size), plan.ap_subset, device=device, every=tc.val_every,
+                                min_confidence=plan.config.evaluate.min_confidence))
     if rank == 0:
         hooks.append(ProgressHook(tc.log_every, plan.total_steps, images_per_step=plan.global_batch,
                                   tracking_uri=plan.tracking_uri, run_id=plan.mlflow_run_id))
@@ -146,6 +151,15 @@ def worker_hooks(plan: WorkerPlan, *, local_sgd: LocalSGD, val_batches: Callable
     if plan.after_step is not None:
         hooks.append(StepCallbackHook(plan.after_step, rank=rank))
     return hooks
+
+
+def ap_batches(device: torch.device, batch_size: int) -> Callable[[], Iterator[dict]]:
+    """The quick COCO evaluation's rows (the "val_ap" dataset, whole on rank 0: not split between the workers),
+    streamed again at each call."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("val_ap")
+    return lambda: shard.iter_torch_batches(batch_size=batch_size, drop_last=False, device=device)
 
 
 def epoch_batches(shard, *, batch_size: int, seed: int, epoch: int, skip: int = 0,

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mrcnn.config import Config
+from pipelines.training.hooks.ap_eval import ApSubset
 from pipelines.training.optim import scaled_lr
 
 
@@ -44,6 +45,8 @@ class WorkerPlan:
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None  # rank 0 logs metrics and tags here
     has_val: bool = False  # a "val" dataset shard exists
+    # the quick COCO evaluation's images (`train.val_ap_images`; hooks/ap_eval.py): a "val_ap" dataset holds their rows
+    ap_subset: ApSubset | None = None
     # end this run early (with a checkpoint) while keeping the schedule planned for total_steps, so a long run
     # can be split across reservations and continued with --resume
     stop_at: int | None = None

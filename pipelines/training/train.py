@@ -32,6 +32,7 @@ from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_nodes
 from pipelines.infra.storage import absolute, write_bytes
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
+from pipelines.training.hooks.ap_eval import subset_of_split
 from pipelines.training.loop import train_loop_per_worker
 from pipelines.training.model_source import ModelSource, check_init
 from pipelines.training.plan import WorkerPlan, total_steps_for
@@ -62,6 +63,9 @@ class TrainRequest:
     stop_at: int | None = None  # end this run after this step (schedule unchanged); continue with resume
     # an MLflow run made beforehand to log into (a sweep's trial run, reused when the trial restarts); None: a new one
     mlflow_run_id: str | None = None
+    # False: that run holds the params already (a sweep's restarted trial; MLflow refuses a changed value, and
+    # `code_version` changes with a commit between)
+    log_params: bool = True
 
 
 @dataclass
@@ -184,12 +188,16 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
             "use_gpu": use_gpu,
             "cpus_per_worker": cpus_per_worker,
             "code_version": tracking.code_version(),
-        },
+        } if request.log_params else {},
     )
 
     datasets = {"train": batches_dataset(shards, request.split, config, _num_anchors(config))}
     if val_split:
         datasets["val"] = batches_dataset(shards, val_split, config, _num_anchors(config))
+    ap = subset_of_split(shards, val_split, count=config.train.val_ap_images) if val_split and \
+        config.train.val_ap_images else None
+    if ap is not None:  # rank 0 alone evaluates it: not split between the workers
+        datasets["val_ap"] = batches_dataset(shards, val_split, config, _num_anchors(config), image_ids=ap.image_ids)
     if config.train.cache_data:
         # the val split too, even when validated once: streaming it fresh at the end of training cost the demo
         # 18 s (train workers holding the CPUs), decoding it here 6 s
@@ -208,6 +216,7 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
         tracking_uri=tracking_uri,
         mlflow_run_id=run_id,
         has_val=val_split is not None,
+        ap_subset=ap,
         stop_at=request.stop_at,
         resume_from=resume_from,
         after_step=after_step,
@@ -233,7 +242,8 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
         ),
         datasets=datasets,
         # order preserved so that a resumed run sees the batches an uninterrupted one would
-        dataset_config=DataConfig(execution_options=ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "val_ap"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
     )
     try:
         result = trainer.fit()

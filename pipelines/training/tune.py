@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -42,7 +43,10 @@ from pipelines.training.train import TrainRequest, default_cpus_per_worker, trai
 log = get_logger("tune")
 
 SCHEDULERS = ("asha", "fifo")
-METRICS = {"val_loss": "min"}  # the metric ASHA compares and the best trial is chosen by, with its direction
+# the metric ASHA compares and the best trial is chosen by, with its direction: the validation loss, or the segm AP
+# of the quick COCO evaluation (`train.val_ap_images`, hooks/ap_eval.py)
+METRICS = {"val_loss": "min", "segm_AP": "max"}
+AP_IMAGES = 100  # `train.val_ap_images` of a segm_AP sweep whose config says 0
 TRIAL_TAG = "tune.trial_id"
 # the CPU a trial's function holds: a token (Tune refuses a trial with no resources); it only waits on its trainer,
 # whose workers hold the CPUs and GPUs
@@ -85,6 +89,7 @@ class TrialPlan:
     train_request: TrainRequest
     ctx: RunContext  # GPU use resolved, parent run the sweep's, storage the trials' folder
     sweep: str
+    after_step: Callable[[int, int], None] | None = None  # `train()`'s per-step callback (tests' fault drills)
 
 
 def check_request(request: TuneRequest, config: Config) -> dict[str, SearchSpec]:
@@ -94,7 +99,7 @@ def check_request(request: TuneRequest, config: Config) -> dict[str, SearchSpec]
     if request.scheduler not in SCHEDULERS:
         raise InputError(f"--scheduler {request.scheduler!r}: one of {', '.join(SCHEDULERS)}")
     if request.metric not in METRICS:
-        raise InputError(f"--metric {request.metric!r}: one of {', '.join(METRICS)} (segm_AP is not supported yet)")
+        raise InputError(f"--metric {request.metric!r}: one of {', '.join(METRICS)}")
     for option, value in (("--samples", request.samples), ("--grace-period", request.grace_period),
                           ("--max-concurrent", 1 if request.max_concurrent is None else request.max_concurrent)):
         if value < 1:
@@ -106,23 +111,29 @@ def check_request(request: TuneRequest, config: Config) -> dict[str, SearchSpec]
     return specs
 
 
-def sweep_config(config: Config) -> Config:
-    """The base config of the trials: the validation loss every epoch (`train.val_every` 0 -> 1), the metric ASHA
-    compares at each rung."""
+def sweep_config(config: Config, metric: str = "val_loss") -> Config:
+    """The base config of the trials: a validation after every epoch (`train.val_every` 0 -> 1), where ASHA
+    compares the metric at each rung; for segm_AP the quick COCO evaluation too (`train.val_ap_images` 0 ->
+    AP_IMAGES)."""
+    changes = {}
     if config.train.val_every == 0:
-        log.info("train.val_every 0 -> 1: a sweep compares the trials' validation loss after every epoch")
-        return replace(config, train=replace(config.train, val_every=1))
-    return config
+        log.info("train.val_every 0 -> 1: a sweep compares the trials' %s after every epoch", metric)
+        changes["val_every"] = 1
+    if metric == "segm_AP" and config.train.val_ap_images == 0:
+        log.info("train.val_ap_images 0 -> %d: segm_AP of the first %d validation images by id", AP_IMAGES, AP_IMAGES)
+        changes["val_ap_images"] = AP_IMAGES
+    return replace(config, train=replace(config.train, **changes)) if changes else config
 
 
-def tune(config: Config, request: TuneRequest, ctx: RunContext) -> TuneResult:
+def tune(config: Config, request: TuneRequest, ctx: RunContext, *,
+         after_step: Callable[[int, int], None] | None = None) -> TuneResult:
     """Run the sweep `request` describes over `config` on `ctx`'s cluster (`ctx.workers` workers a trial); returns
-    one row per trial and the best one."""
+    one row per trial and the best one. after_step: given to every trial's `train()` (tests: fault drills)."""
     from ray import tune as ray_tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     specs = check_request(request, config)
-    config = sweep_config(config)
+    config = sweep_config(config, request.metric)
     shards = ShardSet.open(request.shards)
     shards.check_fingerprint(config)
     if request.val_split not in shards.splits:
@@ -157,6 +168,7 @@ def tune(config: Config, request: TuneRequest, ctx: RunContext) -> TuneResult:
                                    cpus_per_worker=cpus_per_worker, log_model=False),
         ctx=replace(ctx, parent_run_id=parent, storage=f"{path}/trials"),
         sweep=name,
+        after_step=after_step,
     )
     trainable = ray_tune.with_resources(partial(run_trial, plan=plan), {"cpu": TRIAL_DRIVER_CPUS})
     if resumed:
@@ -199,7 +211,7 @@ def max_concurrent(workers: int, cpus_per_worker: float, *, use_gpu: bool, limit
 def start_parent_run(ctx: RunContext, name: str, specs: dict[str, SearchSpec], request: TuneRequest, *,
                      concurrent: int, max_epochs: int) -> str:
     """The sweep's MLflow run (the search space and the scheduler as params) and the runs table's view of it: the
-    searched settings and the metric as columns."""
+    searched settings and the metric as columns, the sweep's trials as rows, best first."""
     parent = ctx.create_run(name, {"stage": "tune", "shards": request.shards})
     tracking.log_params(ctx.tracking_uri, parent, {
         **{f"search.{key}": str(spec).partition("=")[2] for key, spec in specs.items()},
@@ -208,7 +220,8 @@ def start_parent_run(ctx: RunContext, name: str, specs: dict[str, SearchSpec], r
         "max_epochs": max_epochs, "max_concurrent": concurrent, "workers_per_trial": ctx.workers,
     })
     tracking.set_runs_view(ctx.tracking_uri, ctx.experiment, view_key(name), params=list(specs),
-                           metrics=[request.metric])
+                           metrics=[request.metric], search_filter=f"tags.`mlflow.parentRunId` = '{parent}'",
+                           order_by=f"metrics.`{request.metric}`", ascending=METRICS[request.metric] == "min")
     return parent
 
 
@@ -226,14 +239,24 @@ def run_trial(sampled: dict[str, Any], *, plan: TrialPlan) -> None:
     context = ray_tune.get_context()
     trial_id = context.get_trial_id()
     config = trial_config(plan.config, sampled)
-    ctx = plan.ctx
+    run_id, restarted = trial_run(plan.ctx, plan.sweep, trial_id, context.get_trial_name(), sampled)
+    request = replace(plan.train_request, run_name=trial_id, mlflow_run_id=run_id, log_params=not restarted)
+    # the trainer's own failure handling (`train.max_failures`) restores a trial whose worker died from its checkpoint
+    train(config, request, plan.ctx, callbacks=[TuneReportCallback()], after_step=plan.after_step)
+
+
+def trial_run(ctx: RunContext, sweep: str, trial_id: str, trial_name: str, sampled: dict[str, Any]
+              ) -> tuple[str, bool]:
+    """The trial's MLflow run, nested under the sweep's (`ctx.parent_run_id`), and whether the trial made it
+    before (found by its `tune.trial_id` tag: a restarted trial, whose params are logged already) or it is new
+    (its sampled values logged as params `sampled.<key>`)."""
     runs = tracking.find_runs(ctx.mlflow_uri(), ctx.experiment,
                               {"mlflow.parentRunId": ctx.parent_run_id, TRIAL_TAG: trial_id})
-    run_id = runs[0] if runs else ctx.create_run(context.get_trial_name(), {
-        "stage": "tune-trial", TRIAL_TAG: trial_id, "tune.sweep": plan.sweep})
+    if runs:
+        return runs[0], True
+    run_id = ctx.create_run(trial_name, {"stage": "tune-trial", TRIAL_TAG: trial_id, "tune.sweep": sweep})
     tracking.log_params(ctx.mlflow_uri(), run_id, {f"sampled.{k}": v for k, v in sampled.items()})
-    request = replace(plan.train_request, run_name=trial_id, mlflow_run_id=run_id)
-    train(config, request, ctx, callbacks=[TuneReportCallback()])
+    return run_id, False
 
 
 def trial_rows(grid: Any, plan: TrialPlan, specs: dict[str, SearchSpec], *, train_images: int,

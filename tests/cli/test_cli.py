@@ -108,6 +108,7 @@ def test_the_cli_choices_are_the_codes_own():
     (["evaluate", "--shards", "s", "--model-path", "m", "--backend", "cocoapi"], "'pycocotools', 'faster-coco-eval'"),
     (["run", "--dataset", "d", "--force", "trian"], "'preprocess', 'train', 'evaluate'"),
     (["tune", "--shards", "s", "--search", "train.lr=choice(0.1)", "--scheduler", "hyperband"], "'asha', 'fifo'"),
+    (["tune", "--shards", "s", "--search", "train.lr=choice(0.1)", "--metric", "mAP"], "'val_loss', 'segm_AP'"),
     (["inspect", "gtt", "--out", "o.png"], "'gt', 'anchors'"),
     (["train", "--shards", "s", "--config", "shapes", "--set", "train.optimizer=lamb"], "'sgd', 'adamw'"),
 ])
@@ -274,6 +275,11 @@ def _short_error(result, *words: str) -> str:
      ["--search train.lr=uniform(-1.0, 0.1): config key 'train.lr': -1.0 is out of range (must be > 0)"]),
     ("tune", ["--shards", "{tmp}/absent", "--config", "shapes", "--search", "roi.rois_per_image=choice(32,64)"],
      ["{tmp}/absent", "not preprocessed"]),
+    # segm_AP accepted: the sweep gets as far as the shards
+    ("tune", ["--shards", "{tmp}/absent", "--config", "shapes", "--search", "train.lr=choice(0.01)", "--metric",
+              "segm_AP"], ["{tmp}/absent", "not preprocessed"]),
+    ("tune", ["--shards", "{tmp}/absent", "--config", "shapes", "--search", "train.lr=choice(0.01)", "--metric",
+              "segm_AP", "--set", "train.val_ap_images=-1"], ["config key 'train.val_ap_images': -1 is out of range"]),
 ])
 def test_every_command_ends_a_users_error_in_a_short_message(command, args, words, tmp_path):
     """Each command, with input that is wrong (a missing path, a bad setting), fails before any Ray work with a few
