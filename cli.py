@@ -46,7 +46,7 @@ from pipelines.cli_options import (
 from pipelines.infra.logs import setup_logging
 
 # choices of options whose modules are too heavy to import for `--help`; tests/cli checks they match the code's
-Backend = Literal["pycocotools", "faster-coco-eval"]  # pipelines.evaluation.coco_eval.BACKENDS
+Backend = Literal["pycocotools", "faster-coco-eval"]  # pipelines.data.coco_metrics.BACKENDS
 DagStage = Literal["preprocess", "train", "evaluate"]  # pipelines.dag.pipeline_stages
 InspectStage = Literal["gt", "anchors", "rpn-targets", "mini-masks", "deltas", "proposals", "detection-targets",
                        "batch", "predictions", "all"]  # pipelines.inspection.command.STAGES + "all"

@@ -69,10 +69,11 @@ def parts(args, shards: str, ckpt: str) -> dict:
     import pyarrow.parquet as pq
 
     from pipelines.data.categories import CategoryMap
+    from pipelines.data.coco_metrics import evaluate_detections
+    from pipelines.data.coco_results import run_model, to_coco_results
     from pipelines.data.loader import ShardBatchDecoder, decoder_for
     from pipelines.data.shardset import read_manifest
-    from pipelines.evaluation.coco_eval import evaluate_detections
-    from pipelines.evaluation.inference import decode_inputs, run_model, to_coco_results, way_back
+    from pipelines.evaluation.inference import decode_inputs, way_back
     from pipelines.models import load_model, model_spec
 
     torch.set_num_threads(args.threads)

@@ -72,7 +72,7 @@ def main() -> None:
     from mrcnn.config import coco
     from mrcnn.model import build_model
     from mrcnn.torchvision_weights import TORCHVISION_NUM_CLASSES, load_torchvision_state
-    from pipelines.evaluation.inference import run_model
+    from pipelines.data.coco_results import run_model
     from pipelines.evaluation.onnx_export import OnnxModel, export_onnx
     from pipelines.models import ModelSpec
     from pipelines.training.model_source import ModelSource

@@ -29,7 +29,7 @@ import torch
 from mrcnn.config import coco
 from mrcnn.detections import detections_to_original
 from mrcnn.model import build_model
-from pipelines.evaluation.inference import run_model
+from pipelines.data.coco_results import run_model
 
 VAL2017_IMAGES = 5000
 

@@ -36,7 +36,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from mrcnn.config import load_config
 from pipelines.data.coco import load_image_rgb
-from pipelines.evaluation.coco_eval import evaluate_detections
+from pipelines.data.coco_metrics import evaluate_detections
 from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, when run as a script

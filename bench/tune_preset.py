@@ -24,10 +24,10 @@ import torch
 from mrcnn.config import load_config
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
+from pipelines.data.coco_metrics import evaluate_detections
+from pipelines.data.coco_results import to_coco_results
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
 from pipelines.data.shardset import check_fingerprint, read_manifest
-from pipelines.evaluation.coco_eval import evaluate_detections
-from pipelines.evaluation.evaluate import to_coco_results
 from pipelines.training.loop import prepare_device
 from pipelines.training.optim import build_optimizer, build_scheduler, scaled_lr
 from pipelines.training.step import StepRunner

@@ -10,20 +10,8 @@ from __future__ import annotations
 
 import os
 
-from pipelines.data.coco_metrics import BACKENDS as BACKENDS
-from pipelines.data.coco_metrics import STAT_NAMES as STAT_NAMES
 from pipelines.data.coco_metrics import CocoEvalResult, pr_curves
-from pipelines.data.coco_metrics import evaluate_detections as evaluate_detections
 from pipelines.pictures import save_figure
-
-__all__ = [
-    "BACKENDS",
-    "STAT_NAMES",
-    "CocoEvalResult",
-    "evaluate_detections",
-    "pr_curve_figure",
-    "pr_curves",
-]
 
 
 def pr_curve_figure(

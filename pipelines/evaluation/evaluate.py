@@ -22,11 +22,11 @@ import numpy as np
 from mrcnn.config import DetectionConfig, EvalConfig
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import load_image_rgb, safe_image_path
+from pipelines.data.coco_metrics import evaluate_detections
 from pipelines.data.errors import DatasetError
 from pipelines.data.shardset import ShardSet
-from pipelines.evaluation.coco_eval import evaluate_detections, pr_curve_figure
+from pipelines.evaluation.coco_eval import pr_curve_figure
 from pipelines.evaluation.inference import TIMINGS, ModelStage, decode_inputs, way_back
-from pipelines.evaluation.inference import to_coco_results as to_coco_results  # re-exported: callers import it here
 from pipelines.infra import tracking
 from pipelines.infra.context import RunContext
 from pipelines.infra.logs import get_logger

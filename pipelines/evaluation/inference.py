@@ -40,9 +40,6 @@ import torch
 from mrcnn.geometry import resize_geometry, resize_image
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco_results import coco_results_of_batch, run_model
-from pipelines.data.coco_results import pack_detections as pack_detections  # re-exported: callers import them here
-from pipelines.data.coco_results import to_coco_results as to_coco_results
-from pipelines.data.coco_results import unpack_detections as unpack_detections
 from pipelines.data.shards import decode_row
 from pipelines.models import ModelSpec, load_model
 

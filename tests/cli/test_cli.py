@@ -87,7 +87,7 @@ def test_the_cli_choices_are_the_codes_own():
     import cli
     from mrcnn.config import shapes
     from pipelines.dag import stage_config_fields
-    from pipelines.evaluation.coco_eval import BACKENDS
+    from pipelines.data.coco_metrics import BACKENDS
     from pipelines.inspection.command import STAGES
 
     assert typing.get_args(cli.Backend) == BACKENDS

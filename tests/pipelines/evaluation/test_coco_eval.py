@@ -11,7 +11,8 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from pipelines.evaluation.coco_eval import STAT_NAMES, evaluate_detections, pr_curve_figure, pr_curves
+from pipelines.data.coco_metrics import STAT_NAMES, evaluate_detections, pr_curves
+from pipelines.evaluation.coco_eval import pr_curve_figure
 
 try:
     import faster_coco_eval  # noqa: F401

@@ -14,10 +14,11 @@ from mrcnn.mini_masks import mini_mask_boxes
 from mrcnn.model import build_model
 from pipelines.data.categories import CategoryMap
 from pipelines.data.coco import read_split, split_paths
+from pipelines.data.coco_metrics import evaluate_detections
+from pipelines.data.coco_results import to_coco_results
 from pipelines.data.rows import RowMaker
 from pipelines.data.shards import decode_row
-from pipelines.evaluation.coco_eval import evaluate_detections
-from pipelines.evaluation.evaluate import EvaluateRequest, evaluate, to_coco_results
+from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
 from pipelines.infra.context import RunContext
 from pipelines.models import ModelMismatchError
 from pipelines.training.checkpoints import save_checkpoint

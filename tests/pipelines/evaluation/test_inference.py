@@ -11,17 +11,12 @@ import torch
 from mrcnn.anchors import anchors_from_config
 from mrcnn.config import shapes
 from pipelines.data.categories import CategoryMap
+from pipelines.data.coco_metrics import evaluate_detections
+from pipelines.data.coco_results import coco_results_of_batch, pack_detections, to_coco_results, unpack_detections
 from pipelines.data.loader import ShardBatchDecoder, decoder_for
 from pipelines.data.shardset import read_manifest
-from pipelines.evaluation.coco_eval import evaluate_detections
 from pipelines.evaluation.evaluate import EvaluateRequest, evaluate
-from pipelines.evaluation.inference import (
-    coco_results_of_batch,
-    decode_inputs,
-    pack_detections,
-    to_coco_results,
-    unpack_detections,
-)
+from pipelines.evaluation.inference import decode_inputs
 from pipelines.infra.context import RunContext
 from pipelines.models import load_model, model_spec
 

@@ -20,8 +20,9 @@ import torch
 
 from mrcnn.config import coco, shapes, torchvision_maskrcnn
 from pipelines.data.coco import load_image_rgb, split_paths
-from pipelines.evaluation.coco_eval import evaluate_detections
-from pipelines.evaluation.inference import PACKED, network_input, run_model
+from pipelines.data.coco_metrics import evaluate_detections
+from pipelines.data.coco_results import run_model
+from pipelines.evaluation.inference import PACKED, network_input
 from pipelines.evaluation.onnx_export import OnnxModel, OnnxModelError, export_onnx
 from pipelines.evaluation.predict import predict_images
 from pipelines.models import load_model, model_spec

@@ -58,7 +58,7 @@ def coco90_file(tmp_path_factory):
 def test_a_detection_of_coco_id_90_by_torchvision_comes_out_as_coco_id_90(coco90_file):
     """Through the shards' category map (COCO's 80: contiguous 80 is COCO 90): our detections are torchvision's, with
     our class ids mapped back, down to the category_id of the COCO results evaluate writes."""
-    from pipelines.evaluation.evaluate import to_coco_results
+    from pipelines.data.coco_results import to_coco_results
 
     reference, path = coco90_file
     categories = coco_categories()

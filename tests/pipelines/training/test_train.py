@@ -89,7 +89,7 @@ def test_two_workers_train_checkpoint_and_log_to_mlflow(synth_shards, tmp_path):
         detections = model.eval()({k: torch.as_tensor(v) for k, v in batch.items()})
     assert len(detections) == 2 and set(detections[0]) >= {"boxes", "class_ids", "scores", "masks"}
     # train.export_onnx: model.onnx among the model's files, giving the logged model's detections in onnxruntime
-    from pipelines.evaluation.inference import run_model
+    from pipelines.data.coco_results import run_model
     from pipelines.evaluation.onnx_export import OnnxModel
 
     files = Path(mlflow.artifacts.download_artifacts(f"runs:/{result.run_id}/model", dst_path=str(tmp_path / "dl")))
