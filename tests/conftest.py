@@ -65,6 +65,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` on 127.0.0.1 for the session's UI tests (tests/support/mlflow_ui.py); each test
+    module logs to its own experiment. Its users call `wait_ready()` (it boots while Ray starts)."""
+    from tests.support.mlflow_ui import running_server
+
+    with running_server(tmp_path_factory.mktemp("mlflow_server")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray for the whole session, with more logical CPUs than the 2 real ones so that
     Ray Data and Ray Train workers can run side by side (else a dataset job can hang waiting for CPU).

@@ -11,13 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,77 +20,10 @@ from mlflow.tracking import MlflowClient
 from mrcnn.config import shapes
 from pipelines.dag import DagResult, PipelineRequest, run_pipeline
 from pipelines.infra.context import RunContext
+from tests.support.mlflow_ui import chromium, render, visible_text
 
 pytestmark = pytest.mark.slow
-
-MLFLOW = Path(sys.executable).parent / "mlflow"
 TRAIN_STEPS = 5  # one epoch of the 10 non-empty training images at batch 2: one validation, one Ray Data stream
-QUIET = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true"}  # a closed network: no phoning home
-
-
-@dataclass
-class Server:
-    url: str
-    root: Path
-    process: subprocess.Popen
-
-    def log_tail(self) -> str:
-        return (self.root / "server.log").read_text(errors="replace")[-3000:]
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Poll /health until it answers 200; the server takes ~20 s to import and migrate its database here."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                pytest.fail(f"mlflow server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not answer /health within {timeout:.0f} s:\n{self.log_tail()}")
-            time.sleep(0.25)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real tracking server on a free local port: SQLite backend, artifacts stored under its own folder and
-    served through it (`mlflow-artifacts:/`). Started here, waited for by its users (it boots while Ray
-    starts), killed with its process group at teardown."""
-    root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")} | QUIET
-    # no job runner: it serves GenAI features (judges, trace archival) with seven worker processes of its own
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    with open(root / "server.log", "wb") as log:
-        process = subprocess.Popen(
-            [
-                str(MLFLOW), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-                "--artifacts-destination", str(root / "artifacts"),
-            ],
-            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    server = Server(f"http://127.0.0.1:{port}", root, process)
-    yield server
-    # its own session: the group holds uvicorn's worker (and any job runner) as well as the CLI process
-    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-            process.wait(timeout=wait)
-            break
-        except ProcessLookupError:
-            break
-        except subprocess.TimeoutExpired:
-            continue
 
 
 @pytest.fixture(scope="module")
@@ -196,43 +123,22 @@ def test_evaluate_run_metrics_and_artifacts_download_through_the_server(
 
 
 # ------------------------------------------------------------------------------------------ the UI
-CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]
-
-
-def _chromium() -> str:
-    """The installed chromium; skips without one (.ci/run installs Debian's: a test installs nothing)."""
-    found = shutil.which("chromium")
-    if not found:
-        pytest.skip("chromium is not installed (.ci/run installs it with apt-get)")
-    return found
-
-
-def _render(chromium: str, url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
-    profile = tmp / f"profile-{len(list(tmp.glob('profile-*')))}"
-    return subprocess.run(
-        [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=20000", *extra, url],
-        capture_output=True, text=True, timeout=180,
-    )
-
 
 def test_ui_experiment_page_shows_the_pipeline_run(pipeline, client, mlflow_server, tmp_path):
-    chromium = _chromium()
+    browser = chromium()
     parent = client.get_run(pipeline.parent_run_id)
     # MLflow 3's UI opens an experiment in its "GenAI" workflow (a traces overview, no runs) unless told
     # otherwise; `workflowType=machine_learning` is what its "Model training" switch puts in the URL
     url = f"{mlflow_server.url}/#/experiments/{parent.info.experiment_id}?workflowType=machine_learning"
 
-    dom = _render(chromium, url, tmp_path, "--dump-dom")
+    dom = render(browser, url, tmp_path, "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]
     (tmp_path / "experiment.html").write_text(dom.stdout)
     assert parent.info.run_name in dom.stdout, f"run name not in the rendered page ({len(dom.stdout)} chars)"
     assert f"/runs/{parent.info.run_id}" in dom.stdout  # the runs table links the name to this very run
 
     shot = tmp_path / "ui.png"
-    rendered = _render(chromium, url, tmp_path, f"--screenshot={shot}", "--window-size=1400,900")
+    rendered = render(browser, url, tmp_path, f"--screenshot={shot}", "--window-size=1400,900")
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     from PIL import Image
 
@@ -304,29 +210,29 @@ def test_two_pipelines_compare_in_the_runs_table_and_the_compare_page(compared_p
     side by side (its screenshot kept as `ui/compare.png` in the first run's artifacts)."""
     from pipelines.infra import tracking
 
-    chromium = _chromium()
+    browser = chromium()
     experiment, parents = compared_pipelines
     experiment_id = parents[0].info.experiment_id
     # the address the demo prints: the runs table in our shared view, the headline metrics as columns
-    table = _render(chromium, tracking.ui_url(mlflow_server.url, experiment), tmp_path, "--dump-dom",
+    table = render(browser, tracking.ui_url(mlflow_server.url, experiment), tmp_path, "--dump-dom",
                     "--window-size=2000,1000")
     assert table.returncode == 0, table.stderr[-2000:]
     for parent in parents:
         assert parent.info.run_name in table.stdout and f"/runs/{parent.info.run_id}" in table.stdout
-    cells = " ".join(_visible_text(table.stdout).split())
+    cells = " ".join(visible_text(table.stdout).split())
     assert "segm_AP" in cells and "0.412" in cells and "0.653" in cells, cells[:3000]
 
     ids = json.dumps([p.info.run_id for p in parents], separators=(",", ":"))
     compare = f"{mlflow_server.url}/#/compare-runs?runs={ids}&experiments={json.dumps([experiment_id])}"
-    dom = _render(chromium, compare, tmp_path, "--dump-dom", "--window-size=1600,1400")
+    dom = render(browser, compare, tmp_path, "--dump-dom", "--window-size=1600,1400")
     assert dom.returncode == 0, dom.stderr[-2000:]
-    text = " ".join(_visible_text(dom.stdout).split())
+    text = " ".join(visible_text(dom.stdout).split())
     assert "Comparing 2 Runs" in text, text[:2000]
     # the params and metrics sections list each key once with the two runs' values after it, in run order
     assert "train.lr 0.01 0.02" in text and "pipeline.workers 2 2" in text, text[:3000]
     assert "0.412 0.653" in text and "segm_AP" in text, text[:3000]
     shot = tmp_path / "compare.png"
-    rendered = _render(chromium, compare, tmp_path, f"--screenshot={shot}", "--window-size=1600,1400")
+    rendered = render(browser, compare, tmp_path, f"--screenshot={shot}", "--window-size=1600,1400")
     assert rendered.returncode == 0, rendered.stderr[-2000:]
     from PIL import Image
 
@@ -340,8 +246,3 @@ def test_two_pipelines_compare_in_the_runs_table_and_the_compare_page(compared_p
     assert "ui/compare.png" in {a.path for a in client.list_artifacts(parents[0].info.run_id, "ui")}
 
 
-def _visible_text(html: str) -> str:
-    import re
-
-    html = re.sub(r"<(script|style)\b.*?</\1>", " ", html, flags=re.S)
-    return re.sub(r"<[^>]+>", " ", html).replace("&nbsp;", " ")

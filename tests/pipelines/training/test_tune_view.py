@@ -18,11 +18,9 @@ from pipelines.infra import tracking
 from pipelines.infra.context import RunContext
 from pipelines.training.search_space import parse_searches, trial_config
 from pipelines.training.tune import TuneRequest, finish_sweep, start_parent_run, trial_run, view_key
-from tests.pipelines.infra import test_mlflow_server as server
-from tests.pipelines.infra.test_mlflow_server import _chromium, _render, _visible_text
+from tests.support.mlflow_ui import chromium, render, visible_text
 
 pytestmark = pytest.mark.slow
-mlflow_server = server.mlflow_server  # the real server of the UI tests, one for this module
 
 EXPERIMENT = "tune-view"
 # (trial, train.lr, val_loss after each epoch): the second stopped by ASHA after its first epoch
@@ -82,13 +80,13 @@ def test_the_runs_table_gets_the_three_trials_with_their_values_and_metric(mlflo
 def test_the_sweeps_view_shows_three_nested_trials_with_their_values_and_metric(mlflow_server, sweep, tmp_path):
     """The address `mrcnn-cli tune` prints: the runs table in the sweep's view lists the three trial runs (their
     names link to them) with their lr and their last val_loss in the table's cells."""
-    chromium = _chromium()
+    browser = chromium()
     _, runs = sweep
     url = tracking.ui_url(mlflow_server.url, EXPERIMENT, view=view_key("sw-view"))
-    table = _render(chromium, url, tmp_path, "--dump-dom", "--window-size=2000,1000")
+    table = render(browser, url, tmp_path, "--dump-dom", "--window-size=2000,1000")
     assert table.returncode == 0, table.stderr[-2000:]
     (tmp_path / "sweep.html").write_text(table.stdout)
-    cells = " ".join(_visible_text(table.stdout).split())
+    cells = " ".join(visible_text(table.stdout).split())
     assert "3 matching runs" in cells and "train.lr" in cells and "val_loss" in cells, cells[:3000]
     # the rows by val_loss, best first (the names, then the pinned columns' cells in the same order)
     ranked = sorted(TRIALS, key=lambda t: t[2][-1])
