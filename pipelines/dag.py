@@ -317,10 +317,7 @@ def run_pipeline(config: Config, request: PipelineRequest, ctx: RunContext) -> D
                      params=pipeline_params(config, request, ctx))
     if request.register:
         tags = evaluate_headline(result.outputs["evaluate"])  # segm_AP, segm_AP50, bbox_AP, bbox_AP50
-        version = tracking.register_model(ctx.mlflow_uri(), result.outputs["train"]["run_id"], request.register,
-                                          tags=tags)
-        log.info("registered %s version %d (models:/%s@%s)", request.register, version, request.register,
-                 tracking.CHAMPION)
+        tracking.register_model(ctx.mlflow_uri(), result.outputs["train"]["run_id"], request.register, tags=tags)
     return result
 
 

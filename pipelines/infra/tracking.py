@@ -26,6 +26,7 @@ from typing import Any
 
 from pyarrow import fs as pafs
 
+from pipelines.infra.logs import get_logger
 from pipelines.infra.storage import filesystem_for, is_uri
 
 DEFAULT_EXPERIMENT = "mrcnn-pipeline"
@@ -213,6 +214,7 @@ def register_model(tracking_uri: str, run_id: str, name: str, *, tags: dict[str,
         version = mlflow.register_model(f"runs:/{run_id}/model", name,
                                         tags={k: _param_value(v) for k, v in (tags or {}).items()})
     client.set_registered_model_alias(name, alias, version.version)
+    get_logger("mlflow").info("registered %s version %s (models:/%s@%s)", name, version.version, name, alias)
     return int(version.version)
 
 

@@ -260,9 +260,7 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
     if request.log_model:
         log_final_model(tracking_uri, run_id, latest, config=config, num_classes=num_classes)
         if request.register:
-            version = tracking.register_model(tracking_uri, run_id, request.register)
-            log.info("registered %s version %d (models:/%s@%s)", request.register, version, request.register,
-                     tracking.CHAMPION)
+            tracking.register_model(tracking_uri, run_id, request.register)
     tracking.log_artifact(tracking_uri, run_id, latest, "checkpoint")
     tracking.finish_run(tracking_uri, run_id)
     return TrainResult(
