@@ -62,6 +62,7 @@ def test_run_lengths_of_long_numbers_and_strings_that_are_not_rle():
     assert rle_string_counts("``````0") is None  # seven
     assert rle_string_counts("P") is None  # ends inside a number (continuation bit set)
     assert rle_string_counts("0~") is None and rle_string_counts("0 ") is None  # outside '0'..'o'
+    assert rle_string_counts("p") is None and rle_string_counts("/") is None  # just past either end
     assert rle_string_counts("O") == [-1] and rle_string_counts("") == []
 
 
@@ -111,6 +112,7 @@ def test_compressed_counts_cover_the_image_exactly():
         return check_segmentation({"size": [H, W], "counts": counts}, H, W)[1]
 
     assert skip(_rle_chars([150, 50])) is None
+    assert skip(_rle_chars([0, 200])) is None  # a zero-length first run: the mask starts with a foreground pixel
     assert skip(_rle_chars([150, 51])) == "malformed_segmentation: compressed RLE counts do not cover the image"
     assert skip(_rle_chars([201, -1])) == "malformed_segmentation: compressed RLE counts do not cover the image"
     assert skip("``````0") == "malformed_segmentation: RLE counts string is not compressed RLE"

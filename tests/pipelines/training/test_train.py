@@ -245,3 +245,23 @@ def test_the_best_checkpoint_is_the_one_of_the_lowest_validation_loss():
     # ties: the earliest; nothing validated at all: the first
     assert lowest_val_loss([("p", {"val_loss": 1.0}), ("q", {"val_loss": 1.0})]) == "p"
     assert lowest_val_loss([("first", {}), ("second", {})]) == "first"
+
+
+def test_resume_refusal_gives_each_reason_and_the_first_three_differences():
+    from pipelines.training.train import resume_refusal
+
+    config = _config(steps=8, lr=0.01)
+    meta = {"config": config.to_dict(), "fingerprint": "f"}
+    assert resume_refusal(meta, config, "f") is None
+    assert resume_refusal(meta, config, "g") == "made from other shards (fingerprint 'f', these are 'g')"
+    assert resume_refusal({"config": {}, "fingerprint": "f"}, config, "f") == "its meta.json holds no config"
+    broken = {**meta, "config": {**meta["config"], "train": {**meta["config"]["train"], "lr": -1.0}}}
+    assert resume_refusal(broken, config, "f").startswith("its config does not load: config key 'train.lr'")
+    three = config.override(["train.lr=0.5", "train.momentum=0.5", "train.weight_decay=0.5"])
+    assert resume_refusal(meta, three, "f") == (
+        "trained with another config: train.lr: 0.01 != 0.5; train.momentum: 0.9 != 0.5; "
+        "train.weight_decay: 0.0001 != 0.5")
+    four = three.override(["train.grad_clip=2.5"])
+    assert resume_refusal(meta, four, "f") == (  # sorted by key: grad_clip first, weight_decay left out
+        "trained with another config: train.grad_clip: 5.0 != 2.5; train.lr: 0.01 != 0.5; "
+        "train.momentum: 0.9 != 0.5 (and 1 more)")
