@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pycocotools.mask as mask_utils
+import pytest
 import torch
 
 from pipelines.data.categories import CategoryMap
@@ -57,6 +58,8 @@ def test_keep_detections_keeps_scores_at_the_floor_and_at_most_the_limit():
     assert packed["det_count"].tolist() == [3, 2, 1]
     keep_detections(packed, min_scores=[0.5, 0.0, 0.0], limits=[2, 4, 4])
     assert packed["det_count"].tolist() == [2, 2, 1]
+    with pytest.raises(ValueError):  # a floor or a limit per image: one short is a caller's bug, not a shorter batch
+        keep_detections(packed, min_scores=[0.5, 0.5], limits=[2, 4, 4])
 
 
 def test_way_back_writes_each_images_results_as_json_and_carries_the_timings():
