@@ -36,9 +36,10 @@ def test_positives_past_max_positives_a_draw_seeded_by_the_image_id():
     others = {tuple(rpn_labels(_row(pos, [1], image_id=i), num_anchors=10, max_positives=4)[1]) for i in range(8)}
     assert len(others) > 1  # another image, another subset
     # a negative id (COCO's are int64) seeds with its 64-bit two's complement, as numpy takes no negative seed
-    negative = rpn_labels(_row(pos, [1], image_id=-3), num_anchors=10, max_positives=4)[1]
-    keep = np.sort(np.random.default_rng(2**64 - 3).choice(6, 4, replace=False))
-    assert negative.tolist() == np.asarray(pos)[keep].tolist()
+    many = list(range(0, 40, 2))  # 20 positives, 4 kept: 4845 subsets, so another seed gives another one
+    negative = rpn_labels(_row(many, [], image_id=-3), num_anchors=40, max_positives=4)[1]
+    keep = np.sort(np.random.default_rng(2**64 - 3).choice(20, 4, replace=False))
+    assert negative.tolist() == np.asarray(many)[keep].tolist()
 
 
 def test_indices_outside_the_anchors_are_refused():
