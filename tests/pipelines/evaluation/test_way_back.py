@@ -19,7 +19,8 @@ def _packed():
     """Two images, detections in canvas pixels (all-ones masks): image 0 is 80 high x 100 wide at scale 0.5
     (window 50 x 40), image 1 is 30 x 20 at scale 2 (window 40 x 60)."""
     dets = [{"boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0], [40.123, 30.0, 60.0, 45.0]]),
-             "class_ids": torch.tensor([2, 3]), "scores": torch.tensor([0.876543, 0.5]), "masks": torch.ones(2, 28, 28)},
+             "class_ids": torch.tensor([2, 3]), "scores": torch.tensor([0.876543, 0.5]),
+             "masks": torch.ones(2, 28, 28)},
             {"boxes": torch.tensor([[4.0, 10.0, 12.0, 30.0]]), "class_ids": torch.tensor([1]),
              "scores": torch.tensor([0.25]), "masks": torch.ones(1, 28, 28)}]
     packed = pack_detections(dets, max_detections=3)
