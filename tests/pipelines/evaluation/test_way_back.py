@@ -65,11 +65,15 @@ def test_keep_detections_keeps_scores_at_the_floor_and_at_most_the_limit():
 
 def test_way_back_writes_each_images_results_as_json_and_carries_the_timings():
     packed = _packed()
-    packed.update(decode_s=np.array([0.25, 0.5]), model_s=np.array([1.5, 2.5]))
+    # columns as a block may hold them (int32, float32): written with the dataset's own types
+    packed.update(image_id=packed["image_id"].astype(np.int32), decode_s=np.array([0.25, 0.5], np.float32),
+                  model_s=np.array([1.5, 2.5], np.float32))
     categories = CategoryMap(coco_ids=tuple(COCO_IDS), names=("a", "b", "c")).to_dict()
     out = way_back(packed, categories=categories)
     assert out["image_id"].tolist() == [7, 8] and out["image_id"].dtype == np.int64
     assert [json.loads(r) for r in out["results"]] == coco_results_of_batch(_packed(), coco_ids=COCO_IDS)
+    assert out["results"].dtype == object  # Python strings, not a fixed-width unicode array
     assert out["decode_s"].tolist() == [0.25, 0.5] and out["model_s"].tolist() == [1.5, 2.5]
+    assert out["decode_s"].dtype == out["model_s"].dtype == np.float64
     assert out["way_back_s"].shape == (2,) and (out["way_back_s"] >= 0).all()
     assert set(out) == {"image_id", "results", "decode_s", "model_s", "way_back_s"}  # the large columns stay
