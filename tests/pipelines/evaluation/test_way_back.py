@@ -18,7 +18,7 @@ COCO_IDS = [1, 3, 9]
 def _packed():
     """Two images, detections in canvas pixels (all-ones masks): image 0 is 80 high x 100 wide at scale 0.5
     (window 50 x 40), image 1 is 30 x 20 at scale 2 (window 40 x 60)."""
-    dets = [{"boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0], [40.123, 30.0, 60.0, 45.0]]),
+    dets = [{"boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0], [40.123, 30.123, 60.0, 45.0]]),
              "class_ids": torch.tensor([2, 3]), "scores": torch.tensor([0.876543, 0.5]),
              "masks": torch.ones(2, 28, 28)},
             {"boxes": torch.tensor([[4.0, 10.0, 12.0, 30.0]]), "class_ids": torch.tensor([1]),
@@ -41,13 +41,13 @@ def test_detections_back_in_original_pixels_by_hand():
     assert [r["category_id"] for r in first + second] == [3, 9, 1]  # contiguous k -> coco_ids[k - 1]
     assert [r["score"] for r in first + second] == [0.87654, 0.5, 0.25]  # 5 decimals
     # canvas / scale; the second box runs past the image's right and bottom edges and is clipped to them
-    assert first[0]["bbox"] == [20.0, 10.0, 40.0, 40.0] and first[1]["bbox"] == [80.25, 60.0, 19.75, 20.0]
+    assert first[0]["bbox"] == [20.0, 10.0, 40.0, 40.0] and first[1]["bbox"] == [80.25, 60.25, 19.75, 19.75]
     assert second[0]["bbox"] == [2.0, 5.0, 4.0, 10.0]
     masks = [mask_utils.decode(r["segmentation"]) for r in first + second]
     assert all(isinstance(r["segmentation"]["counts"], str) for r in first + second)  # JSON-ready
     assert np.array_equal(masks[0], _box_mask(80, 100, 20, 10, 60, 50))
     assert np.array_equal(masks[2], _box_mask(30, 20, 2, 5, 6, 15))
-    # pasted with the unclipped box (80.25, 60, 120, 90): pixel centres from 80.5 on, cut at the edges
+    # pasted with the unclipped box (80.25, 60.25, 120, 90): pixel centres from (80.5, 60.5) on, cut at the edges
     assert np.array_equal(masks[1], _box_mask(80, 100, 80, 60, 100, 80))
 
 
