@@ -249,8 +249,9 @@ def test_find_latest_edge_cases(tmp_path):
         _fake_checkpoint(tmp_path / name, 100, state=False)
     _fake_checkpoint(tmp_path / "d/checkpoint_1", 10)
     assert find_latest_checkpoint(tmp_path) == str(tmp_path / "d/checkpoint_1")
-    # storage pointing into one checkpoint: nothing under it
+    # storage pointing into one checkpoint: nothing under it; a URI storage whose checkpoints are all refused
     assert find_latest_checkpoint(tmp_path / "d/checkpoint_1") is None
+    assert find_latest_checkpoint(f"file://{tmp_path}", accept=lambda meta: "refused") is None
 
 
 def test_an_unreadable_meta_is_named_with_the_storage_and_run(tmp_path):
