@@ -40,12 +40,23 @@ def test_rounding_of_long_side_decides_the_limit():
     # 1024 * (800/799) ~ 1025.28 rounds to 1025 > 1024: limited
     g = resize_geometry(799, 1024, min_dim=800, max_dim=1024)
     assert g.scale == 1.0 and (g.new_h, g.new_w) == (799, 1024)
+    # 1000 * (800/781) ~ 1024.33 rounds to 1024, exactly max_dim: not limited, the scale stays min_dim's
+    g = resize_geometry(781, 1000, min_dim=800, max_dim=1024)
+    assert g.scale == 800 / 781 and (g.new_h, g.new_w) == (800, 1024)
+
+
+def test_a_size_must_be_positive_on_either_side():
+    assert resize_geometry(1, 1, min_dim=8, max_dim=8).window == (0, 0, 8, 8)
+    for height, width in ((0, 5), (5, 0), (-1, 5)):
+        with pytest.raises(ValueError, match=f"^image size must be positive, got {height}x{width}$"):
+            resize_geometry(height, width, min_dim=8, max_dim=8)
 
 
 def test_coco_bbox_to_box_worked_example():
     box = coco_bbox_to_box([[10.0, 20.0, 30.0, 40.0]], scale=1.6)
     torch.testing.assert_close(box, torch.tensor([[16.0, 32.0, 64.0, 96.0]]))
     assert box.dtype == torch.float32
+    assert coco_bbox_to_box(np.array([[10.0, 20.0, 30.0, 40.0]]), scale=1.6).dtype == torch.float32  # from float64
 
 
 def test_boxes_to_original_inverts_coco_bbox_to_box():
