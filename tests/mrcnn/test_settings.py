@@ -5,6 +5,7 @@ through the `from_config` beside its class."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -112,3 +113,35 @@ def test_the_flat_view_is_every_section_field_under_its_mlflow_name():
 def test_a_setting_reaches_its_sub_net_through_from_config(override, read, expected):
     base, changed = build_model(shapes(), 3), build_model(shapes().override([override]), 3)
     assert read(changed) == expected and read(base) != expected
+
+
+def test_a_range_reads_as_it_is_declared_and_holds_its_ends_as_declared():
+    assert [str(r) for r in (settings.Range(), settings.between(0), settings.between(0, lo_open=True),
+                             settings.between(hi=5), settings.between(hi=5, hi_open=True),
+                             settings.between(0, 1, lo_open=True), settings.between(0, 1, hi_open=True))] == [
+        "any number", ">= 0", "> 0", "<= 5", "< 5", "in (0, 1]", "in [0, 1)"]
+    assert 5 in settings.between(hi=5) and 5 not in settings.between(hi=5, hi_open=True)
+    assert 0 in settings.between(0, 1) and 0 not in settings.between(0, 1, lo_open=True)
+
+
+@dataclass(frozen=True)
+class _Tiny:
+    size: int = 3
+    pair: tuple[float, float] = (0.0, 1.0)
+    one: tuple[int] = (1,)
+    mode: Literal["a", "b"] = "a"
+
+
+def test_build_from_plain_data_and_its_messages():
+    built = settings.build(_Tiny, {"size": 4, "pair": [2, 3.5], "one": [7], "mode": "b"})
+    assert built == _Tiny(4, (2.0, 3.5), (7,), "b")
+    refusals = [([1], "config section '<root>': expected a mapping"),
+                ({"sise": 4}, "unknown config key 'sise' (known: mode, one, pair, size)"),
+                ({"pair": 5}, "config key 'pair': expected a list, got 5"),
+                ({"pair": [1.0]}, "config key 'pair': expected 2 values, got 1"),
+                ({"mode": "c"}, "config key 'mode': 'c' is not one of 'a', 'b'"),
+                ({"size": True}, "config key 'size': expected an integer, got True")]
+    for data, message in refusals:
+        with pytest.raises(ConfigError) as refused:
+            settings.build(_Tiny, data)
+        assert str(refused.value) == message
