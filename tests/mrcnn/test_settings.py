@@ -4,6 +4,7 @@ through the `from_config` beside its class."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -130,18 +131,32 @@ class _Tiny:
     pair: tuple[float, float] = (0.0, 1.0)
     one: tuple[int] = (1,)
     mode: Literal["a", "b"] = "a"
+    many: tuple[float, ...] = ()
+    name: str = "x"
 
 
 def test_build_from_plain_data_and_its_messages():
-    built = settings.build(_Tiny, {"size": 4, "pair": [2, 3.5], "one": [7], "mode": "b"})
-    assert built == _Tiny(4, (2.0, 3.5), (7,), "b")
+    built = settings.build(_Tiny, {"size": 4, "pair": [2, 3.5], "one": [7], "mode": "b", "many": [1], "name": "y"})
+    assert built == _Tiny(4, (2.0, 3.5), (7,), "b", (1.0,), "y")
+    assert type(built.pair[0]) is float and type(built.many[0]) is float  # each element coerced to its type
     refusals = [([1], "config section '<root>': expected a mapping"),
-                ({"sise": 4}, "unknown config key 'sise' (known: mode, one, pair, size)"),
+                ({"sise": 4}, "unknown config key 'sise' (known: many, mode, name, one, pair, size)"),
                 ({"pair": 5}, "config key 'pair': expected a list, got 5"),
                 ({"pair": [1.0]}, "config key 'pair': expected 2 values, got 1"),
                 ({"mode": "c"}, "config key 'mode': 'c' is not one of 'a', 'b'"),
-                ({"size": True}, "config key 'size': expected an integer, got True")]
+                ({"size": True}, "config key 'size': expected an integer, got True"),
+                ({"one": ["7"]}, "config key 'one': expected an integer, got '7'"),
+                ({"many": [1, "x"]}, "config key 'many': expected a number, got 'x'"),
+                ({"pair": [True, 1.0]}, "config key 'pair': expected a number, got True"),
+                ({"name": 3}, "config key 'name': expected a string, got 3")]
     for data, message in refusals:
         with pytest.raises(ConfigError) as refused:
             settings.build(_Tiny, data)
         assert str(refused.value) == message
+
+
+def test_a_bool_or_a_string_in_a_numeric_setting_is_out_of_range():
+    config = shapes()
+    for value in (True, "x"):  # True == 1 is inside [0, 1) as a number: refused as a bool
+        with pytest.raises(ConfigError, match=rf"^config key 'train.momentum': {value!r} is out of range"):
+            dataclasses.replace(config, train=dataclasses.replace(config.train, momentum=value))
