@@ -135,7 +135,16 @@ class _Tiny:
     name: str = "x"
 
 
+@dataclass(frozen=True)
+class _Outer:
+    tiny: _Tiny = _Tiny()
+
+
 def test_build_from_plain_data_and_its_messages():
+    with pytest.raises(ConfigError, match="^config section 'tiny': expected a mapping$"):  # a nested section
+        settings.build(_Outer, {"tiny": 5})
+    with pytest.raises(ConfigError, match="^unknown config key 'tiny.sise' "):
+        settings.build(_Outer, {"tiny": {"sise": 4}})
     built = settings.build(_Tiny, {"size": 4, "pair": [2, 3.5], "one": [7], "mode": "b", "many": [1], "name": "y"})
     assert built == _Tiny(4, (2.0, 3.5), (7,), "b", (1.0,), "y")
     assert type(built.pair[0]) is float and type(built.many[0]) is float  # each element coerced to its type
