@@ -59,6 +59,7 @@ def test_unknown_key_in_yaml_file_is_named(tmp_path):
 
 
 def test_unknown_preset_or_missing_file():
+    assert load_config() == coco()  # no --config: the coco preset
     with pytest.raises(ConfigError) as refused:
         load_config("no-such-preset")
     # the way out: every name --config takes, our presets apart from the pretrained weights' ones
