@@ -42,8 +42,19 @@ test: $(STAMP) lint
 
 # mutation testing (not in CI: ~20 minutes on two cores): mutmut over pyproject.toml's [tool.mutmut] modules against
 # their fast tests, one child under nice (others share the cores); `make mutation MUTANTS='mrcnn.detections*'` for one
-# module. Then the survivors: `$(VENV)/bin/mutmut show <name>`. Scores and the review of survivors: TESTING.md.
-MUTANTS ?=
+# module (quoted: mutmut matches the names itself). Then the survivors: `$(VENV)/bin/mutmut show <name>`. Scores and the review of survivors: TESTING.md.
+# Whole modules of mrcnn/ and the pure files of pipelines/; in the files that also drive Ray or MLflow, the pure
+# functions only (their other functions are reached by no fast test)
+MUTATION_SCOPE = 'mrcnn.*' 'pipelines.training.step.*' 'pipelines.data.coco_checks.*' 'pipelines.data.rows.*' \
+	'pipelines.data.loader.x_rpn_labels__*' 'pipelines.data.loader.x_densify_rpn_deltas__*' \
+	'pipelines.data.loader.x_decoder_for__*' 'pipelines.dag.x_stage_keys__*' 'pipelines.dag.x_stage_config_fields__*' \
+	'pipelines.dag.x_pipeline_params__*' 'pipelines.dag.x_pipeline_stages__*' \
+	'pipelines.training.train.x_lowest_val_loss__*' 'pipelines.training.train.x_resume_refusal__*' \
+	'pipelines.training.checkpoints.x_find_latest_checkpoint__*' 'pipelines.evaluation.inference.x_pack_detections__*' \
+	'pipelines.evaluation.inference.x_unpack_detections__*' 'pipelines.evaluation.inference.x_to_coco_results__*' \
+	'pipelines.evaluation.inference.x_coco_results_of_batch__*' 'pipelines.evaluation.inference.x_keep_detections__*' \
+	'pipelines.evaluation.inference.x_way_back__*'
+MUTANTS ?= $(MUTATION_SCOPE)
 mutation: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[mutation]'
 	nice -n 10 $(VENV)/bin/mutmut run --max-children 1 $(MUTANTS)

@@ -59,8 +59,12 @@ def test_unknown_key_in_yaml_file_is_named(tmp_path):
 
 
 def test_unknown_preset_or_missing_file():
-    with pytest.raises(ConfigError, match="neither a preset"):
+    assert load_config() == coco()  # no --config: the coco preset
+    with pytest.raises(ConfigError) as refused:
         load_config("no-such-preset")
+    # the way out: every name --config takes, our presets apart from the pretrained weights' ones
+    assert str(refused.value) == ("--config 'no-such-preset': neither a preset (coco, shapes) nor a file, nor a preset "
+                                  "of pretrained weights (torchvision)")
 
 
 def test_fingerprint_changes_only_with_shard_fields():

@@ -168,8 +168,10 @@ def test_every_detection_setting_reaches_detect():
         config = shapes().override(["roi.bbox_std=[0.1,0.1,0.2,0.2]", "detection.min_confidence=0.5",
                                     "detection.nms_threshold=0.5", "detection.max_detections=10",
                                     "detection.min_size=0.01", *overrides])
-        out = DetectionSettings.from_config(config).detect(logits, deltas, rois, torch.zeros(2, dtype=torch.int64),
-                                                           WINDOW)[0]
+        settings, image_idx = DetectionSettings.from_config(config), torch.zeros(2, dtype=torch.int64)
+        out = settings.detect(logits, deltas, rois, image_idx, WINDOW)[0]
+        flat = settings.detect_flat(logits, deltas, rois, image_idx, WINDOW)  # the model's (and ONNX's) way in
+        assert flat["roi_index"].tolist() == out["roi_index"].tolist() and torch.equal(flat["boxes"], out["boxes"])
         return out["roi_index"].tolist(), [box[0] for box in out["boxes"].tolist()]
 
     assert run() == ([0, 1], [0.0, 11.0])
@@ -187,11 +189,14 @@ def test_paste_threshold_is_inclusive():
 
 
 def test_paste_in_chunks_reaches_every_mask():
-    # a 4096 x 2049 image: one mask per chunk (2**24 // (4096 * 2049) = 1), so the second is in the second chunk
-    boxes = torch.tensor([[0.0, 0.0, 8.0, 8.0], [100.0, 200.0, 108.0, 208.0]])
-    pasted = paste_masks_in_image(torch.ones(2, 28, 28), boxes, 2049, 4096)
-    assert pasted[0, :8, :8].all() and pasted[1, 200:208, 100:108].all()
-    assert pasted.sum().item() == 2 * 64
+    # a 4096 x 2049 image: one mask per chunk (2**24 // (4096 * 2049) = 1), so each is in a chunk of its own;
+    # five masks of 4 x 4: more masks than mask rows, so a loop over the wrong dimension stops short
+    corners = torch.tensor([[0.0, 0.0], [100.0, 200.0], [300.0, 0.0], [0.0, 2000.0], [4000.0, 1000.0]])
+    boxes = torch.cat([corners, corners + 8.0], dim=1)
+    pasted = paste_masks_in_image(torch.ones(5, 4, 4), boxes, 2049, 4096)
+    for i, (x, y) in enumerate(corners.long().tolist()):
+        assert pasted[i, y : y + 8, x : x + 8].all(), i
+    assert pasted.sum().item() == 5 * 64
 
 
 def test_detections_to_original_clips_a_box_past_the_origin_to_zero():

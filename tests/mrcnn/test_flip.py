@@ -146,3 +146,32 @@ def test_flipping_twice_is_the_identity_and_which_false_is_a_no_op():
     none = flip_batch(batch, flip_perm=perm, which=torch.tensor([False, False]))
     for key, value in batch.items():
         assert torch.equal(none[key], value), key
+
+
+def _wide_batch():
+    """Two images of 4 x 6 (not square: the mirror is about the width), no gt_class_ids (padding rows all zero),
+    int64 windows, dense RPN deltas without labels."""
+    return {"images": torch.arange(2 * 3 * 4 * 6, dtype=torch.uint8).reshape(2, 3, 4, 6),
+            "gt_boxes": torch.tensor([[[1.0, 0.0, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0]],
+                                      [[2.0, 1.0, 5.0, 4.0], [0.0, 0.0, 0.0, 0.0]]]),
+            "windows": torch.tensor([[0, 0, 6, 4], [0, 0, 5, 3]]),
+            "rpn_deltas": torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)}
+
+
+def test_flip_batch_by_hand_on_a_wide_batch_without_class_ids():
+    batch = _wide_batch()
+    out = flip_batch(batch, flip_perm=torch.tensor([2, 1, 0]), which=torch.tensor([False, True]))
+    assert torch.equal(out["images"][0], batch["images"][0])
+    assert torch.equal(out["images"][1], batch["images"][1].flip(-1))
+    assert torch.equal(out["gt_boxes"][0], batch["gt_boxes"][0])
+    assert out["gt_boxes"][1].tolist() == [[1.0, 1.0, 4.0, 4.0], [0.0, 0.0, 0.0, 0.0]]  # 6 - 5, 6 - 2; padding stays
+    assert out["windows"].dtype == torch.int64 and out["windows"].tolist() == [[0, 0, 6, 4], [1, 0, 6, 3]]
+    expected = batch["rpn_deltas"].clone()
+    expected[1] = batch["rpn_deltas"][1][[2, 1, 0]] * torch.tensor([-1.0, 1.0, 1.0, 1.0])
+    assert torch.equal(out["rpn_deltas"], expected)
+
+
+def test_flip_batch_with_nothing_chosen_hands_back_the_same_tensors():
+    batch = _wide_batch()
+    out = flip_batch(batch, flip_perm=torch.tensor([2, 1, 0]), which=torch.tensor([False, False]))
+    assert out is not batch and all(out[key] is batch[key] for key in batch)  # no copy, no device work

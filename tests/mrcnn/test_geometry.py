@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from mrcnn.geometry import Geometry, _resize_float, boxes_to_original, coco_bbox_to_box, resize_geometry, resize_image
@@ -39,12 +40,23 @@ def test_rounding_of_long_side_decides_the_limit():
     # 1024 * (800/799) ~ 1025.28 rounds to 1025 > 1024: limited
     g = resize_geometry(799, 1024, min_dim=800, max_dim=1024)
     assert g.scale == 1.0 and (g.new_h, g.new_w) == (799, 1024)
+    # 1000 * (800/781) ~ 1024.33 rounds to 1024, exactly max_dim: not limited, the scale stays min_dim's
+    g = resize_geometry(781, 1000, min_dim=800, max_dim=1024)
+    assert g.scale == 800 / 781 and (g.new_h, g.new_w) == (800, 1024)
+
+
+def test_a_size_must_be_positive_on_either_side():
+    assert resize_geometry(1, 1, min_dim=8, max_dim=8).window == (0, 0, 8, 8)
+    for height, width in ((0, 5), (5, 0), (-1, 5)):
+        with pytest.raises(ValueError, match=f"^image size must be positive, got {height}x{width}$"):
+            resize_geometry(height, width, min_dim=8, max_dim=8)
 
 
 def test_coco_bbox_to_box_worked_example():
     box = coco_bbox_to_box([[10.0, 20.0, 30.0, 40.0]], scale=1.6)
     torch.testing.assert_close(box, torch.tensor([[16.0, 32.0, 64.0, 96.0]]))
     assert box.dtype == torch.float32
+    assert coco_bbox_to_box(np.array([[10.0, 20.0, 30.0, 40.0]]), scale=1.6).dtype == torch.float32  # from float64
 
 
 def test_boxes_to_original_inverts_coco_bbox_to_box():
@@ -57,8 +69,12 @@ def test_boxes_to_original_inverts_coco_bbox_to_box():
 
 
 def test_boxes_to_original_subtracts_window_offset():
-    back = boxes_to_original(torch.tensor([[14.0, 24.0, 34.0, 44.0]]), scale=2.0, window=(4, 4, 104, 104))
-    torch.testing.assert_close(back, torch.tensor([[5.0, 10.0, 15.0, 20.0]]))
+    # x and y offsets differ, so that one used for the other shows
+    back = boxes_to_original(torch.tensor([[14.0, 24.0, 34.0, 44.0]]), scale=2.0, window=(4, 6, 104, 106))
+    torch.testing.assert_close(back, torch.tensor([[5.0, 9.0, 15.0, 19.0]]))
+    # float64 boxes (numpy's default) come back float32, like every other box of the way back
+    boxes64 = np.array([[14.0, 24.0, 34.0, 44.0]])
+    assert boxes_to_original(boxes64, scale=2.0, window=(0, 0, 9, 9)).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------------------------------- resize_image
@@ -91,6 +107,12 @@ def test_resize_image_float_path_agrees_with_the_uint8_path():
         flt = _resize_float(image[None], new_h, new_w)[0]
         diff = (cpu.int() - flt.int()).abs()
         assert diff.max() <= 1 and diff.float().mean() < 0.5, (new_h, new_w, diff.max(), diff.float().mean())
+        assert flt.dtype == torch.uint8
+        # on the CPU resize_image is torch's own uint8 kernel, not the float path (they differ here by rounding)
+        uint8 = F.interpolate(image[None], size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        assert torch.equal(cpu, uint8[0]) and diff.max() == 1
+    black = torch.zeros(1, 3, 5, 7, dtype=torch.uint8)
+    assert (_resize_float(black, 9, 3) == 0).all()  # black stays black: the clamp's floor is 0
 
 
 def test_resize_image_keeps_the_size_batches_and_refuses_other_input():
@@ -108,3 +130,7 @@ def test_resize_image_keeps_the_size_batches_and_refuses_other_input():
         resize_image(image[:2], 5, 5)
     with pytest.raises(ValueError, match="positive"):
         resize_image(image, 0, 5)
+    with pytest.raises(ValueError, match="positive"):
+        resize_image(image, 5, 0)
+    # one pixel is a size (1 x 1 itself trips an internal assert of torch 2.14's uint8 antialias kernel)
+    assert resize_image(image, 1, 3).shape == (3, 1, 3) and resize_image(image, 3, 1).shape == (3, 3, 1)

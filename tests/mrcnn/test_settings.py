@@ -4,7 +4,9 @@ through the `from_config` beside its class."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Literal
 
 import pytest
 
@@ -112,3 +114,58 @@ def test_the_flat_view_is_every_section_field_under_its_mlflow_name():
 def test_a_setting_reaches_its_sub_net_through_from_config(override, read, expected):
     base, changed = build_model(shapes(), 3), build_model(shapes().override([override]), 3)
     assert read(changed) == expected and read(base) != expected
+
+
+def test_a_range_reads_as_it_is_declared_and_holds_its_ends_as_declared():
+    assert [str(r) for r in (settings.Range(), settings.between(0), settings.between(0, lo_open=True),
+                             settings.between(hi=5), settings.between(hi=5, hi_open=True),
+                             settings.between(0, 1, lo_open=True), settings.between(0, 1, hi_open=True))] == [
+        "any number", ">= 0", "> 0", "<= 5", "< 5", "in (0, 1]", "in [0, 1)"]
+    assert 5 in settings.between(hi=5) and 5 not in settings.between(hi=5, hi_open=True)
+    assert 0 in settings.between(0, 1) and 0 not in settings.between(0, 1, lo_open=True)
+
+
+@dataclass(frozen=True)
+class _Tiny:
+    size: int = 3
+    pair: tuple[float, float] = (0.0, 1.0)
+    one: tuple[int] = (1,)
+    mode: Literal["a", "b"] = "a"
+    many: tuple[float, ...] = ()
+    name: str = "x"
+
+
+@dataclass(frozen=True)
+class _Outer:
+    tiny: _Tiny = _Tiny()
+
+
+def test_build_from_plain_data_and_its_messages():
+    with pytest.raises(ConfigError, match="^config section 'tiny': expected a mapping$"):  # a nested section
+        settings.build(_Outer, {"tiny": 5})
+    with pytest.raises(ConfigError, match="^unknown config key 'tiny.sise' "):
+        settings.build(_Outer, {"tiny": {"sise": 4}})
+    built = settings.build(_Tiny, {"size": 4, "pair": [2, 3.5], "one": [7], "mode": "b", "many": [1], "name": "y"})
+    assert built == _Tiny(4, (2.0, 3.5), (7,), "b", (1.0,), "y")
+    assert type(built.pair[0]) is float and type(built.many[0]) is float  # each element coerced to its type
+    refusals = [([1], "config section '<root>': expected a mapping"),
+                ({"sise": 4}, "unknown config key 'sise' (known: many, mode, name, one, pair, size)"),
+                ({"pair": 5}, "config key 'pair': expected a list, got 5"),
+                ({"pair": [1.0]}, "config key 'pair': expected 2 values, got 1"),
+                ({"mode": "c"}, "config key 'mode': 'c' is not one of 'a', 'b'"),
+                ({"size": True}, "config key 'size': expected an integer, got True"),
+                ({"one": ["7"]}, "config key 'one': expected an integer, got '7'"),
+                ({"many": [1, "x"]}, "config key 'many': expected a number, got 'x'"),
+                ({"pair": [True, 1.0]}, "config key 'pair': expected a number, got True"),
+                ({"name": 3}, "config key 'name': expected a string, got 3")]
+    for data, message in refusals:
+        with pytest.raises(ConfigError) as refused:
+            settings.build(_Tiny, data)
+        assert str(refused.value) == message
+
+
+def test_a_bool_or_a_string_in_a_numeric_setting_is_out_of_range():
+    config = shapes()
+    for value in (True, "x"):  # True == 1 is inside [0, 1) as a number: refused as a bool
+        with pytest.raises(ConfigError, match=rf"^config key 'train.momentum': {value!r} is out of range"):
+            dataclasses.replace(config, train=dataclasses.replace(config.train, momentum=value))

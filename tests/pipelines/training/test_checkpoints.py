@@ -236,3 +236,26 @@ def test_reinit_class_layers_on_class_count_change():
     reinit = load_model_state(dst, src.state_dict(), reinit_class_layers=True)
     assert reinit == ["1.weight", "1.bias"]
     assert torch.equal(dst[0].weight, src[0].weight) and torch.equal(dst[1].weight, fresh)
+
+
+def test_find_latest_edge_cases(tmp_path):
+    # a meta.json without a step (older writers) ranks below step 0
+    _fake_checkpoint(tmp_path / "a/checkpoint_0", 0)
+    _fake_checkpoint(tmp_path / "b/checkpoint_9", 9)
+    (tmp_path / "b/checkpoint_9/meta.json").write_text("{}")
+    assert find_latest_checkpoint(tmp_path) == str(tmp_path / "a/checkpoint_0")
+    # an upload cut short, wherever it is listed, hides no other checkpoint
+    for name in ("a/checkpoint_7", "c/checkpoint_8", "0/checkpoint_9"):
+        _fake_checkpoint(tmp_path / name, 100, state=False)
+    _fake_checkpoint(tmp_path / "d/checkpoint_1", 10)
+    assert find_latest_checkpoint(tmp_path) == str(tmp_path / "d/checkpoint_1")
+    # storage pointing into one checkpoint: nothing under it; a URI storage whose checkpoints are all refused
+    assert find_latest_checkpoint(tmp_path / "d/checkpoint_1") is None
+    assert find_latest_checkpoint(f"file://{tmp_path}", accept=lambda meta: "refused") is None
+
+
+def test_an_unreadable_meta_is_named_with_the_storage_and_run(tmp_path):
+    _fake_checkpoint(tmp_path / "run_a/checkpoint_1", 1)
+    (tmp_path / "run_a/checkpoint_1/meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=f"^{re.escape(str(tmp_path / 'run_a' / 'meta.json'))}: not valid JSON"):
+        find_latest_checkpoint(tmp_path, "run_a")

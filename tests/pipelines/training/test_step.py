@@ -5,7 +5,10 @@ import math
 
 import pytest
 import torch
+from torch import nn
 
+from mrcnn.model import LOSS_KEYS
+from pipelines.training.local_sgd import LocalSGD
 from pipelines.training.step import NonFiniteLossError, StepRunner, finite_flag_on_every_rank
 from tests.support.one_weight import OneWeight
 
@@ -84,3 +87,78 @@ def test_flip_without_a_flip_permutation_is_refused_with_the_way_out():
     with pytest.raises(ValueError) as raised:
         runner({"x": torch.tensor([GOOD])}, 0)
     assert str(raised.value) == message
+
+
+class _Recorder(nn.Module):
+    """One weight; keeps every batch the step hands it (after densifying and the flip)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+        self.seen = []
+
+    def forward(self, batch):
+        self.seen.append(batch)
+        return {k: self.w * (i + 1) for i, k in enumerate(LOSS_KEYS)}
+
+
+def _seeded_choice(seed: int, step: int, rank: int, n: int) -> torch.Tensor:
+    # the documented mix: distinct (seed, step, rank) give distinct generator seeds for any realistic run
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + step * 7919 + rank)) < 0.5
+
+
+def _flip_runner(model, *, flip: bool, perm, seed: int = 5, rank: int = 1):
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    return StepRunner(model=model, optimizer=opt, scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0),
+                      device=torch.device("cpu"), grad_clip=0.0, flip=flip, flip_perm=perm, seed=seed, rank=rank)
+
+
+def test_flip_choice_is_a_function_of_seed_step_and_rank():
+    runner = _flip_runner(OneWeight(), flip=True, perm=torch.arange(3))
+    chosen = runner.flip_choice(4, 64)
+    assert torch.equal(chosen, _seeded_choice(5, 4, 1, 64)) and 16 < int(chosen.sum()) < 48
+    others = [runner.flip_choice(5, 64), _flip_runner(OneWeight(), flip=True, perm=None, rank=0).flip_choice(4, 64),
+              _flip_runner(OneWeight(), flip=True, perm=None, seed=6).flip_choice(4, 64)]
+    assert all(not torch.equal(chosen, other) for other in others)
+
+
+def test_each_step_flips_the_images_flip_choice_picks_and_their_anchor_labels():
+    n, width = 8, 3  # n images of one channel: the batch size is not confused with another dimension
+    images = torch.arange(n * width, dtype=torch.float32).reshape(n, 1, 1, width)
+    match = torch.tensor([[1, 0, -1]]).repeat(n, 1)
+    runner = _flip_runner(_Recorder(), flip=True, perm=torch.tensor([2, 1, 0]))
+    for step in range(3):
+        runner({"images": images, "rpn_match": match}, step)
+        which = _seeded_choice(5, step, 1, n)
+        assert 0 < int(which.sum()) < n  # the premise: some images flipped, some not
+        seen = runner.model.seen[-1]
+        assert torch.equal(seen["images"], torch.where(which.view(-1, 1, 1, 1), images.flip(-1), images))
+        assert torch.equal(seen["rpn_match"], torch.where(which.view(-1, 1), match.flip(-1), match))
+    plain = _flip_runner(_Recorder(), flip=False, perm=torch.tensor([2, 1, 0]))
+    plain({"images": images, "rpn_match": match}, 0)
+    assert torch.equal(plain.model.seen[-1]["images"], images)
+
+
+def test_a_given_grad_scaler_scales_unscales_before_the_clip_and_updates():
+    # the CPU has no fp16 autocast, so precision 'off' builds no scaler; one handed in is used as it is
+    for clip, expected_w in ((1.0, 1.0 - LR * 1.0), (0.0, 1.0 - LR * 15.0)):
+        runner = _runner(grad_clip=clip)
+        runner.scaler = scaler = torch.amp.GradScaler("cpu", init_scale=4.0, growth_interval=1)
+        _run(runner, [GOOD])
+        assert runner.model.w.item() == pytest.approx(expected_w)  # the true gradient 15, clipped or not
+        assert scaler.get_scale() == 8.0  # one good step at growth_interval 1 doubles the scale
+
+
+def test_a_scaler_given_at_construction_is_kept():
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    runner = StepRunner(model=OneWeight(), optimizer=None, scheduler=None, device=torch.device("cpu"), grad_clip=0.0,
+                        flip=False, scaler=scaler)
+    assert runner.scaler is scaler
+
+
+def test_local_sgd_steps_of_a_bare_model_step_as_the_plain_ones():
+    local = _runner()
+    local.local_sgd = LocalSGD(every=2, start=1)  # steps 1 and 2 local: no all-reduce to skip on a bare model
+    results = _run(local, [GOOD, GOOD, BAD])
+    assert [r.finite for r in results] == [True, True, False]
+    assert local.model.w.item() == pytest.approx(1.0 - 0.1 * 15 - 0.05 * 15)  # the gradient 15 x whatever w is

@@ -189,22 +189,6 @@ def test_resume_refuses_a_checkpoint_of_another_config_or_other_shards(synth_sha
     assert taken == str(storage / "c/checkpoint_000004")
 
 
-def test_resume_takes_a_checkpoint_written_before_newer_settings_existed():
-    """A checkpoint's config from before a setting existed lacks it; read through the typed config it has the default,
-    so the run it belongs to still resumes (and another config is still refused)."""
-    from pipelines.training.train import resume_refusal
-
-    config = _config(steps=8)
-    old = config.to_dict()
-    for section, name in (("backbone", "frozen_bn_eps"), ("rpn", "anchor_offset"), ("rpn", "round_anchors"),
-                          ("rpn", "nms_per_level"), ("roi", "aligned"), ("detection", "min_size")):
-        del old[section][name]
-    meta = {"config": old, "fingerprint": "f"}
-    assert resume_refusal(meta, config, "f") is None
-    assert "roi.aligned: True != False" in resume_refusal(meta, config.override(["roi.aligned=false"]), "f")
-    assert resume_refusal({"fingerprint": "f"}, config, "f") == "its meta.json holds no config"
-
-
 def test_imagenet_resnet_backbone_weights_end_to_end(synth_shards, tmp_path):
     """`--backbone-weights FILE`, a torchvision ResNet-18 state dict (seeded, with BatchNorm statistics that a load
     skipping them would show), through train(): with `--layers heads` the backbone does not train, so the final
@@ -237,17 +221,3 @@ def test_cpus_per_worker_defaults_to_two_on_gpus_and_one_on_cpus():
     assert default_cpus_per_worker(3, use_gpu=True) == 3  # what was asked for wins
     with pytest.raises(ValueError, match="--cpus-per-worker 0"):
         default_cpus_per_worker(0, use_gpu=False)
-
-
-def test_the_best_checkpoint_is_the_one_of_the_lowest_validation_loss():
-    from pipelines.training.train import lowest_val_loss
-
-    # in Ray's order (oldest first); the lowest is neither the first nor the last
-    pairs = [("a", {"val_loss": 2.0}), ("b", {"val_loss": 0.5}), ("c", {"val_loss": 1.0}), ("d", {"val_loss": 3.0})]
-    assert lowest_val_loss(pairs) == "b"
-    # a checkpoint saved before any validation, or with a non-finite loss, ranks last
-    assert lowest_val_loss([("early", {}), ("nan", {"val_loss": float("nan")}), ("x", {"val_loss": 9.0})]) == "x"
-    assert lowest_val_loss([("nan", {"val_loss": float("nan")}), ("y", {"val_loss": 9.0})]) == "y"
-    # ties: the earliest; nothing validated at all: the first
-    assert lowest_val_loss([("p", {"val_loss": 1.0}), ("q", {"val_loss": 1.0})]) == "p"
-    assert lowest_val_loss([("first", {}), ("second", {})]) == "first"
