@@ -50,10 +50,8 @@ MUTATION_SCOPE = 'mrcnn.*' 'pipelines.training.step.*' 'pipelines.data.coco_chec
 	'pipelines.data.loader.x_decoder_for__*' 'pipelines.dag.x_stage_keys__*' 'pipelines.dag.x_stage_config_fields__*' \
 	'pipelines.dag.x_pipeline_params__*' 'pipelines.dag.x_pipeline_stages__*' \
 	'pipelines.training.train.x_lowest_val_loss__*' 'pipelines.training.train.x_resume_refusal__*' \
-	'pipelines.training.checkpoints.x_find_latest_checkpoint__*' 'pipelines.evaluation.inference.x_pack_detections__*' \
-	'pipelines.evaluation.inference.x_unpack_detections__*' 'pipelines.evaluation.inference.x_to_coco_results__*' \
-	'pipelines.evaluation.inference.x_coco_results_of_batch__*' 'pipelines.evaluation.inference.x_keep_detections__*' \
-	'pipelines.evaluation.inference.x_way_back__*'
+	'pipelines.training.checkpoints.x_find_latest_checkpoint__*' 'pipelines.data.coco_results.*' \
+	'pipelines.evaluation.inference.x_keep_detections__*' 'pipelines.evaluation.inference.x_way_back__*'
 MUTANTS ?= $(MUTATION_SCOPE)
 mutation: $(STAMP)
 	$(PY) -m pip install -q -c constraints.txt -e '.[mutation]'

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pipelines.data.categories import CategoryMap
-from pipelines.evaluation.inference import coco_results_of_batch, keep_detections, pack_detections, way_back
+from pipelines.data.coco_results import coco_results_of_batch, pack_detections
+from pipelines.evaluation.inference import keep_detections, way_back
 
 COCO_IDS = [1, 3, 9]
 
