@@ -229,7 +229,9 @@ def test_one_sweep_stops_the_loser_survives_a_dead_worker_and_resumes_after_its_
     before = _trial_runs(uri)
     assert set(before) == {0.02, 0.16, 0.01}
     histories = {lr: tracking.metric_history(uri, run, "val_loss") for lr, run in before.items()}
-    assert (len(histories[0.02]), len(histories[0.16]), len(histories[0.01])) == (2, 1, 1), histories
+    # ASHA's stop is asynchronous: the stopped trial's workers may finish (and log) an epoch more before Tune ends
+    # the trial (seen in CI on a quieter box); Tune's own record of where it stopped is checked below
+    assert (len(histories[0.02]), len(histories[0.01])) == (2, 1) and 1 <= len(histories[0.16]) <= 2, histories
 
     result = tune(shapes().override(SWEEP_SETS), sweep_request(shards=synth_shards, resume=True),
                   RunContext(workers=1, use_gpu=False, storage=str(storage), tracking_uri=uri))
@@ -266,9 +268,14 @@ def test_one_sweep_stops_the_loser_survives_a_dead_worker_and_resumes_after_its_
         assert run.info.status == status
         assert run.data.tags["tune.stopped_early"] == str(row["stopped_early"]).lower()
         assert run.data.tags["tune.stopped_at_epoch"] == str(epochs)
-        # one a epoch: the first trial's restore after its worker died ran its second epoch once
-        assert len(client.get_metric_history(row["run_id"], "val_loss")) == epochs, row
+        # one a epoch: the first trial's restore after its worker died ran its second epoch once; the stopped
+        # trial's first epoch is the rung's value (and it may have logged one more before it was ended)
+        losses = [m.value for m in client.get_metric_history(row["run_id"], "val_loss")]
         ap = [m.value for m in client.get_metric_history(row["run_id"], "segm_AP")]
-        assert len(ap) == epochs and all(0.0 <= v <= 1.0 for v in ap), (row, ap)
+        if row["stopped_early"]:
+            assert losses[0] == pytest.approx(row["val_loss"]) and len(losses) <= 2 and len(ap) == len(losses), row
+        else:
+            assert len(losses) == epochs and len(ap) == epochs, row
+        assert all(0.0 <= v <= 1.0 for v in ap), (row, ap)
     view = client.get_experiment(parent.info.experiment_id).tags["mlflow.sharedViewState.tune-sw"]
     assert "params.`train.lr`" in view and "metrics.`val_loss`" in view
