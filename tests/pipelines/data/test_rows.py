@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 from PIL import Image
@@ -10,8 +12,8 @@ from mrcnn.config import shapes
 from mrcnn.geometry import resize_geometry, resize_image
 from pipelines.data.coco import load_image_rgb
 from pipelines.data.images import decode_image
-from pipelines.data.rows import RowMaker
-from pipelines.data.shards import decode_row
+from pipelines.data.rows import _WORK_SCHEMA, RowMaker
+from pipelines.data.shards import MAX_CROWD, SHARD_SCHEMA, decode_row
 
 
 def _record(path, height: int, width: int) -> dict:
@@ -93,3 +95,50 @@ def test_every_setting_the_row_maker_reads_reaches_the_row(tmp_path):
     assert len(row("image.jpeg_quality=20")["image"]) < len(base["image"])
     # the RPN labelling: a lower positive IoU makes more positives
     assert len(row("rpn.positive_iou=0.3")["rpn_pos_idx"]) > len(base["rpn_pos_idx"])
+
+
+def test_the_map_batches_entry_writes_each_record_as_a_row_or_a_reported_skip(tmp_path):
+    """RowMaker(batch): a Ray Data batch of JSON records -> one work-table row each, in order, called in-process.
+
+    A good image's row is make()'s row column by column (numpy as lists); a missing file and a record make() raises
+    on are rows with only image_id / file_name, `_ok` false and the reason in `_reports`; the split, the instances
+    over roi.max_gt_instances and the crowds past what a batch holds are counted per row.
+    """
+    path = tmp_path / "a.jpg"
+    Image.fromarray(_photo(40, 60)).save(path, "JPEG")
+    good = _record(path, 40, 60)
+    good["annotations"].append({"id": 2, "category_id": 2, "iscrowd": 0, "area": 36.0, "bbox": [30.0, 20.0, 6.0, 6.0],
+                                "segmentation": [[30, 20, 36, 20, 36, 26, 30, 26]]})
+    good["annotations"] += [{"id": 10 + i, "category_id": 1, "iscrowd": 1, "area": 4.0, "bbox": [1.0, 1.0, 2.0, 2.0],
+                             "segmentation": {"size": [40, 60], "counts": [41, 2, 38, 2, 2317]}}
+                            for i in range(MAX_CROWD + 2)]
+    missing = {**_record(tmp_path / "gone.jpg", 40, 60), "image_id": 8}
+    broken = {key: value for key, value in _record(path, 40, 60).items() if key != "annotations"}
+    broken["image_id"] = 9
+    maker = RowMaker(shapes().override(["roi.max_gt_instances=1"]).to_dict(), torch_threads=None)
+    records = [good, missing, broken]
+    table = maker({"split": np.array(["train", "val", "train"], dtype=object),
+                   "record": np.array([json.dumps(r) for r in records], dtype=object)})
+
+    assert table.schema == _WORK_SCHEMA
+    out = table.to_pylist()
+    assert [r["image_id"] for r in out] == [7, 8, 9]
+    assert [r["file_name"] for r in out] == ["a.jpg", "gone.jpg", "a.jpg"]
+    assert [r["_split"] for r in out] == ["train", "val", "train"]
+    assert [r["_ok"] for r in out] == [True, False, False]
+    assert [r["_dropped"] for r in out] == [1, 0, 0]
+    assert [r["_crowd_dropped"] for r in out] == [2, 0, 0]
+    row, reports = maker.make(good)
+    assert json.loads(out[0]["_reports"]) == reports == []
+    for name in SHARD_SCHEMA.names:
+        want = row[name].tolist() if isinstance(row[name], np.ndarray) else row[name]
+        assert out[0][name] == want, name  # float32 values read back as the same Python floats
+    assert out[0]["num_crowd"] == MAX_CROWD + 2 and out[0]["num_instances"] == 1
+    for r in out[1:]:
+        assert all(r[name] is None for name in SHARD_SCHEMA.names if name not in ("image_id", "file_name")), r
+    (gone,) = json.loads(out[1]["_reports"])
+    assert gone == {"image_id": 8, "file": "gone.jpg", "annotation_id": None, "action": "skipped",
+                    "reason": gone["reason"]} and gone["reason"].startswith("missing_image: image file not found")
+    (error,) = json.loads(out[2]["_reports"])
+    assert error == {"image_id": 9, "file": "a.jpg", "annotation_id": None, "action": "skipped",
+                     "reason": "processing_error: KeyError: 'annotations'"}
