@@ -47,6 +47,14 @@ def test_packed_outputs_unpack_to_what_the_model_gave():
         pack_detections(detections, max_detections=4)
 
 
+def test_an_empty_batch_packs_to_empty_arrays_of_the_packed_shapes():
+    """A batch of no images (a dataset's last, filtered block can be empty): arrays with no rows, not an error."""
+    packed = pack_detections([], max_detections=5)
+    assert {key: (value.shape, value.dtype) for key, value in packed.items()} == {
+        "det_count": ((0,), np.int64), "det_boxes": ((0, 5, 4), np.float32), "det_scores": ((0, 5), np.float32),
+        "det_classes": ((0, 5), np.int64), "det_masks": ((0, 5, 1, 1), np.float32)}
+
+
 def test_read_only_blocks_unpack_into_writable_tensors_without_a_warning():
     """Ray Data's blocks arrive as read-only arrays: torch over one warns (and may not be written)."""
     import warnings
