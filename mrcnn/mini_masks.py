@@ -107,7 +107,8 @@ def expand_masks(mini: Tensor, boxes: Tensor, height: int, width: int) -> Tensor
 
 
 def pack_masks(mini: np.ndarray | Tensor) -> bytes:
-    """[N, s, s] bool -> bytes: np.packbits of the C-order flattened array (zero-padded to a whole byte)."""
+    """[N, s, s] masks (any dtype: non-zero is set) -> bytes: np.packbits of the C-order flattened bools
+    (zero-padded to a whole byte)."""
     if isinstance(mini, Tensor):
         mini = mini.detach().cpu().numpy()
     return np.packbits(np.asarray(mini, dtype=bool), axis=None).tobytes()

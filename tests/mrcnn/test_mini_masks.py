@@ -106,10 +106,23 @@ def test_pack_unpack_round_trip():
     data = pack_masks(mini)
     assert isinstance(data, bytes) and len(data) == 10
     assert data[0] == int("".join("1" if b else "0" for b in mini.reshape(-1)[:8]), 2)  # C order, MSB first
-    assert np.array_equal(unpack_masks(data, 3, 5), mini)
+    assert np.array_equal(unpack_masks(data, 3, 5), mini) and unpack_masks(data, 3, 5).dtype == bool
     big = rng.random((7, 56, 56)) > 0.5
     assert np.array_equal(unpack_masks(pack_masks(torch.from_numpy(big)), 7, 56), big)
     assert unpack_masks(pack_masks(np.zeros((0, 56, 56), bool)), 0, 56).shape == (0, 56, 56)
+    # whatever the dtype, a mask packs as its truth value: float 0 / 1 targets, uint8 0 / 255, probabilities
+    assert pack_masks(mini.astype(np.float32)) == pack_masks(torch.from_numpy(mini).float()) == data
+    assert pack_masks(mini.astype(np.uint8) * 255) == pack_masks(np.where(mini, 0.7, 0.0)) == data
+
+
+def test_expand_masks_keeps_a_pixel_pasted_exactly_at_one_half():
+    """Mini-mask columns (1, 0) over a box from x = 0.5 to 2.5: pixel 1's centre (1.5) lies half way between the
+    two cells' centres, so it pastes to exactly 0.5, and pixel 0's (0.5) half a cell outside the box: also 0.5."""
+    mini = torch.tensor([[[1, 0], [1, 0]]], dtype=torch.uint8)
+    box = torch.tensor([[0.5, 0.0, 2.5, 2.0]])
+    pasted = paste_masks(mini, box, 2, 4)
+    assert pasted[0].tolist() == [[0.5, 0.5, 0.0, 0.0]] * 2
+    assert expand_masks(mini, box, 2, 4)[0].tolist() == [[True, True, False, False]] * 2
 
 
 def test_mask_targets_by_hand():
@@ -134,7 +147,23 @@ def test_mask_targets_pick_the_gt_of_each_roi():
     torch.testing.assert_close(out[0], torch.ones(4, 4))
     torch.testing.assert_close(out[1], torch.zeros(4, 4))
     none = mask_targets(mini, mini_boxes, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64), size=28)
-    assert none.shape == (0, 28, 28)
+    assert none.shape == (0, 28, 28) and none.dtype == torch.float32
+    one = mask_targets(mini, mini_boxes, rois[:1], torch.tensor([1]), size=4)  # a single RoI is not "no RoI"
+    torch.testing.assert_close(one, torch.ones(1, 4, 4))
+
+
+def test_mask_targets_average_every_cell_a_bin_covers_and_accept_float64_boxes():
+    """One 1 x 1 target over a 4 x 4 mini-mask whose columns are (1, 1, 1, 0): roi_align's adaptive sampling
+    takes the bin's four cell centres in each direction, mean 0.75 (one sample at the bin's centre would give 1).
+    float64 RoIs and mini boxes give the float32 answer (roi_align itself wants one dtype)."""
+    mini = torch.tensor([[1, 1, 1, 0]], dtype=torch.bool).expand(4, 4)[None]
+    box = torch.tensor([[10.0, 20.0, 18.0, 28.0]])
+    out = mask_targets(mini, box, box.clone(), torch.tensor([0]), size=1)
+    assert out.tolist() == [[[0.75]]]
+    wide = mask_targets(mini, box, box.clone(), torch.tensor([0]), size=2)  # two cells a bin: (1, 0.5) a row
+    torch.testing.assert_close(wide, torch.tensor([[[1.0, 0.5], [1.0, 0.5]]]))
+    as64 = mask_targets(mini, box.double(), box.double(), torch.tensor([0]), size=2)
+    assert as64.dtype == torch.float32 and torch.equal(as64, wide)
 
 
 def test_mask_targets_match_roi_align_on_the_full_mask():
