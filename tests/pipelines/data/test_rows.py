@@ -5,14 +5,16 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from mrcnn.config import shapes
 from mrcnn.geometry import resize_geometry, resize_image
 from pipelines.data.coco import load_image_rgb
+from pipelines.data.errors import ImageError
 from pipelines.data.images import decode_image
-from pipelines.data.rows import _WORK_SCHEMA, RowMaker
+from pipelines.data.rows import _WORK_SCHEMA, RowMaker, _image_error_reason, encode_image
 from pipelines.data.shards import MAX_CROWD, SHARD_SCHEMA, decode_row
 
 
@@ -142,3 +144,37 @@ def test_the_map_batches_entry_writes_each_record_as_a_row_or_a_reported_skip(tm
     (error,) = json.loads(out[2]["_reports"])
     assert error == {"image_id": 9, "file": "a.jpg", "annotation_id": None, "action": "skipped",
                      "reason": "processing_error: KeyError: 'annotations'"}
+
+
+def test_each_way_an_image_file_fails_is_its_own_reason(tmp_path):
+    """The report's reason starts with a slug per cause (what a preprocess summary counts), then read_image's
+    message naming the file; a cause without a slug of its own is `bad_image`."""
+    Image.fromarray(_photo(40, 60)).save(tmp_path / "whole.jpg", "JPEG")
+    jpeg = (tmp_path / "whole.jpg").read_bytes()
+    files = {"gone.jpg": None, "empty.jpg": b"", "text.jpg": b"not an image at all",
+             "cut.jpg": jpeg[: len(jpeg) // 2], "n" * 300 + ".jpg": None}  # a name too long to open: ENAMETOOLONG
+    for name, data in files.items():
+        if data is not None:
+            (tmp_path / name).write_bytes(data)
+    maker = RowMaker(shapes().to_dict(), torch_threads=None)
+    reasons = {}
+    for name in files:
+        row, (report,) = maker.make(_record(tmp_path / name, 40, 60))
+        assert row is None and report["file"] == name and report["action"] == "skipped"
+        reasons[name[:8]] = report["reason"]
+    assert reasons["gone.jpg"] == f"missing_image: image file not found: {tmp_path / 'gone.jpg'}"
+    assert reasons["empty.jp"] == f"empty_image_file: empty image file (0 bytes): {tmp_path / 'empty.jpg'}"
+    assert reasons["text.jpg"] == f"corrupt_image: not a recognised image file: {tmp_path / 'text.jpg'}"
+    assert reasons["cut.jpg"].startswith(f"corrupt_image: truncated or corrupt image file {tmp_path / 'cut.jpg'}: ")
+    assert reasons["nnnnnnnn"].startswith("unreadable_image: cannot read image file ") and "name too long" in \
+        reasons["nnnnnnnn"]
+    assert _image_error_reason(ImageError("the disk caught fire")) == "bad_image: the disk caught fire"
+
+
+def test_encode_image_defaults_to_jpeg_at_95_and_refuses_other_encodings():
+    pixels = _photo(30, 20)
+    assert encode_image(pixels) == encode_image(pixels, encoding="jpeg", quality=95) != encode_image(
+        pixels, encoding="jpeg", quality=96)
+    assert encode_image(pixels)[:2] == b"\xff\xd8"
+    with pytest.raises(ValueError, match=r"^image.encoding must be 'jpeg' or 'png', got 'webp'$"):
+        encode_image(pixels, encoding="webp")
