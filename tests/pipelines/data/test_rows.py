@@ -11,6 +11,7 @@ from PIL import Image
 
 from mrcnn.config import shapes
 from mrcnn.geometry import resize_geometry, resize_image
+from mrcnn.mini_masks import unpack_masks
 from pipelines.data.coco import load_image_rgb
 from pipelines.data.errors import ImageError
 from pipelines.data.images import decode_image
@@ -178,3 +179,60 @@ def test_encode_image_defaults_to_jpeg_at_95_and_refuses_other_encodings():
     assert encode_image(pixels)[:2] == b"\xff\xd8"
     with pytest.raises(ValueError, match=r"^image.encoding must be 'jpeg' or 'png', got 'webp'$"):
         encode_image(pixels, encoding="webp")
+
+
+def test_a_rows_arrays_have_the_shard_dtypes_flat_and_its_mini_masks_show_the_instances(tmp_path):
+    """make()'s row as the shard stores it: int32 / float32 arrays, boxes flattened ([G, 4] -> 4G); the mini-masks
+    cut from the original-resolution mask over the box mapped back by the scale (two filled squares: filled); an
+    image without instances; an annotation pycocotools cannot decode reported with its id, the rest kept; a file
+    whose size is not the record's skipped, both sizes named."""
+    path = tmp_path / "a.jpg"
+    Image.fromarray(_photo(40, 60)).save(path, "JPEG")
+    record = _record(path, 40, 60)
+    record["annotations"] += [
+        {"id": 2, "category_id": 3, "iscrowd": 0, "area": 144.0, "bbox": [30.0, 20.0, 12.0, 12.0],
+         "segmentation": [[30, 20, 42, 20, 42, 32, 30, 32]]},
+        {"id": 3, "category_id": 1, "iscrowd": 0, "area": 9.0, "bbox": [1.0, 1.0, 3.0, 3.0],
+         "segmentation": {"size": [40, 60], "counts": "!!!"}},
+        {"id": 4, "category_id": 1, "iscrowd": 1, "area": 4.0, "bbox": [50.0, 2.0, 2.0, 2.0],
+         "segmentation": {"size": [40, 60], "counts": [2042, 2, 38, 2, 316]}},
+    ]
+    maker = RowMaker(shapes().override(["image.min_dim=128", "image.max_dim=128"]).to_dict(), torch_threads=None)
+    row, reports = maker.make(record)
+    assert reports == [{"image_id": 7, "file": "a.jpg", "annotation_id": 3, "action": "skipped",
+                        "reason": "malformed_segmentation: ValueError: Invalid RLE mask representation"}]
+    scale = 128 / 60
+    assert row["scale"] == float(np.float32(scale)) and row["num_instances"] == 2 and row["num_crowd"] == 1
+    want = {"gt_class_ids": (np.int32, (2,)), "gt_boxes": (np.float32, (8,)), "crowd_boxes": (np.float32, (4,)),
+            "rpn_pos_idx": (np.int32, None), "rpn_pos_deltas": (np.float32, None), "rpn_ignore_idx": (np.int32, None)}
+    for name, (dtype, shape) in want.items():
+        assert row[name].dtype == dtype and row[name].ndim == 1, name
+        assert shape is None or row[name].shape == shape, name
+    assert row["gt_class_ids"].tolist() == [1, 3]
+    assert row["rpn_pos_deltas"].shape == (4 * len(row["rpn_pos_idx"]),) and len(row["rpn_pos_idx"]) > 0
+    assert np.array_equal(row["gt_boxes"], (np.array([4, 5, 14, 15, 30, 20, 42, 32], np.float32)
+                                            * np.float32(scale)))
+    mini = unpack_masks(row["mini_masks"], 2, 56)
+    assert mini.mean(axis=(1, 2)).min() > 0.9  # each square fills its box (a box read at the wrong place: empty)
+
+    empty = maker.make({**record, "annotations": [record["annotations"][3]]})[0]
+    assert empty["num_instances"] == 0 and empty["mini_masks"] == b""
+    assert empty["gt_class_ids"].dtype == np.int32 and empty["gt_class_ids"].shape == (0,)
+    assert empty["gt_boxes"].dtype == np.float32 and empty["gt_boxes"].shape == (0,)
+
+    row, reports = maker.make({**record, "height": 41})
+    assert row is None and reports == [{"image_id": 7, "file": "a.jpg", "annotation_id": None, "action": "skipped",
+                                        "reason": "size_mismatch: file is 60x40 (w x h), annotations say 60x41"}]
+
+
+def test_a_row_maker_sets_one_torch_thread_by_default():
+    """One Ray Data actor per CPU: its torch runs one intra-op thread unless told otherwise (None leaves it)."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        RowMaker(shapes().to_dict(), torch_threads=None)
+        assert torch.get_num_threads() == 2
+        RowMaker(shapes().to_dict())
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
