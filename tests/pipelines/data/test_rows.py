@@ -236,3 +236,21 @@ def test_a_row_maker_sets_one_torch_thread_by_default():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_over_max_gt_instances_the_largest_are_kept_ties_by_their_order(tmp_path):
+    """59 instances of areas 1, 2 or 3 and room for 23: the 23 largest, ties taken in the file's order (the kept
+    ones in that order too). An unstable argsort keeps other ties on this very list (found by search)."""
+    path = tmp_path / "a.jpg"
+    Image.fromarray(_photo(40, 60)).save(path, "JPEG")
+    areas = [3, 3, 2, 3, 3, 3, 2, 3, 1, 2, 3, 3, 2, 2, 1, 2, 2, 3, 3, 1, 3, 2, 2, 3, 2, 1, 1, 3, 2, 2, 2, 3, 2, 1, 3,
+             1, 1, 3, 2, 1, 1, 2, 3, 2, 3, 1, 1, 3, 3, 1, 1, 3, 2, 2, 1, 3, 2, 3, 3]
+    record = {**_record(path, 40, 60), "annotations": [
+        {"id": i + 1, "category_id": 1, "iscrowd": 0, "area": float(a), "bbox": [float(i), 0.0, 1.0, 1.0],
+         "segmentation": [[i, 0, i + 1, 0, i + 1, 1, i, 1]]} for i, a in enumerate(areas)]}
+    maker = RowMaker(shapes().override(["image.min_dim=40", "image.max_dim=64", "roi.max_gt_instances=23"]).to_dict(),
+                     torch_threads=None)
+    row, _ = maker.make(record)
+    largest = sorted(range(len(areas)), key=lambda i: -areas[i])[:23]  # Python's sort is stable
+    assert row["scale"] == 1.0 and row["_dropped"] == len(areas) - 23
+    assert row["gt_boxes"].reshape(-1, 4)[:, 0].astype(int).tolist() == sorted(largest)
