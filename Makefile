@@ -48,7 +48,8 @@ test: $(STAMP) lint
 MUTATION_SCOPE = 'mrcnn.*' 'pipelines.training.step.*' 'pipelines.data.coco_checks.*' 'pipelines.data.rows.*' \
 	'pipelines.data.loader.x_rpn_labels__*' 'pipelines.data.loader.x_densify_rpn_deltas__*' \
 	'pipelines.data.loader.x_decoder_for__*' 'pipelines.dag.x_stage_keys__*' 'pipelines.dag.x_stage_config_fields__*' \
-	'pipelines.dag.x_pipeline_params__*' 'pipelines.dag.x_pipeline_stages__*' \
+	'pipelines.dag.x_pipeline_params__*' 'pipelines.dag.x_pipeline_stages__*' 'pipelines.dag.x_train_request__*' \
+	'pipelines.dag.x_evaluate_request__*' \
 	'pipelines.training.train.x_lowest_val_loss__*' 'pipelines.training.train.x_resume_refusal__*' \
 	'pipelines.training.checkpoints.x_find_latest_checkpoint__*' 'pipelines.data.coco_results.*' \
 	'pipelines.evaluation.inference.x_keep_detections__*' 'pipelines.evaluation.inference.x_way_back__*'

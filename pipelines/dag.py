@@ -216,11 +216,7 @@ def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -
     def train_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
         result = train(
             config,
-            TrainRequest(
-                shards=upstream["preprocess"]["shards"], split=request.train_split, val_split=request.val_split,
-                run_name="train", cpus_per_worker=request.cpus_per_worker,
-                placement_strategy=request.placement_strategy, model_path=init,
-            ),
+            train_request(request, upstream, init=init),
             replace(stage_ctx, storage=out_dir,
                     tags={**stage_ctx.tags, "preprocess_run_id": upstream["preprocess"]["run_id"]}),
         )
@@ -231,14 +227,7 @@ def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -
 
     def evaluate_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
         with _local_dir(out_dir) as local_out:
-            result = evaluate(
-                EvaluateRequest(
-                    shards=upstream["preprocess"]["shards"], model_path=upstream["train"]["checkpoint"],
-                    split=request.val_split, out=local_out, run_name="evaluate", limit=request.eval_limit,
-                    detection=config.detection, settings=config.evaluate,
-                ),
-                replace(stage_ctx, workers=1),
-            )
+            result = evaluate(evaluate_request(config, request, upstream, out=local_out), replace(stage_ctx, workers=1))
         return {"metrics": result.metrics, "out": out_dir, "run_id": result.run_id, "table": result.table}
 
     # the shard schema too: shards cached by an older version would be refused by every reader
@@ -252,6 +241,26 @@ def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -
         Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit}, evaluate_stage,
               headline=evaluate_headline),
     ]
+
+
+def train_request(request: PipelineRequest, upstream: dict[str, Any], *, init: str | None) -> TrainRequest:
+    """The train stage's request: the preprocess stage's shards, the pipeline's splits, workers' CPUs and placement,
+    `init` (the pipeline's --init made absolute) as the starting weights; its MLflow run is named "train"."""
+    return TrainRequest(
+        shards=upstream["preprocess"]["shards"], split=request.train_split, val_split=request.val_split,
+        run_name="train", cpus_per_worker=request.cpus_per_worker, placement_strategy=request.placement_strategy,
+        model_path=init,
+    )
+
+
+def evaluate_request(config: Config, request: PipelineRequest, upstream: dict[str, Any], *, out: str
+                     ) -> EvaluateRequest:
+    """The evaluate stage's request: the train stage's last checkpoint on the preprocess stage's shards of the val
+    split, at most `eval_limit` images, the pipeline config's detection and evaluate settings; run named "evaluate"."""
+    return EvaluateRequest(
+        shards=upstream["preprocess"]["shards"], model_path=upstream["train"]["checkpoint"], split=request.val_split,
+        out=out, run_name="evaluate", limit=request.eval_limit, detection=config.detection, settings=config.evaluate,
+    )
 
 
 HEADLINE_METRICS = ("segm/AP", "segm/AP50", "bbox/AP", "bbox/AP50")  # evaluate's, as the parent run shows them
