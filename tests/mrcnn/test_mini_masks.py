@@ -32,6 +32,11 @@ def test_mini_mask_boxes_by_hand():
     out = mini_mask_boxes(boxes)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected)
+    # a zero-size box on whole pixels still gets one pixel; integers (a tensor or a list) come back as float32
+    whole = mini_mask_boxes(torch.tensor([[2, 4, 2, 4], [1, 1, 3, 6]]))
+    assert whole.dtype == torch.float32 and whole.tolist() == [[2.0, 4.0, 3.0, 5.0], [1.0, 1.0, 3.0, 6.0]]
+    assert mini_mask_boxes([[2, 4, 2, 4]]).tolist() == [[2.0, 4.0, 3.0, 5.0]]
+    assert mini_mask_boxes(boxes.double()).dtype == torch.float64
 
 
 def test_minimize_exact_downsample_by_hand():
@@ -73,6 +78,26 @@ def test_paste_masks_equals_grid_sample():
     grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # [N, H, W, 2]
     ref = F.grid_sample(masks[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(paste_masks(masks, boxes.double(), height, width), out)  # float64 boxes: the same
+
+
+def test_paste_masks_into_a_box_narrower_than_a_pixel():
+    """A box 0.5 px wide (a detection can be): the mask spans it at 4 cells a pixel, so pixel 2's centre (2.5)
+    falls half way between the two cells of a 2-cell mask and reads their mean; the pixels beside it read nothing."""
+    mask = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    out = paste_masks(mask, torch.tensor([[2.25, 0.0, 2.75, 2.0]]), 2, 5)
+    assert out[0].tolist() == [[0.0, 0.0, 0.5, 0.0, 0.0]] * 2
+
+
+def test_paste_masks_in_chunks_pastes_every_mask():
+    """40 masks (chunks of 16: 16, 16, 8) pasted at once equal each pasted alone."""
+    g = torch.Generator().manual_seed(1)
+    masks = torch.rand(40, 6, 6, generator=g)
+    boxes = torch.rand(40, 2, generator=g) * 20
+    boxes = torch.cat([boxes, boxes + 4 + torch.rand(40, 2, generator=g) * 10], dim=1)
+    together = paste_masks(masks, boxes, 30, 36)
+    alone = torch.cat([paste_masks(masks[i : i + 1], boxes[i : i + 1], 30, 36) for i in range(40)])
+    assert torch.equal(together, alone) and bool((together[-8:].amax(dim=(1, 2)) > 0).all())
 
 
 @pytest.mark.parametrize("size", [28, 56])
