@@ -203,6 +203,7 @@ def test_a_rows_arrays_have_the_shard_dtypes_flat_and_its_mini_masks_show_the_in
                         "reason": "malformed_segmentation: ValueError: Invalid RLE mask representation"}]
     scale = 128 / 60
     assert row["scale"] == float(np.float32(scale)) and row["num_instances"] == 2 and row["num_crowd"] == 1
+    assert row["_dropped"] == 0 and row["_crowd_dropped"] == 0  # one crowd: within what a batch holds
     want = {"gt_class_ids": (np.int32, (2,)), "gt_boxes": (np.float32, (8,)), "crowd_boxes": (np.float32, (4,)),
             "rpn_pos_idx": (np.int32, None), "rpn_pos_deltas": (np.float32, None), "rpn_ignore_idx": (np.int32, None)}
     for name, (dtype, shape) in want.items():
