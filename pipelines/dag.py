@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -195,51 +196,25 @@ class PipelineRequest:
 def pipeline_stages(config: Config, request: PipelineRequest, ctx: RunContext) -> list[Stage]:
     """The three stages of `mrcnn-cli run` with what each one's output depends on (`ctx.workers` train workers:
     the train key). Each stage runs with the context `run_dag` gives it; train's adds its storage and tags,
-    evaluate's one inference actor. MissingInputError when a split's annotations file is not there."""
+    evaluate's one inference actor. MissingInputError when a split's annotations file is not there. Building them
+    runs nothing: each stage is one of the module's stage functions with this run's arguments bound."""
 
     splits = [(s, *split_paths(request.dataset, s)) for s in (request.train_split, request.val_split)]
     init = str(ModelSource.parse(request.init)) if request.init else None  # local paths made absolute: the stages
     # run where the cwd is not this
     annotations_hash = {name: _annotations_sha256(name, ann) for name, ann, _ in splits}
 
-    def preprocess_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
-        manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True, ctx=stage_ctx)
-        uri = stage_ctx.mlflow_uri()
-        run_id = stage_ctx.create_run("preprocess", {"stage": "preprocess", "shards": out_dir,
-                                                     "dataset": request.dataset})
-        tracking.log_params(uri, run_id, {"fingerprint": config.fingerprint(), "dataset": request.dataset,
-                                          **{f"annotations_sha256.{k}": v for k, v in annotations_hash.items()}})
-        tracking.log_artifact(uri, run_id, manifest)  # a path or a URI: log_artifact copies a URI locally first
-        tracking.finish_run(uri, run_id)
-        return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
-
-    def train_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
-        result = train(
-            config,
-            train_request(request, upstream, init=init),
-            replace(stage_ctx, storage=out_dir,
-                    tags={**stage_ctx.tags, "preprocess_run_id": upstream["preprocess"]["run_id"]}),
-        )
-        uri = stage_ctx.mlflow_uri()
-        return {"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint, "run_id": result.run_id,
-                "model_uri": f"runs:/{result.run_id}/model",
-                "images_per_s": training_rate(tracking.metric_history(uri, result.run_id, "images_per_s"))}
-
-    def evaluate_stage(out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
-        with _local_dir(out_dir) as local_out:
-            result = evaluate(evaluate_request(config, request, upstream, out=local_out), replace(stage_ctx, workers=1))
-        return {"metrics": result.metrics, "out": out_dir, "run_id": result.run_id, "table": result.table}
-
     # the shard schema too: shards cached by an older version would be refused by every reader
     data_inputs = {"dataset": request.dataset, "splits": [s[0] for s in splits], "annotations": annotations_hash,
                    "shard_schema": SCHEMA_VERSION}
     fields_of = stage_config_fields(config)
     return [
-        Stage("preprocess", {**data_inputs, **fields_of["preprocess"]}, preprocess_stage),
-        Stage("train", {**fields_of["train"], "workers": ctx.workers, **_init_inputs(init)}, train_stage,
-              headline=train_headline),
-        Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit}, evaluate_stage,
-              headline=evaluate_headline),
+        Stage("preprocess", {**data_inputs, **fields_of["preprocess"]},
+              partial(preprocess_stage, config, request.dataset, splits, annotations_hash)),
+        Stage("train", {**fields_of["train"], "workers": ctx.workers, **_init_inputs(init)},
+              partial(train_stage, config, request, init), headline=train_headline),
+        Stage("evaluate", {**fields_of["evaluate"], "limit": request.eval_limit},
+              partial(evaluate_stage, config, request), headline=evaluate_headline),
     ]
 
 
@@ -261,6 +236,43 @@ def evaluate_request(config: Config, request: PipelineRequest, upstream: dict[st
         shards=upstream["preprocess"]["shards"], model_path=upstream["train"]["checkpoint"], split=request.val_split,
         out=out, run_name="evaluate", limit=request.eval_limit, detection=config.detection, settings=config.evaluate,
     )
+
+
+def preprocess_stage(config: Config, dataset: str, splits: list[tuple[str, str, str]], annotations_hash: dict[str, str],
+                     out_dir: str, upstream: dict, stage_ctx: RunContext) -> dict:
+    """The preprocess stage: the splits' shards into `out_dir`, its MLflow run with the annotations' sha256.
+    splits: (name, annotations file, image folder) each."""
+    manifest = preprocess(config, splits=splits, out=out_dir, overwrite=True, ctx=stage_ctx)
+    uri = stage_ctx.mlflow_uri()
+    run_id = stage_ctx.create_run("preprocess", {"stage": "preprocess", "shards": out_dir, "dataset": dataset})
+    tracking.log_params(uri, run_id, {"fingerprint": config.fingerprint(), "dataset": dataset,
+                                      **{f"annotations_sha256.{k}": v for k, v in annotations_hash.items()}})
+    tracking.log_artifact(uri, run_id, manifest)  # a path or a URI: log_artifact copies a URI locally first
+    tracking.finish_run(uri, run_id)
+    return {"shards": out_dir, "manifest": manifest, "run_id": run_id}
+
+
+def train_stage(config: Config, request: PipelineRequest, init: str | None, out_dir: str, upstream: dict,
+                stage_ctx: RunContext) -> dict:
+    """The train stage: `train_request`'s run with its Ray storage in `out_dir`, tagged with preprocess's run."""
+    result = train(
+        config,
+        train_request(request, upstream, init=init),
+        replace(stage_ctx, storage=out_dir,
+                tags={**stage_ctx.tags, "preprocess_run_id": upstream["preprocess"]["run_id"]}),
+    )
+    uri = stage_ctx.mlflow_uri()
+    return {"checkpoint": result.checkpoint, "best_checkpoint": result.best_checkpoint, "run_id": result.run_id,
+            "model_uri": f"runs:/{result.run_id}/model",
+            "images_per_s": training_rate(tracking.metric_history(uri, result.run_id, "images_per_s"))}
+
+
+def evaluate_stage(config: Config, request: PipelineRequest, out_dir: str, upstream: dict, stage_ctx: RunContext
+                   ) -> dict:
+    """The evaluate stage: `evaluate_request`'s evaluation with one inference actor, its files in `out_dir`."""
+    with _local_dir(out_dir) as local_out:
+        result = evaluate(evaluate_request(config, request, upstream, out=local_out), replace(stage_ctx, workers=1))
+    return {"metrics": result.metrics, "out": out_dir, "run_id": result.run_id, "table": result.table}
 
 
 HEADLINE_METRICS = ("segm/AP", "segm/AP50", "bbox/AP", "bbox/AP50")  # evaluate's, as the parent run shows them

@@ -14,11 +14,14 @@ from pipelines.dag import (
     Stage,
     evaluate_headline,
     evaluate_request,
+    evaluate_stage,
     pipeline_stages,
+    preprocess_stage,
     stage_config_fields,
     stage_keys,
     train_headline,
     train_request,
+    train_stage,
 )
 from pipelines.data.shards import SCHEMA_VERSION
 from pipelines.evaluation.evaluate import EvaluateRequest
@@ -42,8 +45,9 @@ def test_stage_keys_are_the_documented_fingerprint_of_the_inputs_in_any_order():
 
 
 def test_the_pipelines_stages_by_hand(tmp_path):
-    """`pipeline_stages` builds three stages without running anything: their names, functions and headlines, and
-    the inputs each key is made of, written out (a renamed input changes every key: each cached stage would rerun)."""
+    """`pipeline_stages` builds three stages without running anything: their names, the stage functions with the
+    arguments bound, headlines, and the inputs each key is made of, written out (a renamed input changes every key:
+    each cached stage would rerun)."""
     data = tmp_path / "data"
     (data / "annotations").mkdir(parents=True)
     sha = {}
@@ -59,12 +63,16 @@ def test_the_pipelines_stages_by_hand(tmp_path):
     stages = pipeline_stages(config, request, RunContext(workers=4))
 
     assert [s.name for s in stages] == ["preprocess", "train", "evaluate"]
-    assert [s.fn.__name__ for s in stages] == ["preprocess_stage", "train_stage", "evaluate_stage"]
+    init = f"torchvision:{weights}"
+    splits = [("tr", str(data / "annotations/instances_tr.json"), str(data / "tr")),
+              ("va", str(data / "annotations/instances_va.json"), str(data / "va"))]
+    assert [(s.fn.func, s.fn.args, s.fn.keywords) for s in stages] == [
+        (preprocess_stage, (config, str(data), splits, sha), {}), (train_stage, (config, request, init), {}),
+        (evaluate_stage, (config, request), {})]
     assert [s.headline for s in stages] == [None, train_headline, evaluate_headline]
     fields = stage_config_fields(config)
     assert stages[0].key_inputs == {"dataset": str(data), "splits": ["tr", "va"], "annotations": sha,
                                     "shard_schema": SCHEMA_VERSION, **fields["preprocess"]}
-    init = f"torchvision:{weights}"
     assert stages[1].key_inputs == {**fields["train"], "workers": 4, "init": init,
                                     "init_sha256": hashlib.sha256(weights.read_bytes()).hexdigest()}
     assert stages[2].key_inputs == {**fields["evaluate"], "limit": 5}
