@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mrcnn.proposals import clip_to_window, generate_proposals, top_per_group
+from mrcnn.proposals import clip_to_window, flat_proposals, generate_proposals, top_per_group
 
 # a0 and a1 overlap (IoU 18*20 / (22*20) = 0.82 > 0.7); a3 sticks out of a 100x100 window; a4 is 0.5 px wide.
 ANCHORS = torch.tensor(
@@ -85,6 +85,7 @@ def test_top_per_group_keeps_the_first_k_of_each_group_in_order():
     torch.testing.assert_close(top_per_group(groups, 2), torch.tensor([1, 4, 0, 2, 5]))
     torch.testing.assert_close(top_per_group(groups, 2, num_groups=4), torch.tensor([1, 4, 0, 2, 5]))
     assert top_per_group(groups[:0], 2, num_groups=3).tolist() == []  # nothing kept: an image without detections
+    assert top_per_group(groups[:0], 2).tolist() == []  # nor without the number of groups: no max of nothing
 
 
 # two levels: a0..a2 on level 0, a3, a4 on level 1; a3 overlaps a0 (IoU 0.82), a4 is far from everything
@@ -180,6 +181,17 @@ def test_every_proposal_setting_reaches_generate_proposals():
         plain = proposals(*overrides[:1]) if len(overrides) > 1 else reference
         assert got.shape != plain.shape or not torch.equal(got, plain), overrides
         torch.testing.assert_close(got, expected, msg=str(overrides))
+
+    # the flat form (what the model runs) with the same settings, two images, a post-NMS count of its own
+    settings = ProposalSettings.from_config(shapes().override([*base, "rpn.nms_per_level=true"]))
+    two = (logits.repeat(2, 1), deltas.repeat(2, 1, 1), anchors, torch.cat([windows, windows // 2]))
+    got = settings.propose_flat(*two, post_nms_topk=50)
+    want = flat_proposals(*two, **{**direct, "post_nms_topk": 50, "nms_per_level": True})
+    assert len(got) == len(want) == 3 and got[0].shape[0] == 100
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    boxes, scores = generate_proposals(*two, **direct)
+    assert len(boxes) == len(scores) == 2  # one tensor per image
     settings = ProposalSettings.from_config(shapes().override(["rpn.post_nms_train=123", "rpn.post_nms_test=45"]))
     assert (settings.post_nms_train, settings.post_nms_test) == (123, 45)
 
