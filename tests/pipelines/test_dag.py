@@ -290,7 +290,8 @@ def test_a_dataset_without_annotations_is_refused_naming_the_file(tmp_path):
     from pipelines.dag import PipelineRequest, pipeline_stages
     from pipelines.data.errors import MissingInputError
 
-    with pytest.raises(MissingInputError, match=f"{tmp_path}/annotations/instances_train2017.json: no annotations"):
+    with pytest.raises(MissingInputError, match=f"{tmp_path}/annotations/instances_train2017.json: no annotations "
+                                                "file for split 'train2017'; --dataset DIR needs"):
         pipeline_stages(shapes(), PipelineRequest(dataset=str(tmp_path)), RunContext())
 
 
