@@ -157,16 +157,34 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
         categories = CategoryMap.from_coco(data["categories"])
     except DatasetError as e:
         raise DatasetError(f"annotations file {annotations}: {e}") from e
-    skipped: list[dict[str, Any]] = []
+    skips = _Skips()
+    images, bad_image_ids = _check_images(data["images"], images_root, skips)
+    kept_anns = _check_annotations(data.get("annotations", []), images, bad_image_ids, categories, skips)
+    coco = _coco_index(data, images, kept_anns)
+    records = [_record(image_id, img, coco.imgToAnns.get(image_id, []), categories)
+               for image_id, img in images.items()]
+    return SplitSource(records, categories, skips.reports, sha, len(data["images"]),
+                       len(data.get("annotations", [])), coco)
 
-    def report(image_id, file, ann_id, reason, action="skipped"):
-        skipped.append({"image_id": image_id, "file": file, "annotation_id": ann_id, "reason": reason,
-                        "action": action})
 
+class _Skips:
+    """The skip report of a split: one entry per image or annotation skipped (or repaired), in the file's order."""
+
+    def __init__(self):
+        self.reports: list[dict[str, Any]] = []
+
+    def __call__(self, image_id, file, ann_id, reason, action="skipped"):
+        self.reports.append({"image_id": image_id, "file": file, "annotation_id": ann_id, "reason": reason,
+                             "action": action})
+
+
+def _check_images(entries: list, images_root: str, report: _Skips) -> tuple[dict[int, dict[str, Any]], set[int]]:
+    """The JSON's "images" -> ({id: {id, file_name, height, width, path}} of the usable ones, the ids of the
+    first records that were skipped (their annotations are reported as such)). The first record of an id claims it."""
     images: dict[int, dict[str, Any]] = {}
     claimed: dict[int, Any] = {}  # image id -> file name of the first record with it, kept or not
     bad_image_ids: set[int] = set()
-    for img in data["images"]:
+    for img in entries:
         image_id = img.get("id") if isinstance(img, dict) else None
         file_name = img.get("file_name") if isinstance(img, dict) else None
         problem = image_problem(img)
@@ -190,10 +208,16 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
             continue
         images[image_id] = {"id": image_id, "file_name": file_name, "height": img["height"],
                             "width": img["width"], "path": path}
+    return images, bad_image_ids
 
+
+def _check_annotations(entries: list, images: dict[int, dict[str, Any]], bad_image_ids: set[int],
+                       categories: CategoryMap, report: _Skips) -> list[dict[str, Any]]:
+    """The JSON's "annotations" -> the usable ones, repaired (bbox clipped to the image, degenerate polygon parts
+    dropped, area computed where missing or invalid), each skip or repair reported."""
     kept_anns = []
     ann_ids: set[int] = set()  # every annotation id claimed so far, kept or not
-    for ann in data.get("annotations", []):
+    for ann in entries:
         ann_id = ann.get("id") if isinstance(ann, dict) else None
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         img = images.get(image_id) if is_int(image_id) else None
@@ -222,57 +246,69 @@ def read_split(annotations: str | os.PathLike, images_root: str | os.PathLike) -
         if not is_int(ann["category_id"]) or ann["category_id"] not in categories:
             report(image_id, file, ann_id, f"unknown_category: category id {short(ann['category_id'])}")
             continue
-        height, width = img["height"], img["width"]
-        segmentation, skip, repair = check_segmentation(ann.get("segmentation"), height, width)
-        if skip:
-            report(image_id, file, ann_id, skip)
-            continue
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
-            report(image_id, file, ann_id, f"zero_area_box: bbox {bbox}")
-            continue
-        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
-        if x2 <= x1 or y2 <= y1:
-            report(image_id, file, ann_id, f"box_outside_image: bbox {bbox} vs image {width}x{height}")
-            continue
-        if repair:  # reported once the annotation is known to be kept
-            report(image_id, file, ann_id, repair, action="repaired")
-        if (x1, y1, x2, y2) != (x, y, x + w, y + h):
-            bbox = [x1, y1, x2 - x1, y2 - y1]
-            report(image_id, file, ann_id, f"bbox_clipped: {ann['bbox']} -> {bbox} in {width}x{height}",
-                   action="repaired")
-        iscrowd = 1 if ann.get("iscrowd") in (1, True) else 0
-        area = ann.get("area")
-        if not (is_number(area) and area >= 0):  # absent or null: computed; anything else: computed, reported
-            computed = float(mask_utils.area(_to_rle(segmentation, height, width)))
-            if area is not None:
-                report(image_id, file, ann_id, f"area_recomputed: area {short(area)} -> {computed}",
-                       action="repaired")
-            area = computed
-        kept_anns.append({**ann, "bbox": bbox, "segmentation": segmentation, "iscrowd": iscrowd, "area": area})
+        kept = _repaired_annotation(ann, img, report)
+        if kept is not None:
+            kept_anns.append(kept)
+    return kept_anns
 
-    # One pycocotools index over the kept records: the same ground truth the evaluation scores against.
+
+def _repaired_annotation(ann: dict[str, Any], img: dict[str, Any], report: _Skips) -> dict[str, Any] | None:
+    """One well-formed annotation of a usable image -> the annotation as kept (segmentation, bbox, iscrowd and
+    area repaired, each repair reported), or None when its segmentation or box leaves nothing (reported)."""
+    image_id, file, ann_id, bbox = img["id"], img["file_name"], ann["id"], ann["bbox"]
+    height, width = img["height"], img["width"]
+    segmentation, skip, repair = check_segmentation(ann.get("segmentation"), height, width)
+    if skip:
+        report(image_id, file, ann_id, skip)
+        return None
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        report(image_id, file, ann_id, f"zero_area_box: bbox {bbox}")
+        return None
+    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
+    if x2 <= x1 or y2 <= y1:
+        report(image_id, file, ann_id, f"box_outside_image: bbox {bbox} vs image {width}x{height}")
+        return None
+    if repair:  # reported once the annotation is known to be kept
+        report(image_id, file, ann_id, repair, action="repaired")
+    if (x1, y1, x2, y2) != (x, y, x + w, y + h):
+        bbox = [x1, y1, x2 - x1, y2 - y1]
+        report(image_id, file, ann_id, f"bbox_clipped: {ann['bbox']} -> {bbox} in {width}x{height}",
+               action="repaired")
+    iscrowd = 1 if ann.get("iscrowd") in (1, True) else 0
+    area = ann.get("area")
+    if not (is_number(area) and area >= 0):  # absent or null: computed; anything else: computed, reported
+        computed = float(mask_utils.area(_to_rle(segmentation, height, width)))
+        if area is not None:
+            report(image_id, file, ann_id, f"area_recomputed: area {short(area)} -> {computed}", action="repaired")
+        area = computed
+    return {**ann, "bbox": bbox, "segmentation": segmentation, "iscrowd": iscrowd, "area": area}
+
+
+def _coco_index(data: dict[str, Any], images: dict[int, dict[str, Any]], kept_anns: list[dict[str, Any]]) -> COCO:
+    """One pycocotools index over the kept records: the same ground truth the evaluation scores against."""
     coco = COCO()
     coco.dataset = {**{k: v for k, v in data.items() if k not in ("images", "annotations")},
                     "images": [{k: v for k, v in im.items() if k != "path"} for im in images.values()],
                     "annotations": kept_anns}
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
         coco.createIndex()
+    return coco
 
-    records = []
-    for image_id, img in images.items():
-        records.append({
-            "image_id": image_id, "file_name": img["file_name"], "path": img["path"],
-            "height": img["height"], "width": img["width"],
-            "annotations": [
-                {"id": a["id"], "category_id": categories.to_contiguous(a["category_id"]),
-                 "bbox": [float(v) for v in a["bbox"]], "segmentation": a["segmentation"],
-                 "iscrowd": a["iscrowd"], "area": float(a["area"])}
-                for a in coco.imgToAnns.get(image_id, [])
-            ],
-        })
-    return SplitSource(records, categories, skipped, sha, len(data["images"]), len(data.get("annotations", [])),
-                       coco)
+
+def _record(image_id: int, img: dict[str, Any], anns: list[dict[str, Any]], categories: CategoryMap
+            ) -> dict[str, Any]:
+    """One image's record (the shape `read_split` documents), its annotations as the index holds them."""
+    return {
+        "image_id": image_id, "file_name": img["file_name"], "path": img["path"],
+        "height": img["height"], "width": img["width"],
+        "annotations": [
+            {"id": a["id"], "category_id": categories.to_contiguous(a["category_id"]),
+             "bbox": [float(v) for v in a["bbox"]], "segmentation": a["segmentation"],
+             "iscrowd": a["iscrowd"], "area": float(a["area"])}
+            for a in anns
+        ],
+    }
 
 
 def _to_rle(segmentation: Any, height: int, width: int) -> dict[str, Any]:
