@@ -40,7 +40,7 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools.coco import COCO
 
 from pipelines.data.categories import CategoryMap
-from pipelines.data.coco_checks import check_segmentation, image_problem, is_int, is_number, short
+from pipelines.data.coco_checks import check_segmentation, image_problem, is_int, is_number, short, skip_report
 from pipelines.data.errors import DatasetError, ImageError, ImageTooLargeError, UnsafePathError
 from pipelines.data.images import loader_reads
 from pipelines.infra.storage import is_uri, read_bytes
@@ -174,8 +174,7 @@ class _Skips:
         self.reports: list[dict[str, Any]] = []
 
     def __call__(self, image_id, file, ann_id, reason, action="skipped"):
-        self.reports.append({"image_id": image_id, "file": file, "annotation_id": ann_id, "reason": reason,
-                             "action": action})
+        self.reports.append(skip_report(image_id, file, ann_id, reason, action))
 
 
 def _check_images(entries: list, images_root: str, report: _Skips) -> tuple[dict[int, dict[str, Any]], set[int]]:

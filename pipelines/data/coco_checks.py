@@ -17,6 +17,12 @@ _MAX_SIDE = 2**20  # pixels per image side: polygon points (x 5, in C ints) stay
 _MAX_PIXELS = 2**29  # pixels per image: the longest run pycocotools' compressed RLE reader decodes exactly
 
 
+def skip_report(image_id: Any, file: Any, annotation_id: Any, reason: str, action: str = "skipped") -> dict[str, Any]:
+    """One entry of a skip report (read_split's and the row maker's): the image or annotation, the reason (a slug,
+    ': ', the detail) and what was done ("skipped" or "repaired")."""
+    return {"image_id": image_id, "file": file, "annotation_id": annotation_id, "reason": reason, "action": action}
+
+
 def is_int(v: Any) -> bool:
     """A JSON integer, not a boolean, in int64 range (what the shards' Arrow columns hold)."""
     return type(v) is int and -(2**63) <= v < 2**63

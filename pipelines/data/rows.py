@@ -25,6 +25,7 @@ from mrcnn.geometry import coco_bbox_to_box, resize_geometry
 from mrcnn.mini_masks import mini_mask_boxes, minimize_masks, pack_masks
 from mrcnn.rpn_targets import RPNTargetSettings
 from pipelines.data.coco import annotation_mask, read_image
+from pipelines.data.coco_checks import skip_report
 from pipelines.data.errors import ImageError
 from pipelines.data.shards import (
     MAX_CROWD,
@@ -56,8 +57,7 @@ def _image_error_reason(error: Exception) -> str:
 
 
 def _skip(record: dict[str, Any], reason: str, annotation_id: int | None = None, action: str = "skipped") -> dict:
-    return {"image_id": record.get("image_id"), "file": record.get("file_name"), "annotation_id": annotation_id,
-            "reason": reason, "action": action}
+    return skip_report(record.get("image_id"), record.get("file_name"), annotation_id, reason, action)
 
 
 class RowMaker:
