@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,9 +33,15 @@ def _photo(h: int, w: int) -> np.ndarray:
     return np.clip(base + rng.integers(-20, 21, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
+def _photo_file(tmp_path, name: str = "a.jpg", **save) -> Path:
+    """`_photo(40, 60)` saved as a JPEG (PIL's `save` options) at tmp_path / name."""
+    path = tmp_path / name
+    Image.fromarray(_photo(40, 60)).save(path, "JPEG", **save)
+    return path
+
+
 def test_a_jpeg_is_stored_byte_for_byte_and_resized_when_read(tmp_path):
-    path = tmp_path / "a.jpg"
-    Image.fromarray(_photo(40, 60)).save(path, "JPEG", quality=90)
+    path = _photo_file(tmp_path, quality=90)
     config = shapes()
     row, reports = RowMaker(config.to_dict(), torch_threads=None).make(_record(path, 40, 60))
     assert reports == []
@@ -60,8 +67,7 @@ def test_a_cmyk_jpeg_is_re_encoded_at_its_own_size(tmp_path):
 
 
 def test_a_truncated_file_is_still_skipped_and_named(tmp_path):
-    path = tmp_path / "cut.jpg"
-    Image.fromarray(_photo(40, 60)).save(path, "JPEG")
+    path = _photo_file(tmp_path, "cut.jpg")
     path.write_bytes(path.read_bytes()[:300])
     row, reports = RowMaker(shapes().to_dict(), torch_threads=None).make(_record(path, 40, 60))
     assert row is None and reports[0]["reason"].startswith("corrupt_image") and reports[0]["file"] == "cut.jpg"
@@ -107,8 +113,7 @@ def test_the_map_batches_entry_writes_each_record_as_a_row_or_a_reported_skip(tm
     on are rows with only image_id / file_name, `_ok` false and the reason in `_reports`; the split, the instances
     over roi.max_gt_instances and the crowds past what a batch holds are counted per row.
     """
-    path = tmp_path / "a.jpg"
-    Image.fromarray(_photo(40, 60)).save(path, "JPEG")
+    path = _photo_file(tmp_path)
     good = _record(path, 40, 60)
     good["annotations"].append({"id": 2, "category_id": 2, "iscrowd": 0, "area": 36.0, "bbox": [30.0, 20.0, 6.0, 6.0],
                                 "segmentation": [[30, 20, 36, 20, 36, 26, 30, 26]]})
@@ -150,8 +155,7 @@ def test_the_map_batches_entry_writes_each_record_as_a_row_or_a_reported_skip(tm
 def test_each_way_an_image_file_fails_is_its_own_reason(tmp_path):
     """The report's reason starts with a slug per cause (what a preprocess summary counts), then read_image's
     message naming the file; a cause without a slug of its own is `bad_image`."""
-    Image.fromarray(_photo(40, 60)).save(tmp_path / "whole.jpg", "JPEG")
-    jpeg = (tmp_path / "whole.jpg").read_bytes()
+    jpeg = _photo_file(tmp_path, "whole.jpg").read_bytes()
     files = {"gone.jpg": None, "empty.jpg": b"", "text.jpg": b"not an image at all",
              "cut.jpg": jpeg[: len(jpeg) // 2], "n" * 300 + ".jpg": None}  # a name too long to open: ENAMETOOLONG
     for name, data in files.items():
@@ -186,8 +190,7 @@ def test_a_rows_arrays_have_the_shard_dtypes_flat_and_its_mini_masks_show_the_in
     cut from the original-resolution mask over the box mapped back by the scale (two filled squares: filled); an
     image without instances; an annotation pycocotools cannot decode reported with its id, the rest kept; a file
     whose size is not the record's skipped, both sizes named."""
-    path = tmp_path / "a.jpg"
-    Image.fromarray(_photo(40, 60)).save(path, "JPEG")
+    path = _photo_file(tmp_path)
     record = _record(path, 40, 60)
     record["annotations"] += [
         {"id": 2, "category_id": 3, "iscrowd": 0, "area": 144.0, "bbox": [30.0, 20.0, 12.0, 12.0],
@@ -242,8 +245,7 @@ def test_a_row_maker_sets_one_torch_thread_by_default():
 def test_over_max_gt_instances_the_largest_are_kept_ties_by_their_order(tmp_path):
     """59 instances of areas 1, 2 or 3 and room for 23: the 23 largest, ties taken in the file's order (the kept
     ones in that order too). An unstable argsort keeps other ties on this very list (found by search)."""
-    path = tmp_path / "a.jpg"
-    Image.fromarray(_photo(40, 60)).save(path, "JPEG")
+    path = _photo_file(tmp_path)
     areas = [3, 3, 2, 3, 3, 3, 2, 3, 1, 2, 3, 3, 2, 2, 1, 2, 2, 3, 3, 1, 3, 2, 2, 3, 2, 1, 1, 3, 2, 2, 2, 3, 2, 1, 3,
              1, 1, 3, 2, 1, 1, 2, 3, 2, 3, 1, 1, 3, 3, 1, 1, 3, 2, 2, 1, 3, 2, 3, 3]
     record = {**_record(path, 40, 60), "annotations": [
