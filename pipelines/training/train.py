@@ -32,7 +32,7 @@ from pipelines.infra.logs import get_logger
 from pipelines.infra.ray_env import cluster_nodes
 from pipelines.infra.storage import absolute, write_bytes
 from pipelines.training.checkpoints import find_latest_checkpoint, load_checkpoint, load_model_state, uri_for
-from pipelines.training.hooks.ap_eval import subset_of_split
+from pipelines.training.hooks.ap_eval import ApSubset, subset_of_split
 from pipelines.training.loop import train_loop_per_worker
 from pipelines.training.model_source import ModelSource, check_init
 from pipelines.training.plan import WorkerPlan, total_steps_for
@@ -123,27 +123,10 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
     for tests (fault drills), None otherwise. It is pickled to the workers.
     callbacks: Ray Train callbacks of the run (a sweep's trial: `TuneReportCallback`, rank 0's reports to Tune).
     """
-    # Ray is imported when training starts: `mrcnn-cli --help` and the GPU tests import this module without it
-    from ray.data import ExecutionOptions
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if request.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise InputError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
-    check_flip(config)  # flips need centred anchors (the torchvision preset's are not: it sets train.flip=false)
-    shards = ShardSet.open(request.shards)
-    shards.check_fingerprint(config)  # before any work: shards made with another config are refused
-    manifest = shards.manifest
-    config = apply_request(config, request)
-    splits = shards.splits
-    shards.split(request.split)  # refused here when absent, naming the splits there are
+    shards, config, init = _checked_inputs(config, request)
+    manifest, splits = shards.manifest, shards.splits
     val_split = request.val_split if request.val_split in splits else None
-    categories = shards.categories
-    num_classes = CategoryMap.from_dict(categories).num_classes
-    init = ModelSource.parse(request.model_path) if request.model_path else None
-    # a source that is not a model, or weights that do not fit, are refused here, not in each worker
-    check_init(init, config=config, categories=CategoryMap.from_dict(categories), num_classes=num_classes,
-               backbone_weights=request.backbone_weights)
+    num_classes = CategoryMap.from_dict(shards.categories).num_classes
 
     ctx.start_ray()
     use_gpu = ctx.gpus()
@@ -156,18 +139,7 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
     total_steps, steps_per_epoch = total_steps_for(
         config, train_images=int(splits[request.split]["num_images"]), global_batch=global_batch
     )
-    resume_from = None
-    if request.resume:
-        # a path or a URI that every worker reads (pipelines.training.checkpoints reads both); only a checkpoint of
-        # this run: the same config and the same shards
-        refused: list[str] = []
-        resume_from = find_latest_checkpoint(
-            storage, accept=lambda meta: resume_refusal(meta, config, manifest["fingerprint"]), refused=refused)
-        if resume_from is None:
-            why = (": none of this config and these shards; " + "; ".join(refused[:3])
-                   + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")) if refused else ""
-            raise InputError(f"--resume: no checkpoint to resume under {storage}{why}")
-        log.info("resuming from %s", resume_from)
+    resume_from = _resume_checkpoint(storage, config, manifest["fingerprint"]) if request.resume else None
     run_name = request.run_name or f"train-{manifest['fingerprint'][:8]}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     tracking_uri = ctx.mlflow_uri()
@@ -191,21 +163,10 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
         } if request.log_params else {},
     )
 
-    datasets = {"train": batches_dataset(shards, request.split, config, _num_anchors(config))}
-    if val_split:
-        datasets["val"] = batches_dataset(shards, val_split, config, _num_anchors(config))
-    ap = subset_of_split(shards, val_split, count=config.train.val_ap_images) if val_split and \
-        config.train.val_ap_images else None
-    if ap is not None:  # rank 0 alone evaluates it: not split between the workers
-        datasets["val_ap"] = batches_dataset(shards, val_split, config, _num_anchors(config), image_ids=ap.image_ids)
-    if config.train.cache_data:
-        # the val split too, even when validated once: streaming it fresh at the end of training cost the demo
-        # 18 s (train workers holding the CPUs), decoding it here 6 s
-        log.info("decoding %s into the object store (train.cache_data)", ", ".join(datasets))
-        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    datasets, ap = _datasets(shards, request.split, val_split, config)
     plan = WorkerPlan(
         config=config,
-        categories=categories,
+        categories=shards.categories,
         fingerprint=manifest["fingerprint"],
         num_classes=num_classes,
         total_steps=total_steps,
@@ -221,38 +182,10 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
         resume_from=resume_from,
         after_step=after_step,
     )
-    trainer = TorchTrainer(
-        partial(train_loop_per_worker, plan),
-        scaling_config=ScalingConfig(
-            num_workers=ctx.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
-            placement_strategy=request.placement_strategy,
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=storage,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=config.train.num_to_keep,
-                checkpoint_score_attribute="val_loss",
-                checkpoint_score_order="min",
-            ),
-            failure_config=FailureConfig(max_failures=config.train.max_failures),
-            callbacks=callbacks,
-        ),
-        datasets=datasets,
-        # order preserved so that a resumed run sees the batches an uninterrupted one would
-        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "val_ap"],
-                                  execution_options=ExecutionOptions(preserve_order=True)),
-    )
-    try:
-        result = trainer.fit()
-    except Exception:
-        tracking.finish_run(tracking_uri, run_id, failed=True)
-        raise
-    if getattr(result, "error", None) is not None:
-        tracking.finish_run(tracking_uri, run_id, failed=True)
-        raise result.error
+    trainer = _trainer(plan, datasets, workers=ctx.workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker,
+                       placement_strategy=request.placement_strategy, run_name=run_name, storage=storage,
+                       callbacks=callbacks)
+    result = _fit(trainer, tracking_uri, run_id)
     # Ray's Checkpoint.path is a path inside its storage filesystem (no scheme): made a URI again here, so
     # that the DAG's later stages, evaluate and predict read it from wherever they run
     latest = checkpoint_uri(result.checkpoint, storage)
@@ -272,6 +205,109 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
         metrics=dict(result.metrics or {}),
         total_steps=total_steps,
     )
+
+
+def _checked_inputs(config: Config, request: TrainRequest) -> tuple[ShardSet, Config, ModelSource | None]:
+    """The request's checks before any work (placement, flips against the anchors, the shards against the config,
+    the split there, the starting weights against the model) -> (the shards, the config with the request's
+    settings folded in, the starting weights' source or None)."""
+    if request.placement_strategy not in PLACEMENT_STRATEGIES:
+        raise InputError(f"placement strategy {request.placement_strategy!r}: one of {', '.join(PLACEMENT_STRATEGIES)}")
+    check_flip(config)  # flips need centred anchors (the torchvision preset's are not: it sets train.flip=false)
+    shards = ShardSet.open(request.shards)
+    shards.check_fingerprint(config)  # before any work: shards made with another config are refused
+    config = apply_request(config, request)
+    shards.split(request.split)  # refused here when absent, naming the splits there are
+    categories = CategoryMap.from_dict(shards.categories)
+    init = ModelSource.parse(request.model_path) if request.model_path else None
+    # a source that is not a model, or weights that do not fit, are refused here, not in each worker
+    check_init(init, config=config, categories=categories, num_classes=categories.num_classes,
+               backbone_weights=request.backbone_weights)
+    return shards, config, init
+
+
+def _resume_checkpoint(storage: str, config: Config, fingerprint: str) -> str:
+    """`--resume`: the latest checkpoint under `storage` (a path or a URI that every worker reads) of this run, the
+    same config and the same shards; InputError naming the first refusals when there is none."""
+    refused: list[str] = []
+    resume_from = find_latest_checkpoint(
+        storage, accept=lambda meta: resume_refusal(meta, config, fingerprint), refused=refused)
+    if resume_from is None:
+        why = (": none of this config and these shards; " + "; ".join(refused[:3])
+               + (f" (and {len(refused) - 3} more)" if len(refused) > 3 else "")) if refused else ""
+        raise InputError(f"--resume: no checkpoint to resume under {storage}{why}")
+    log.info("resuming from %s", resume_from)
+    return resume_from
+
+
+def _datasets(shards: ShardSet, split: str, val_split: str | None, config: Config
+              ) -> tuple[dict[str, Any], ApSubset | None]:
+    """The run's Ray datasets of batches ("train", "val" when there is a val split, "val_ap" when rank 0 computes
+    AP on a subset of it), decoded into the object store under `train.cache_data` -> (datasets, the AP subset or
+    None)."""
+    num_anchors = _num_anchors(config)
+    datasets = {"train": batches_dataset(shards, split, config, num_anchors)}
+    if val_split:
+        datasets["val"] = batches_dataset(shards, val_split, config, num_anchors)
+    ap = subset_of_split(shards, val_split, count=config.train.val_ap_images) if val_split and \
+        config.train.val_ap_images else None
+    if ap is not None:  # rank 0 alone evaluates it: not split between the workers
+        datasets["val_ap"] = batches_dataset(shards, val_split, config, num_anchors, image_ids=ap.image_ids)
+    if config.train.cache_data:
+        # the val split too, even when validated once: streaming it fresh at the end of training cost the demo
+        # 18 s (train workers holding the CPUs), decoding it here 6 s
+        log.info("decoding %s into the object store (train.cache_data)", ", ".join(datasets))
+        datasets = {name: ds.materialize() for name, ds in datasets.items()}
+    return datasets, ap
+
+
+def _trainer(plan: WorkerPlan, datasets: dict[str, Any], *, workers: int, use_gpu: bool, cpus_per_worker: float,
+             placement_strategy: str, run_name: str, storage: str, callbacks: list[Any] | None) -> Any:
+    """The run's `TorchTrainer`: `workers` workers running `train_loop_per_worker(plan)`, checkpoints kept by
+    validation loss under `storage`/`run_name`, the datasets split between the workers in order (but "val_ap")."""
+    # Ray is imported when training starts: `mrcnn-cli --help` and the GPU tests import this module without it
+    from ray.data import ExecutionOptions
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = plan.config
+    return TorchTrainer(
+        partial(train_loop_per_worker, plan),
+        scaling_config=ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=placement_strategy,
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=config.train.num_to_keep,
+                checkpoint_score_attribute="val_loss",
+                checkpoint_score_order="min",
+            ),
+            failure_config=FailureConfig(max_failures=config.train.max_failures),
+            callbacks=callbacks,
+        ),
+        datasets=datasets,
+        # order preserved so that a resumed run sees the batches an uninterrupted one would
+        dataset_config=DataConfig(datasets_to_split=[n for n in datasets if n != "val_ap"],
+                                  execution_options=ExecutionOptions(preserve_order=True)),
+    )
+
+
+def _fit(trainer: Any, tracking_uri: str, run_id: str) -> Any:
+    """`trainer.fit()`'s Result; the MLflow run is marked failed when the fit raises or its result holds an error."""
+    try:
+        result = trainer.fit()
+    except Exception:
+        tracking.finish_run(tracking_uri, run_id, failed=True)
+        raise
+    if getattr(result, "error", None) is not None:
+        tracking.finish_run(tracking_uri, run_id, failed=True)
+        raise result.error
+    return result
 
 
 def lowest_val_loss(checkpoints: list[tuple[Any, dict[str, Any]]]) -> Any:
