@@ -39,7 +39,8 @@ from ray.data import ActorPoolStrategy, DataContext
 
 from mrcnn.anchors import anchors_from_config
 from mrcnn.config import Config
-from pipelines.data.coco import read_split
+from pipelines.data.categories import CategoryMap
+from pipelines.data.coco import SplitSource, read_split
 from pipelines.data.datasink import ShardDatasink
 from pipelines.data.errors import DatasetError, InputError
 from pipelines.data.rows import RowMaker
@@ -126,21 +127,7 @@ def preprocess(
     Returns the manifest's path / URI.
     """
 
-    if config.image.resize_mode != "square":
-        raise ValueError(f"image.resize_mode {config.image.resize_mode!r}: only 'square' (resize, pad to max_dim)")
-    if config.image.encoding not in ("jpeg", "png"):
-        raise ValueError(f"image.encoding {config.image.encoding!r}: 'jpeg' or 'png'")
-    names = [s[0] for s in splits]
-    if not splits:
-        raise ValueError("preprocess: no splits given")
-    for name in names:
-        if not _SPLIT_NAME.match(name):
-            raise ValueError(f"split name {name!r}: letters, digits, '_', '.', '-' only, not starting with '.'")
-    if len(set(names)) != len(names):
-        raise ValueError(f"split names repeat: {names}")
-    is_train = (lambda n: n in train_splits) if train_splits is not None else (lambda n: n.startswith("train"))
-    plan = [_Split(n, absolute(a), absolute(i), is_train(n)) for n, a, i in splits]
-
+    plan = _plan(config, splits, train_splits)
     out = absolute(out)
     filesystem, root = filesystem_for(out)
     manifest_path = f"{root}/{MANIFEST}"
@@ -148,27 +135,8 @@ def preprocess(
         raise OutputExistsError(f"{out} already holds a complete preprocess output ({MANIFEST}); "
                                 "pass overwrite=True (--overwrite) to replace it")
 
-    # Every annotations file is read and checked before any image work: a bad file fails here, fast.
-    sources = {s.name: read_split(s.annotations, s.images_root) for s in plan}
-    categories = sources[plan[0].name].categories
-    for s in plan[1:]:
-        if sources[s.name].categories != categories:
-            raise DatasetError(f"split {s.name!r} has other categories than {plan[0].name!r}: "
-                               "contiguous class ids would not agree")
-
-    items, dropped_empty = [], {}
-    for s in plan:
-        source = sources[s.name]
-        source.coco = None  # the pycocotools index is not needed here; free it
-        dropped = []
-        for record in sorted(source.records, key=lambda r: r["image_id"]):
-            if s.training and config.preprocess.drop_empty_train and not any(
-                    not a["iscrowd"] for a in record["annotations"]):
-                dropped.append(record["image_id"])
-                continue
-            items.append({"split": s.name, "record": json.dumps(record)})
-        dropped_empty[s.name] = dropped
-        source.records = []
+    sources, categories = _read_sources(plan)
+    items, dropped_empty = _work_items(plan, sources, drop_empty_train=config.preprocess.drop_empty_train)
 
     (ctx or RunContext()).start_ray()
 
@@ -176,15 +144,7 @@ def preprocess(
     if not is_uri(out) and len([n for n in ray.nodes() if n.get("Alive")]) > 1:
         log.warning("%s is a local path on a multi-node cluster; every node writes its own disk unless it is a "
                     "shared filesystem (use s3:// or gs://)", out)
-    if overwrite and exists(filesystem, manifest_path):
-        old = json.loads(read_file(filesystem, manifest_path) or b"{}")  # any schema version: it is being replaced
-        filesystem.delete_file(manifest_path)  # from here on the old output no longer looks complete
-        for name in old.get("splits", {}):
-            if isinstance(name, str) and _SPLIT_NAME.match(name):  # only folders the old run made
-                _delete(filesystem, f"{root}/{name}")
-    for info in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
-        if info.base_name.startswith(".tmp-"):  # left by an interrupted run
-            _delete(filesystem, info.path)
+    _clear_output(filesystem, root, manifest_path, overwrite=overwrite)
     tmp_name = f".tmp-{uuid.uuid4().hex[:12]}"
     tmp_root = join_uri(out, tmp_name)
     filesystem.create_dir(f"{root}/{tmp_name}", recursive=True)
@@ -204,6 +164,77 @@ def preprocess(
     manifest = _manifest(config, plan, sources, written, dropped_empty, categories, time.time() - started)
     replace_file(filesystem, manifest_path, json.dumps(manifest, indent=1, sort_keys=False).encode())
     _delete(filesystem, f"{root}/{tmp_name}")
+    _log_summary(manifest, plan, config, progress=progress)
+    return join_uri(out, MANIFEST)
+
+
+def _plan(config: Config, splits: list[tuple[str, str, str]], train_splits: set[str] | None) -> list[_Split]:
+    """The settings and split names checked (ValueError naming what is wrong) -> one `_Split` a split, its paths
+    made absolute, training or not (`train_splits`, default: names starting with "train")."""
+    if config.image.resize_mode != "square":
+        raise ValueError(f"image.resize_mode {config.image.resize_mode!r}: only 'square' (resize, pad to max_dim)")
+    if config.image.encoding not in ("jpeg", "png"):
+        raise ValueError(f"image.encoding {config.image.encoding!r}: 'jpeg' or 'png'")
+    names = [s[0] for s in splits]
+    if not splits:
+        raise ValueError("preprocess: no splits given")
+    for name in names:
+        if not _SPLIT_NAME.match(name):
+            raise ValueError(f"split name {name!r}: letters, digits, '_', '.', '-' only, not starting with '.'")
+    if len(set(names)) != len(names):
+        raise ValueError(f"split names repeat: {names}")
+    is_train = (lambda n: n in train_splits) if train_splits is not None else (lambda n: n.startswith("train"))
+    return [_Split(n, absolute(a), absolute(i), is_train(n)) for n, a, i in splits]
+
+
+def _read_sources(plan: list[_Split]) -> tuple[dict[str, SplitSource], CategoryMap]:
+    """Every annotations file read and checked before any image work (a bad file fails here, fast) -> the splits'
+    sources by name, their categories (DatasetError when two splits' differ)."""
+    sources = {s.name: read_split(s.annotations, s.images_root) for s in plan}
+    categories = sources[plan[0].name].categories
+    for s in plan[1:]:
+        if sources[s.name].categories != categories:
+            raise DatasetError(f"split {s.name!r} has other categories than {plan[0].name!r}: "
+                               "contiguous class ids would not agree")
+    return sources, categories
+
+
+def _work_items(plan: list[_Split], sources: dict[str, SplitSource], *, drop_empty_train: bool
+                ) -> tuple[list[dict[str, str]], dict[str, list[int]]]:
+    """The Ray Data job's input, {"split", "record" (JSON)} per image in image id order, and the ids of the
+    training splits' images dropped for having no instance (crowds do not count) under `drop_empty_train`, by
+    split. The sources' records and pycocotools index are freed (the manifest needs only their counts)."""
+    items, dropped_empty = [], {}
+    for s in plan:
+        source = sources[s.name]
+        source.coco = None  # the pycocotools index is not needed here; free it
+        dropped = []
+        for record in sorted(source.records, key=lambda r: r["image_id"]):
+            if s.training and drop_empty_train and not any(not a["iscrowd"] for a in record["annotations"]):
+                dropped.append(record["image_id"])
+                continue
+            items.append({"split": s.name, "record": json.dumps(record)})
+        dropped_empty[s.name] = dropped
+        source.records = []
+    return items, dropped_empty
+
+
+def _clear_output(filesystem: pafs.FileSystem, root: str, manifest_path: str, *, overwrite: bool) -> None:
+    """Before a run writes: with `overwrite`, the old output's manifest (first: from here on it no longer looks
+    complete) and the split folders it made; any `.tmp-*` folder an interrupted run left."""
+    if overwrite and exists(filesystem, manifest_path):
+        old = json.loads(read_file(filesystem, manifest_path) or b"{}")  # any schema version: it is being replaced
+        filesystem.delete_file(manifest_path)  # from here on the old output no longer looks complete
+        for name in old.get("splits", {}):
+            if isinstance(name, str) and _SPLIT_NAME.match(name):  # only folders the old run made
+                _delete(filesystem, f"{root}/{name}")
+    for info in filesystem.get_file_info(pafs.FileSelector(root, allow_not_found=True)):
+        if info.base_name.startswith(".tmp-"):  # left by an interrupted run
+            _delete(filesystem, info.path)
+
+
+def _log_summary(manifest: dict[str, Any], plan: list[_Split], config: Config, *, progress: bool) -> None:
+    """Each split's counts (with `progress`), and a warning for instances or crowds past what a row keeps."""
     for s in plan:
         m = manifest["splits"][s.name]
         if progress:
@@ -217,7 +248,6 @@ def preprocess(
             log.warning("%s: %d images have more than %d crowd regions: the detection-target layer sees the first "
                         "%d of each, %d regions in all are past it (manifest: crowd_over_limit)", s.name,
                         m["images_crowd_over_limit"], MAX_CROWD, MAX_CROWD, m["crowd_over_limit"])
-    return join_uri(out, MANIFEST)
 
 
 def _run(ray: Any, config: Config, items: list[dict[str, str]], tmp_root: str, *, progress: bool,
