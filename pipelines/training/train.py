@@ -145,23 +145,10 @@ def train(config: Config, request: TrainRequest, ctx: RunContext, *,
     tracking_uri = ctx.mlflow_uri()
     run_id = request.mlflow_run_id or ctx.create_run(run_name, {"stage": "train", "shards": request.shards,
                                                                  "fingerprint": manifest["fingerprint"]})
-    tracking.log_params(
-        tracking_uri,
-        run_id,
-        {
-            **config.flat(),
-            "dataset_fingerprint": manifest["fingerprint"],
-            "annotations_sha256": splits[request.split].get("annotations_sha256", ""),
-            "shards": request.shards,
-            "workers": ctx.workers,
-            "placement_strategy": request.placement_strategy,
-            "global_batch": global_batch,
-            "total_steps": total_steps,
-            "use_gpu": use_gpu,
-            "cpus_per_worker": cpus_per_worker,
-            "code_version": tracking.code_version(),
-        } if request.log_params else {},
-    )
+    if request.log_params:  # else the run holds them already (TrainRequest.log_params)
+        tracking.log_params(tracking_uri, run_id, _run_params(
+            config, request, manifest, workers=ctx.workers, global_batch=global_batch, total_steps=total_steps,
+            use_gpu=use_gpu, cpus_per_worker=cpus_per_worker))
 
     datasets, ap = _datasets(shards, request.split, val_split, config)
     plan = WorkerPlan(
@@ -224,6 +211,24 @@ def _checked_inputs(config: Config, request: TrainRequest) -> tuple[ShardSet, Co
     check_init(init, config=config, categories=categories, num_classes=categories.num_classes,
                backbone_weights=request.backbone_weights)
     return shards, config, init
+
+
+def _run_params(config: Config, request: TrainRequest, manifest: dict[str, Any], *, workers: int, global_batch: int,
+                total_steps: int, use_gpu: bool, cpus_per_worker: float) -> dict[str, Any]:
+    """The MLflow run's params: every config setting (flat) and the run's data, cluster and plan."""
+    return {
+        **config.flat(),
+        "dataset_fingerprint": manifest["fingerprint"],
+        "annotations_sha256": manifest["splits"][request.split].get("annotations_sha256", ""),
+        "shards": request.shards,
+        "workers": workers,
+        "placement_strategy": request.placement_strategy,
+        "global_batch": global_batch,
+        "total_steps": total_steps,
+        "use_gpu": use_gpu,
+        "cpus_per_worker": cpus_per_worker,
+        "code_version": tracking.code_version(),
+    }
 
 
 def _resume_checkpoint(storage: str, config: Config, fingerprint: str) -> str:
